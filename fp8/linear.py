@@ -1,0 +1,156 @@
+"""The FP8 linear: FP8 E4M3 weights with fp32 scales, static calibrated input scales.
+
+``FP8LinearMixin`` adds the FP8 behaviour to any ``nn.Linear`` subclass (ours, or a host
+framework's Linear with its own device-casting logic); ``FP8Linear`` is the plain-PyTorch one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .autocast import DelayedScaling, current_state
+from .formats import E4M3, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
+from .quant import dequantize_weight, quantize_weight
+
+_fp8_ok: dict[torch.device, bool] = {}
+
+
+def _supports(device: torch.device) -> bool:
+    ok = _fp8_ok.get(device)
+    if ok is None:
+        ok = _fp8_ok[device] = device_supports_fp8_matmul(device)
+    return ok
+
+
+def _on(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None):
+    if t is None:
+        return None
+    if t.device != device or (dtype is not None and t.dtype != dtype):
+        return t.to(device=device, dtype=dtype or t.dtype, non_blocking=True)
+    return t
+
+
+def scaled_mm(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq·x_scale) @ (w8·w_scale)ᵀ + bias`` on FP8 tensor cores (or torch's CPU kernel).
+
+    xq: [M, K] fp8; w8: [N, K] fp8 (row-major, so ``w8.t()`` is the column-major operand);
+    w_scale: 0-d (per tensor) or [N] (per output channel, rowwise scaling).
+    """
+    cuda = xq.device.type == "cuda"
+    if w_scale.dim() == 1:  # rowwise: scale_a [M,1], scale_b [1,N]; CUDA wants bf16 out here
+        sa = x_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+        od = torch.bfloat16 if cuda else out_dtype
+        out = torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=w_scale.reshape(1, -1), out_dtype=od)
+        out = out.to(out_dtype)
+        return out if bias is None else out + bias
+    fused_bias = bias is not None and not (cuda and out_dtype == torch.float32)
+    out = torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale,
+                           bias=bias if fused_bias else None, out_dtype=out_dtype)
+    return out if bias is None or fused_bias else out + bias
+
+
+class FP8LinearMixin:
+    """Mix into an ``nn.Linear`` subclass (first in the bases). Unquantized, it is that Linear."""
+
+    fp8_quantized: bool = False
+    fp8_name: str = ""
+
+    # -- state ---------------------------------------------------------------------------
+    def fp8_set_weight(self, w8: torch.Tensor, weight_scale: torch.Tensor, name: str | None = None) -> None:
+        if w8.dtype != E4M3:
+            raise TypeError(f"expected a float8_e4m3fn weight, got {w8.dtype}")
+        if tuple(w8.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(w8.shape)} does not match "
+                             f"Linear({self.in_features}, {self.out_features})")
+        self.weight = torch.nn.Parameter(w8, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32).to(w8.device))
+        if "input_scale" not in self._buffers:
+            self.register_buffer("input_scale", None)
+        self.fp8_quantized = True
+        self._fp8_amax_history = None
+        if name is not None:
+            self.fp8_name = name
+
+    @torch.no_grad()
+    def fp8_quantize_(self, granularity: str = "per_tensor", name: str | None = None,
+                      weight: torch.Tensor | None = None) -> None:
+        """Quantize this layer's weight (or the given high-precision ``weight``) in place."""
+        w = self.weight if weight is None else weight
+        w8, scale = quantize_weight(w, granularity)
+        self.fp8_set_weight(w8, scale, name)
+
+    def fp8_set_input_amax(self, amax: float | torch.Tensor | None) -> None:
+        """Install a calibrated static input scale (``None``: back to uncalibrated)."""
+        if amax is None:
+            self.input_scale = None
+        else:
+            self.input_scale = scale_from_amax(amax).to(self.weight.device)
+
+    def fp8_dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype)
+
+    # -- compute -------------------------------------------------------------------------
+    def _fp8_weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize >= 2 else torch.bfloat16
+        w = dequantize_weight(_on(self.weight, x.device), _on(self.weight_scale, x.device), dt)
+        return F.linear(x.to(dt), w, _on(self.bias, x.device, dt))
+
+    def _fp8_input_scale(self, x2: torch.Tensor, recipe: DelayedScaling) -> torch.Tensor:
+        s = self.input_scale
+        if s is not None:
+            s = _on(s, x2.device, torch.float32)
+            return s * (2.0 ** recipe.margin) if recipe.margin else s
+        # Not calibrated: delayed scaling over this layer's own amax history (current call included).
+        warn_once(f"uncal:{self.fp8_name}", f"sd35fp8: layer {self.fp8_name or self} has no calibrated "
+                  "input scale; using delayed scaling (calibrate the model for static scales)")
+        amax = torch.nan_to_num(x2.detach().abs().amax().float(), nan=0.0, posinf=0.0)
+        h = self._fp8_amax_history
+        n = recipe.amax_history_len
+        if h is None or h.device != x2.device or h.numel() != n:
+            h = torch.zeros(n, device=x2.device, dtype=torch.float32)
+        h = torch.roll(h, 1)
+        h[0] = amax
+        self._fp8_amax_history = h
+        return (h.amax() * (2.0 ** recipe.margin) / 448.0).clamp_min(1e-12)
+
+    def _fp8_matmul(self, x: torch.Tensor, recipe: DelayedScaling) -> torch.Tensor:
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        x2 = x.reshape(-1, self.in_features)
+        s_in = self._fp8_input_scale(x2, recipe)
+        xq = saturating_cast(x2, s_in)
+        out = scaled_mm(xq, _on(self.weight, x.device), s_in, _on(self.weight_scale, x.device),
+                        _on(self.bias, x.device, out_dtype), out_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = current_state()
+        if st is None:
+            return self._fp8_weight_only(x)
+        if st.calibrating is not None:
+            st.calibrating.observe(self.fp8_name, x)
+            return self._fp8_weight_only(x)
+        if not st.enabled:
+            return self._fp8_weight_only(x)
+        if not _supports(x.device):
+            warn_once(f"nofp8:{x.device}", f"sd35fp8: {x.device} has no FP8 matmul (needs compute capability "
+                      ">= 8.9: Ada, Hopper, Blackwell); running weight-only FP8 (BF16 compute) instead")
+            return self._fp8_weight_only(x)
+        return self._fp8_matmul(x, st.recipe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        if self.fp8_quantized:
+            return self.fp8_forward(x)
+        return super().forward(x)
+
+
+class FP8Linear(FP8LinearMixin, torch.nn.Linear):
+    """A plain-PyTorch FP8 linear."""
+
+    @classmethod
+    def from_linear(cls, lin: torch.nn.Linear, granularity: str = "per_tensor", name: str = "") -> "FP8Linear":
+        m = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                device="meta", dtype=lin.weight.dtype)
+        m.bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach(), requires_grad=False)
+        m.fp8_quantize_(granularity, name=name, weight=lin.weight)
+        return m

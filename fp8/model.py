@@ -1,0 +1,80 @@
+"""Model-level operations: swap/quantize Linear layers by policy, install calibrated scales, report."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .autocast import CalibrationSession
+from .formats import scale_from_amax
+from .linear import FP8Linear, FP8LinearMixin
+from .policy import QuantPolicy
+
+
+def fp8_layers(model: torch.nn.Module) -> dict[str, FP8LinearMixin]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FP8LinearMixin) and m.fp8_quantized}
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, policy: QuantPolicy | None = None) -> QuantPolicy:
+    """Quantize every ``nn.Linear`` the policy selects (module swap for plain Linears, in-place for
+    layers that already carry :class:`FP8LinearMixin`). Returns the policy with its decisions."""
+    policy = policy or QuantPolicy()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or (isinstance(mod, FP8LinearMixin) and mod.fp8_quantized):
+            continue
+        if not policy.decide(name, mod.out_features, mod.in_features):
+            continue
+        if isinstance(mod, FP8LinearMixin):
+            mod.fp8_quantize_(policy.granularity, name=name)
+        else:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FP8Linear.from_linear(mod, policy.granularity, name=name))
+    return policy
+
+
+def calibrated_amax(session: CalibrationSession, model: torch.nn.Module | None = None) -> dict[str, float]:
+    """Amax per layer from a session; with ``model``, every FP8 layer must have been observed."""
+    amax = session.amax()
+    if model is not None:
+        missing = sorted(set(fp8_layers(model)) - set(amax))
+        if missing:
+            raise ValueError(f"calibration never reached {len(missing)} FP8 layer(s), first: {missing[0]}")
+    return amax
+
+
+def apply_input_scales(model: torch.nn.Module, amax: dict[str, float]) -> int:
+    layers = fp8_layers(model)
+    unknown = sorted(set(amax) - set(layers))
+    if unknown:
+        raise KeyError(f"calibration names layer(s) the model does not have, first: {unknown[0]}")
+    for name, a in amax.items():
+        layers[name].fp8_set_input_amax(a)
+    return len(amax)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers (what the model holds in memory)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def report(policy: QuantPolicy, amax: dict[str, float] | None = None,
+           bytes_before: int | None = None, bytes_after: int | None = None,
+           extra: Iterable[str] = ()) -> str:
+    lines = list(extra) + [policy.summary()]
+    if bytes_before is not None and bytes_after is not None:
+        lines.append(f"weights: {bytes_before / 2**20:.1f} MiB high precision -> {bytes_after / 2**20:.1f} MiB "
+                     f"with FP8 ({bytes_after / max(bytes_before, 1):.2f}x)")
+    if amax:
+        vals = sorted(amax.items(), key=lambda kv: kv[1])
+        scales = [float(scale_from_amax(a)) for _, a in vals]
+        lines.append(f"calibrated input scales for {len(vals)} layers: min {scales[0]:.3g} ({vals[0][0]}), "
+                     f"max {scales[-1]:.3g} ({vals[-1][0]}); input amax {vals[0][1]:.4g} .. {vals[-1][1]:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Which Linear layers become FP8: the policy is data, and every decision is reported back."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+# Every Linear of the MMDiT joint blocks: attention qkv/proj (attn and MMDiT-X attn2), the MLP, and
+# the adaLN modulation (a third of SD3.5's weight bytes: FP8 storage matters there).
+SD3_INCLUDE = (r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2|mlp|adaLN_modulation)\.",)
+# Embedders and the final layer stay in high precision (ModelOpt/TensorRT exclude the same).
+SD3_EXCLUDE = (r"^(x_embedder|t_embedder|y_embedder|context_embedder|final_layer|pos_embed)\b",)
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    fp8: bool
+    reason: str
+
+
+@dataclasses.dataclass
+class QuantPolicy:
+    include: tuple[str, ...] = SD3_INCLUDE
+    exclude: tuple[str, ...] = SD3_EXCLUDE
+    granularity: str = "per_tensor"
+    multiple_of: int = 16
+    decisions: list[LayerDecision] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        from .quant import GRANULARITIES
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown weight granularity {self.granularity!r}; use one of {GRANULARITIES}")
+        self._inc = [re.compile(p) for p in self.include]
+        self._exc = [re.compile(p) for p in self.exclude]
+
+    def decide(self, name: str, out_features: int, in_features: int, record: bool = True) -> bool:
+        name = name.rstrip(".")
+        if any(p.search(name) for p in self._exc):
+            fp8, why = False, "excluded (embedder / final layer)"
+        elif not any(p.search(name) for p in self._inc):
+            fp8, why = False, "not in the FP8 layer set"
+        elif in_features % self.multiple_of or out_features % self.multiple_of:
+            fp8, why = False, f"dims {out_features}x{in_features} not divisible by {self.multiple_of}"
+        else:
+            fp8, why = True, f"fp8 e4m3, {self.granularity} weight scale"
+        if record:
+            self.decisions = [d for d in self.decisions if d.name != name]
+            self.decisions.append(LayerDecision(name, (out_features, in_features), fp8, why))
+        return fp8
+
+    def to_dict(self) -> dict:
+        return {
+            "include": list(self.include), "exclude": list(self.exclude),
+            "granularity": self.granularity, "multiple_of": self.multiple_of,
+            "layers": [dataclasses.asdict(d) for d in self.decisions],
+        }
+
+    def summary(self) -> str:
+        fp8 = [d for d in self.decisions if d.fp8]
+        kept = [d for d in self.decisions if not d.fp8]
+        lines = [f"FP8 layers: {len(fp8)} ({self.granularity} weight scales); kept high precision: {len(kept)}"]
+        for d in kept:
+            lines.append(f"  kept {d.name} {d.shape[0]}x{d.shape[1]}: {d.reason}")
+        return "\n".join(lines)

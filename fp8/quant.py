@@ -1,0 +1,37 @@
+"""Weight quantization to FP8 E4M3 with fp32 scales (per tensor or per output channel)."""
+from __future__ import annotations
+
+import torch
+
+from .formats import E4M3, MIN_SCALE, fp8_max, saturating_cast
+
+GRANULARITIES = ("per_tensor", "per_channel")
+
+
+def quantize_weight(w: torch.Tensor, granularity: str = "per_tensor", dtype: torch.dtype = E4M3):
+    """Return ``(w_fp8, scale)`` with ``w ≈ w_fp8.float() * scale``.
+
+    per_tensor: scale is a 0-d fp32 tensor. per_channel: scale has shape ``[out_features]``.
+    The amax reduction runs in fp32; the cast clamps first (see :func:`saturating_cast`).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown weight granularity {granularity!r}; use one of {GRANULARITIES}")
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D Linear weight, got shape {tuple(w.shape)}")
+    wf = w.detach().float()
+    if not bool(torch.isfinite(wf).all()):
+        raise ValueError("weight holds NaN/Inf values; the checkpoint is damaged")
+    if granularity == "per_tensor":
+        amax = wf.abs().amax()
+    else:
+        amax = wf.abs().amax(dim=1)
+    scale = (amax / fp8_max(dtype)).clamp_min(MIN_SCALE)
+    s = scale if granularity == "per_tensor" else scale[:, None]
+    return saturating_cast(wf, s, dtype), scale.to(torch.float32)
+
+
+def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    s = scale.to(device=w_fp8.device, dtype=torch.float32)
+    if s.dim() == 1:
+        s = s[:, None]
+    return (w_fp8.to(torch.float32) * s).to(dtype)

