@@ -4,7 +4,7 @@ from .autocast import CalibrationSession, DelayedScaling, current_state, fp8_aut
 from .checkpoint import CheckpointError, SD3Info, detect_sd3, inspect_checkpoint, read_safetensors_header
 from .formats import E4M3, E4M3_MAX, Format, device_supports_fp8_matmul, saturating_cast, scale_from_amax
 from .linear import FP8Linear, FP8LinearMixin, scaled_mm
-from .model import apply_input_scales, calibrated_amax, fp8_layers, quantize_model, report, weight_bytes
+from .model import apply_input_scales, calibrated_amax, fp8_layers, quantize_model, report, weight_bytes, bf16_bytes
 from .observers import METHODS, AmaxObserver
 from .policy import LayerDecision, QuantPolicy
 from .quant import GRANULARITIES, dequantize_weight, quantize_weight

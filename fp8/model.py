@@ -54,15 +54,25 @@ def apply_input_scales(model: torch.nn.Module, amax: dict[str, float]) -> int:
     return len(amax)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters and buffers (what the model holds in memory)."""
+def weight_bytes(model: torch.nn.Module, high_precision_itemsize: int | None = None) -> int:
+    """Bytes of all parameters and buffers. With ``high_precision_itemsize`` (2 for BF16), every
+    non-FP8 floating tensor is counted at that size, so the number means the same on a CPU run (FP32)
+    as in a BF16 deployment."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t is None or id(t) in seen:
             continue
         seen.add(id(t))
-        total += t.numel() * t.element_size()
+        size = t.element_size()
+        if high_precision_itemsize and t.is_floating_point() and size > 1 and t.numel() > 1:
+            size = high_precision_itemsize
+        total += t.numel() * size
     return total
+
+
+def bf16_bytes(model: torch.nn.Module) -> int:
+    """What the same model's parameters take in BF16 (the baseline FP8 is compared against)."""
+    return sum(2 * p.numel() for p in model.parameters())
 
 
 def report(policy: QuantPolicy, amax: dict[str, float] | None = None,
@@ -70,7 +80,7 @@ def report(policy: QuantPolicy, amax: dict[str, float] | None = None,
            extra: Iterable[str] = ()) -> str:
     lines = list(extra) + [policy.summary()]
     if bytes_before is not None and bytes_after is not None:
-        lines.append(f"weights: {bytes_before / 2**20:.1f} MiB high precision -> {bytes_after / 2**20:.1f} MiB "
+        lines.append(f"weights: {bytes_before / 2**20:.1f} MiB in BF16 -> {bytes_after / 2**20:.1f} MiB "
                      f"with FP8 ({bytes_after / max(bytes_before, 1):.2f}x)")
     if amax:
         vals = sorted(amax.items(), key=lambda kv: kv[1])

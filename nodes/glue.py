@@ -1,0 +1,182 @@
+"""ComfyUI glue: FP8 ops for model construction, loading, and the OUTER_SAMPLE autocast wrapper.
+
+State travels on the ModelPatcher's ``model_options["sd35fp8"]`` (plain floats/strings, so clones
+copy it and ComfyUI's caching keeps it): the calibrated per-layer input amax and the recipe. The
+wrapper installs that clone's scales on the shared diffusion model at the start of every sampling
+run, so two MODELs that share weights (uncalibrated loader output, calibrated clone) never see each
+other's scales.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+import comfy.patcher_extension
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
+                   bf16_bytes, fp8_autocast, fp8_layers, inspect_checkpoint, weight_bytes)
+from ..fp8.checkpoint import DIFFUSION_PREFIX
+
+log = logging.getLogger("sd35fp8")
+KEY = "sd35fp8"
+AUTOCAST_KEY = "sd35fp8_autocast"
+CALIBRATE_KEY = "sd35fp8_calibrate"
+MODEL_FOLDERS = ("checkpoints", "diffusion_models")
+
+
+def make_ops(policy: QuantPolicy, quant_device: torch.device):
+    """ComfyUI ``custom_operations`` whose Linear quantizes the policy's layers while the state
+    dict loads: the high-precision weight of a quantized layer is never copied into the model."""
+    base = comfy.ops.manual_cast
+
+    class Linear(FP8LinearMixin, base.Linear):
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            w = state_dict.get(prefix + "weight")
+            if w is None or w.dim() != 2 or not policy.decide(prefix, w.shape[0], w.shape[1]):
+                return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                     missing_keys, unexpected_keys, error_msgs)
+            dev = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
+            self.fp8_quantize_(policy.granularity, name=prefix[:-1], weight=w.to(quant_device))
+            self.weight.data = self.weight.data.to(dev)
+            self.weight_scale = self.weight_scale.to(dev)
+            b = state_dict.get(prefix + "bias")
+            if self.bias is not None:
+                if b is None:
+                    missing_keys.append(prefix + "bias")
+                else:
+                    self.bias = torch.nn.Parameter(b.to(device=dev, dtype=self.bias.dtype), requires_grad=False)
+
+    return type("SD35FP8Ops", (base,), {"Linear": Linear})
+
+
+def model_file_list() -> list[str]:
+    names: list[str] = []
+    for folder in MODEL_FOLDERS:
+        for n in folder_paths.get_filename_list(folder):
+            if n.endswith(".safetensors") and n not in names:
+                names.append(n)
+    return sorted(names)
+
+
+def resolve_model_file(name: str) -> str:
+    for folder in MODEL_FOLDERS:
+        p = folder_paths.get_full_path(folder, name)
+        if p:
+            return p
+    raise FileNotFoundError(f"model file {name!r} not found in {' or '.join(MODEL_FOLDERS)}")
+
+
+def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
+    """Load an SD3.5 checkpoint with its MMDiT quantized to FP8. Returns (model, clip, vae, info)."""
+    info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
+    policy = QuantPolicy(granularity=granularity)
+    qdev = comfy.model_management.get_torch_device()
+    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"))
+    try:
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as e:  # a header that passed but data that does not read
+        raise CheckpointError(f"{os.path.basename(path)}: cannot read tensors ({e})") from e
+    clip = vae = None
+    opts = {"custom_operations": ops}
+    if info.prefix == DIFFUSION_PREFIX:
+        out = comfy.sd.load_state_dict_guess_config(
+            sd, output_vae=info.has_vae, output_clip=bool(info.has_text_encoders),
+            embedding_directory=folder_paths.get_folder_paths("embeddings"), model_options=opts,
+            metadata=metadata)
+        model, clip, vae = out[0], out[1], out[2]
+    else:
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=metadata)
+    del sd
+    if model is None:
+        raise CheckpointError(f"{os.path.basename(path)}: ComfyUI did not recognise the diffusion model")
+    dm = model.model.diffusion_model
+    layers = fp8_layers(dm)
+    if not layers:
+        raise CheckpointError(f"{os.path.basename(path)}: no Linear layer was quantized (unexpected layout)")
+    n_params = sum(p.numel() for p in dm.parameters())
+    fp8_params = sum(m.weight.numel() for m in layers.values())
+    text = "\n".join([
+        info.describe(),
+        policy.summary(),
+        f"diffusion model weights: {bf16_bytes(dm) / 2**20:.1f} MiB in BF16 -> "
+        f"{weight_bytes(dm, 2) / 2**20:.1f} MiB with FP8; {fp8_params / max(n_params, 1):.1%} of parameters in FP8",
+    ])
+    model.model_options[KEY] = {"variant": info.variant, "policy": policy.to_dict(), "input_amax": None,
+                                "recipe": None, "enabled": False, "load_info": text}
+    log.info("sd35fp8: loaded %s\n%s", os.path.basename(path), text)
+    return model, clip, vae, text
+
+
+def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | None, device) -> None:
+    """Set every FP8 layer's static input scale from ``amax`` (None: uncalibrated)."""
+    from ..fp8 import scale_from_amax
+    for name, layer in fp8_layers(diffusion_model).items():
+        a = None if amax is None else amax.get(name)
+        layer.input_scale = None if a is None else scale_from_amax(a).to(device)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: run the whole sampling call inside ``fp8_autocast`` with this MODEL's
+    calibrated scales and recipe; fail clearly if the result holds NaN/Inf."""
+    guider = executor.class_obj
+    patcher = guider.model_patcher
+    cfg = patcher.model_options.get(KEY) or {}
+    recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
+    install_scales(patcher.model.diffusion_model, cfg.get("input_amax"), patcher.load_device)
+    with fp8_autocast(enabled=bool(cfg.get("enabled", True)), recipe=recipe):
+        out = executor(*args, **kwargs)
+    check_finite(out, "FP8 sampling")
+    return out
+
+
+def check_finite(t, what: str) -> None:
+    if isinstance(t, torch.Tensor) and t.is_floating_point():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FloatingPointError(
+                f"{what} produced {bad} NaN/Inf values out of {t.numel()} in the latent. The image would be "
+                "black. Re-run SD35FP8Calibrate with these sampler settings (method 'max'), raise the "
+                "autocast margin, or disable FP8 in SD35FP8Autocast to compare.")
+
+
+def set_autocast(model, enabled: bool, recipe: DelayedScaling | None):
+    """Clone ``model`` with the autocast wrapper (replacing ours if present) and the given recipe."""
+    m = model.clone()
+    cfg = dict(m.model_options.get(KEY) or {})
+    cfg["enabled"] = bool(enabled)
+    r = recipe or DelayedScaling()
+    cfg["recipe"] = {"fp8_format": r.fp8_format.value, "amax_history_len": r.amax_history_len, "margin": r.margin}
+    m.model_options[KEY] = cfg
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
+    return m
+
+
+def require_fp8_model(model) -> torch.nn.Module:
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if dm is None or KEY not in model.model_options or not fp8_layers(dm):
+        raise ValueError("this MODEL has no FP8 layers: load it with SD35FP8CheckpointLoader "
+                         "(stock loaders give a BF16/FP16 model)")
+    return dm
+
+
+def calibrating_clone(model, session: CalibrationSession):
+    m = model.clone()
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
+
+    def wrapper(executor, *args, **kwargs):
+        with fp8_autocast(enabled=False, calibrating=session):
+            out = executor(*args, **kwargs)
+        check_finite(out, "calibration sampling")
+        return out
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CALIBRATE_KEY, wrapper)
+    return m

@@ -1,0 +1,188 @@
+"""The three SD3.5 FP8 nodes (V3 schema). Node IDs and input order are public API: never change them."""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import ComfyExtension, io
+
+from ..fp8 import GRANULARITIES, METHODS, CalibrationSession, DelayedScaling, Format, QuantPolicy, report
+from ..fp8.model import bf16_bytes, calibrated_amax, weight_bytes
+from . import glue
+
+log = logging.getLogger("sd35fp8")
+
+DEFAULT_PROMPTS = "\n".join([
+    "a photograph of an astronaut riding a horse on the moon, dramatic lighting, 35mm",
+    "a close-up portrait of an elderly fisherman with a weathered face, soft window light, film grain",
+    "a watercolor painting of a quiet village street in the rain at dusk",
+    "isometric 3D render of a tiny cozy library room, warm colors, highly detailed",
+    "a neon-lit cyberpunk alley at night with reflections on wet pavement, cinematic",
+    "a bowl of fresh ramen on a wooden table, steam rising, food photography, shallow depth of field",
+    "a minimalist poster with the words \"FP8 IS FAST\" in bold sans-serif typography on an orange background",
+    "a snowy mountain landscape at sunrise with a frozen lake in the foreground, ultra wide angle",
+])
+
+
+class SD35FP8CheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8CheckpointLoader",
+            display_name="Load SD3.5 Checkpoint (FP8)",
+            category="loaders/sd35 fp8",
+            description="Loads an SD3.5 Large / Large Turbo / Medium checkpoint (from checkpoints/ or "
+                        "diffusion_models/) and quantizes the MMDiT's joint-block Linear layers to FP8 E4M3 "
+                        "while loading. Embedders and the final layer stay high precision. CLIP and VAE are "
+                        "returned when the file holds them (otherwise use TripleCLIPLoader / VAELoader).",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=glue.model_file_list(),
+                               tooltip="SD3.5 .safetensors from models/checkpoints or models/diffusion_models"),
+                io.Combo.Input("weight_scaling", options=list(GRANULARITIES), default="per_tensor",
+                               tooltip="one fp32 scale per weight tensor, or one per output channel"),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Vae.Output(display_name="VAE"),
+                io.String.Output(display_name="info"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_scaling="per_tensor") -> io.NodeOutput:
+        path = glue.resolve_model_file(ckpt_name)
+        model, clip, vae, text = glue.load_sd35_fp8(path, weight_scaling)
+        return io.NodeOutput(model, clip, vae, text)
+
+
+class SD35FP8Calibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8Calibrate",
+            display_name="Calibrate SD3.5 FP8",
+            category="sampling/sd35 fp8",
+            description="Samples the calibration prompts with ComfyUI's own sampler (all steps, cond and "
+                        "uncond), records every FP8 layer's input range and returns a MODEL with static "
+                        "calibrated FP8 activation scales that samples inside fp8_autocast, plus a report.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS,
+                                tooltip="one calibration prompt per line"),
+                io.Int.Input("steps", default=28, min=1, max=200),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform"),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff),
+                io.Combo.Input("method", options=list(METHODS), default="max",
+                               tooltip="max: largest |x| seen; percentile: clip rare outliers"),
+                io.Float.Input("percentile", default=99.99, min=90.0, max=100.0, step=0.001, round=0.0001,
+                               tooltip="used by method=percentile"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, steps, cfg, sampler_name, scheduler, width, height, seed,
+                method="max", percentile=99.99) -> io.NodeOutput:
+        dm = glue.require_fp8_model(model)
+        if clip is None:
+            raise ValueError("SD35FP8Calibrate needs a CLIP (the checkpoint had none: use TripleCLIPLoader)")
+        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        if not lines:
+            raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
+        session = CalibrationSession(method, percentile)
+        cal = glue.calibrating_clone(model, session)
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        pbar = comfy.utils.ProgressBar(len(lines) * steps)
+        t0 = datetime.datetime.now()
+        for i, text in enumerate(lines):
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            latent = torch.zeros([1, 16, height // 8, width // 8], device="cpu")
+            latent = comfy.sample.fix_empty_latent_channels(cal, latent)
+            noise = comfy.sample.prepare_noise(latent, seed + i)
+
+            def cb(step, x0, x, total, i=i):
+                pbar.update_absolute(i * steps + step + 1, len(lines) * steps)
+
+            comfy.sample.sample(cal, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                callback=cb, disable_pbar=True, seed=seed + i)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        amax = calibrated_amax(session, dm)
+        secs = (datetime.datetime.now() - t0).total_seconds()
+        out = glue.set_autocast(model, True, None)
+        cfg_ = dict(out.model_options[glue.KEY])
+        cfg_["input_amax"] = amax
+        cfg_["calibration"] = {"method": method, "percentile": percentile if method == "percentile" else None,
+                               "prompts": len(lines), "steps": steps, "cfg": cfg, "sampler": sampler_name,
+                               "scheduler": scheduler, "width": width, "height": height, "seed": seed,
+                               "date": datetime.date.today().isoformat()}
+        out.model_options[glue.KEY] = cfg_
+        policy = QuantPolicy(**{k: cfg_["policy"][k] for k in ("include", "exclude", "granularity", "multiple_of")})
+        for d in cfg_["policy"]["layers"]:
+            policy.decide(d["name"], d["shape"][0], d["shape"][1])
+        text = report(policy, amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2), extra=[
+            f"{cfg_.get('variant', 'SD3')}: calibrated with method={method}"
+            + (f" ({percentile}th percentile)" if method == "percentile" else "")
+            + f" over {len(lines)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
+              f"{width}x{height}, cond+uncond) in {secs:.1f} s"])
+        log.info("sd35fp8: calibration done\n%s", text)
+        return io.NodeOutput(out, text)
+
+
+class SD35FP8Autocast(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8Autocast",
+            display_name="SD3.5 FP8 Autocast",
+            category="sampling/sd35 fp8",
+            description="Samples this MODEL inside fp8_autocast with the given recipe (TransformerEngine's "
+                        "DelayedScaling fields). Calibrated layers use their static scales (with 2^margin "
+                        "headroom); uncalibrated ones delayed scaling over amax_history_len calls. "
+                        "enabled=false runs weight-only FP8 (BF16 compute) for comparison.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Boolean.Input("enabled", default=True),
+                io.Combo.Input("fp8_format", options=[f.value for f in Format], default="E4M3",
+                               tooltip="HYBRID = E4M3 forward / E5M2 backward: identical for inference"),
+                io.Int.Input("amax_history_len", default=16, min=1, max=1024),
+                io.Int.Input("margin", default=0, min=0, max=8),
+                io.Combo.Input("backend", options=["auto", "torch"], default="auto",
+                               tooltip="auto: the fastest installed backend (today: our PyTorch path)"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model, enabled=True, fp8_format="E4M3", amax_history_len=16, margin=0,
+                backend="auto") -> io.NodeOutput:
+        glue.require_fp8_model(model)
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"unknown FP8 backend {backend!r}")
+        recipe = DelayedScaling(fp8_format=fp8_format, amax_history_len=amax_history_len, margin=margin)
+        return io.NodeOutput(glue.set_autocast(model, enabled, recipe))
+
+
+NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast]
+
+
+class SD35FP8Extension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> SD35FP8Extension:
+    return SD35FP8Extension()

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Generate the bundled workflows (UI format and API format) from one graph spec per model.
+
+    python scripts/make_workflows.py          # rewrite workflows/*.json
+    python scripts/make_workflows.py --check  # exit 1 if the committed files differ (tests run this)
+
+One spec feeds both formats, so the UI workflow and the API workflow cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_DIR = os.path.join(REPO, "workflows")
+
+NEGATIVE = ""
+POSITIVE = ("a professional photograph of a red fox sitting in a snowy birch forest at golden hour, "
+            "sharp focus, detailed fur, 85mm lens")
+
+# (class, output types) of every node type the workflows use; widget order = public widget order.
+OUTPUTS = {
+    "SD35FP8CheckpointLoader": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"), ("info", "STRING")],
+    "TripleCLIPLoader": [("CLIP", "CLIP")],
+    "SD35FP8Calibrate": [("MODEL", "MODEL"), ("report", "STRING")],
+    "SD35FP8Autocast": [("MODEL", "MODEL")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "SaveImage": [],
+    "PreviewAny": [],
+}
+LINK_INPUT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
+                    "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT",
+                    "images": "IMAGE", "source": "*"}
+
+VARIANTS = {
+    # name: (checkpoint, steps, cfg, sampler, scheduler, title)
+    "sd35_large": ("sd3.5_large.safetensors", 28, 4.5, "euler", "sgm_uniform", "SD3.5 Large"),
+    "sd35_large_turbo": ("sd3.5_large_turbo.safetensors", 4, 1.0, "euler", "sgm_uniform", "SD3.5 Large Turbo"),
+    "sd35_medium": ("sd3.5_medium.safetensors", 40, 4.5, "euler", "sgm_uniform", "SD3.5 Medium"),
+}
+CLIPS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
+
+
+def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, seed: int = 42):
+    """Nodes as (id, class, {input: value or (src_id, slot)}, [widget names in order], pos)."""
+    ckpt, steps, cfg, sampler, sched, title = VARIANTS[variant]
+    from_cal_prompts = None  # use the node's default prompt set (shipped with the pack)
+    nodes = [
+        (1, "SD35FP8CheckpointLoader", {"ckpt_name": ckpt, "weight_scaling": "per_tensor"},
+         ["ckpt_name", "weight_scaling"], (40, 80)),
+        (2, "TripleCLIPLoader", {"clip_name1": CLIPS[0], "clip_name2": CLIPS[1], "clip_name3": CLIPS[2]},
+         ["clip_name1", "clip_name2", "clip_name3"], (40, 330)),
+        (3, "SD35FP8Calibrate", {"model": (1, 0), "clip": (2, 0), "prompts": from_cal_prompts, "steps": steps,
+                                 "cfg": cfg, "sampler_name": sampler, "scheduler": sched, "width": width,
+                                 "height": height, "seed": 0, "method": "max", "percentile": 99.99},
+         ["prompts", "steps", "cfg", "sampler_name", "scheduler", "width", "height", "seed", "method",
+          "percentile"], (420, 80)),
+        (4, "SD35FP8Autocast", {"model": (3, 0), "enabled": True, "fp8_format": "E4M3", "amax_history_len": 16,
+                                "margin": 0, "backend": "auto"},
+         ["enabled", "fp8_format", "amax_history_len", "margin", "backend"], (800, 80)),
+        (5, "CLIPTextEncode", {"clip": (2, 0), "text": POSITIVE}, ["text"], (420, 560)),
+        (6, "CLIPTextEncode", {"clip": (2, 0), "text": NEGATIVE}, ["text"], (420, 780)),
+        (7, "EmptySD3LatentImage", {"width": width, "height": height, "batch_size": batch},
+         ["width", "height", "batch_size"], (800, 330)),
+        (8, "KSampler", {"model": (4, 0), "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                         "scheduler": sched, "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0),
+                         "denoise": 1.0},
+         ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], (1180, 80)),
+        (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, [], (1560, 80)),
+        (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"sd35_fp8/{variant}"}, ["filename_prefix"],
+         (1800, 80)),
+        (11, "PreviewAny", {"source": (3, 1)}, [], (1180, 560)),
+    ]
+    return nodes, title
+
+
+def default_prompts() -> str:
+    # the node's default calibration prompt set, read from the pack without importing ComfyUI
+    src = open(os.path.join(REPO, "nodes", "sd35_nodes.py")).read()
+    start = src.index("DEFAULT_PROMPTS = \"\\n\".join([")
+    block = src[start:src.index("])", start) + 2]
+    ns: dict = {}
+    exec(block, ns)  # a literal list of strings
+    return ns["DEFAULT_PROMPTS"]
+
+
+def to_api(nodes) -> dict:
+    prompts = default_prompts()
+    api = {}
+    for nid, cls, inputs, _w, _p in nodes:
+        ins = {}
+        for k, v in inputs.items():
+            if k == "prompts" and v is None:
+                v = prompts
+            ins[k] = [str(v[0]), v[1]] if isinstance(v, tuple) else v
+        api[str(nid)] = {"class_type": cls, "inputs": ins}
+    return api
+
+
+def to_ui(nodes, title: str) -> dict:
+    prompts = default_prompts()
+    links, ui_nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for nid, cls, inputs, _w, _p in nodes:
+        for k, v in inputs.items():
+            if isinstance(v, tuple):
+                lid = len(links) + 1
+                src_type = OUTPUTS[dict((n[0], n[1]) for n in nodes)[v[0]]][v[1]][1]
+                links.append([lid, v[0], v[1], nid, None, src_type, k])
+                out_links.setdefault((v[0], v[1]), []).append(lid)
+    for order, (nid, cls, inputs, widgets, pos) in enumerate(nodes):
+        link_inputs = [(k, v) for k, v in inputs.items() if isinstance(v, tuple)]
+        ui_inputs = []
+        for slot, (k, v) in enumerate(link_inputs):
+            lid = next(l[0] for l in links if l[3] == nid and l[6] == k)
+            links[lid - 1][4] = slot
+            ui_inputs.append({"name": k, "type": LINK_INPUT_TYPES[k], "link": lid})
+        ui_outputs = []
+        for slot, (name, typ) in enumerate(OUTPUTS[cls]):
+            ui_outputs.append({"name": name, "type": typ, "links": out_links.get((nid, slot), []),
+                               "slot_index": slot})
+        wv = []
+        for w in widgets:
+            v = inputs[w]
+            if w == "prompts" and v is None:
+                v = prompts
+            wv.append(v)
+            if cls == "KSampler" and w == "seed":
+                wv.append("fixed")  # the frontend's control_after_generate widget value
+        ui_nodes.append({"id": nid, "type": cls, "pos": list(pos), "size": [340, 200 if widgets else 80],
+                         "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
+                         "properties": {"Node name for S&R": cls}, "widgets_values": wv})
+    return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": [l[:6] for l in links], "groups": [], "config": {},
+            "extra": {"sd35fp8": {"title": f"{title} FP8 (calibrated), 1024x1024 batch 4"}}, "version": 0.4}
+
+
+def render() -> dict[str, str]:
+    files = {}
+    for variant in VARIANTS:
+        nodes, title = spec(variant)
+        files[f"{variant}_fp8_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
+        files[f"{variant}_fp8.json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
+    return files
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args(argv)
+    files = render()
+    stale = []
+    for name, text in files.items():
+        path = os.path.join(OUT_DIR, name)
+        old = open(path).read() if os.path.exists(path) else None
+        if old != text:
+            stale.append(name)
+            if not a.check:
+                os.makedirs(OUT_DIR, exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+    if a.check and stale:
+        print("stale workflows (run scripts/make_workflows.py):", ", ".join(stale))
+        return 1
+    print(("checked" if a.check else "wrote"), len(files), "workflows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""The main job: start a real ComfyUI with this pack and generate a batch through a bundled workflow
+via ``POST /prompt``.
+
+    scripts/run_batch.py                                   # tiny embedded SD3.5 model, CPU is fine
+    scripts/run_batch.py --ckpt /models/sd3.5_large.safetensors --text-encoders /models/text_encoders
+
+Without ``--ckpt`` it builds the tiny random-weight SD3.5 model (official layout, 2 joint blocks) and,
+as full-size text encoders cannot be embedded, swaps the workflow's TripleCLIPLoader for a CLIPLoader
+on a random CLIP-L (type sd3). Everything else in the graph runs as bundled: loader -> calibrate ->
+autocast -> KSampler -> VAEDecode -> SaveImage. Prints where the images are.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from comfy_harness import REPO, ComfyServer  # noqa: E402
+
+TINY_CKPT = "tiny_sd3.5_large.safetensors"
+TINY_CLIP = "tiny_clip_l.safetensors"
+
+
+def load_workflow(path: str) -> dict:
+    with open(path) as f:
+        wf = json.load(f)
+    if not all(isinstance(v, dict) and "class_type" in v for v in wf.values()):
+        raise SystemExit(f"{path} is not an API-format workflow (export with 'Save (API)')")
+    return wf
+
+
+def nodes_of(wf: dict, cls: str) -> list[str]:
+    return [k for k, v in wf.items() if v["class_type"] == cls]
+
+
+def adapt(wf: dict, ckpt_name: str | None = None, tiny_clip: str | None = None, width=None, height=None,
+          batch=None, steps=None, calib_prompts: int | None = None, seed=None, prefix=None) -> dict:
+    """Return a copy of an API workflow with model files and sizes replaced."""
+    wf = copy.deepcopy(wf)
+    for k in nodes_of(wf, "SD35FP8CheckpointLoader"):
+        if ckpt_name:
+            wf[k]["inputs"]["ckpt_name"] = ckpt_name
+    if tiny_clip:
+        for k in nodes_of(wf, "TripleCLIPLoader"):
+            wf[k] = {"class_type": "CLIPLoader", "inputs": {"clip_name": tiny_clip, "type": "sd3"}}
+    for k, v in wf.items():
+        ins = v["inputs"]
+        if v["class_type"] in ("EmptySD3LatentImage", "SD35FP8Calibrate"):
+            if width:
+                ins["width"] = width
+            if height:
+                ins["height"] = height
+        if v["class_type"] == "EmptySD3LatentImage" and batch:
+            ins["batch_size"] = batch
+        if v["class_type"] in ("KSampler", "SD35FP8Calibrate") and steps:
+            ins["steps"] = steps
+        if v["class_type"] == "SD35FP8Calibrate" and calib_prompts:
+            ins["prompts"] = "\n".join(ins["prompts"].splitlines()[:calib_prompts])
+        if v["class_type"] == "KSampler" and seed is not None:
+            ins["seed"] = seed
+        if v["class_type"] == "SaveImage" and prefix:
+            ins["filename_prefix"] = prefix
+    return wf
+
+
+def make_tiny_models(models_dir: str) -> None:
+    import tiny_sd35
+    ck = os.path.join(models_dir, "checkpoints", TINY_CKPT)
+    if not os.path.exists(ck):
+        tiny_sd35.write_checkpoint(ck, depth=2, variant="large")
+    tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workflow", default=os.path.join(REPO, "workflows", "sd35_large_fp8_api.json"))
+    ap.add_argument("--ckpt", help="an SD3.5 .safetensors (checkpoints/ layout); default: the tiny model")
+    ap.add_argument("--text-encoders", help="folder holding the workflow's clip_l/clip_g/t5xxl files")
+    ap.add_argument("--out", default=os.path.join(REPO, "output"), help="where the images go")
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--calib-prompts", type=int, help="use only the first N calibration prompts")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu unless CUDA)")
+    a = ap.parse_args(argv)
+
+    work = os.path.join(REPO, ".cache", "run")
+    models = os.path.join(REPO, ".cache", "models")
+    os.makedirs(work, exist_ok=True)
+    wf = load_workflow(a.workflow)
+    if a.ckpt:
+        if not os.path.isfile(a.ckpt):
+            raise SystemExit(f"--ckpt {a.ckpt}: no such file")
+        os.makedirs(os.path.join(models, "checkpoints"), exist_ok=True)
+        dst = os.path.join(models, "checkpoints", os.path.basename(a.ckpt))
+        if not os.path.exists(dst):
+            os.symlink(os.path.abspath(a.ckpt), dst)
+        if a.text_encoders:
+            te = os.path.join(models, "text_encoders")
+            os.makedirs(te, exist_ok=True)
+            for n in os.listdir(a.text_encoders):
+                if not os.path.exists(os.path.join(te, n)):
+                    os.symlink(os.path.join(os.path.abspath(a.text_encoders), n), os.path.join(te, n))
+        graph = adapt(wf, ckpt_name=os.path.basename(a.ckpt), width=a.width, height=a.height, batch=a.batch,
+                      steps=a.steps, calib_prompts=a.calib_prompts, seed=a.seed)
+        what = os.path.basename(a.ckpt)
+    else:
+        print("[run] no --ckpt: building the tiny random-weight SD3.5 model (TripleCLIPLoader -> random CLIP-L)")
+        make_tiny_models(models)
+        graph = adapt(wf, ckpt_name=TINY_CKPT, tiny_clip=TINY_CLIP, width=a.width, height=a.height,
+                      batch=a.batch, steps=a.steps, calib_prompts=a.calib_prompts, seed=a.seed)
+        what = "tiny SD3.5 model (random weights: the images are noise patterns, not pictures)"
+    import torch
+    dev = [] if (a.gpu or torch.cuda.is_available()) else ["--cpu"]
+    t0 = time.time()
+    with ComfyServer(models, workdir=work, device_args=dev) as srv:
+        print(f"[run] ComfyUI up at {srv.base} (log: {srv.log_path}); queueing {os.path.basename(a.workflow)} "
+              f"on {what}")
+        entry = srv.run(graph, timeout=3600)
+        files = srv.output_images(entry)
+        report = [o for o in entry["outputs"].values() if "text" in o]
+        if report:
+            print("[run] calibration report:\n" + "\n".join(report[0]["text"]))
+        os.makedirs(a.out, exist_ok=True)
+        final = []
+        for f in files:
+            d = os.path.join(a.out, os.path.basename(f))
+            shutil.copy2(f, d)
+            final.append(d)
+    if not final:
+        print("[run] the workflow finished but produced no image", file=sys.stderr)
+        return 1
+    print(f"[run] {len(final)} images in {time.time() - t0:.0f} s:")
+    for f in final:
+        print("   ", f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
