@@ -54,25 +54,31 @@ def apply_input_scales(model: torch.nn.Module, amax: dict[str, float]) -> int:
     return len(amax)
 
 
-def weight_bytes(model: torch.nn.Module, high_precision_itemsize: int | None = None) -> int:
-    """Bytes of all parameters and buffers. With ``high_precision_itemsize`` (2 for BF16), every
-    non-FP8 floating tensor is counted at that size, so the number means the same on a CPU run (FP32)
-    as in a BF16 deployment."""
+def weight_bytes(model: torch.nn.Module, high_precision_itemsize: int | None = None,
+                 as_if_unquantized: bool = False) -> int:
+    """Bytes of all parameters and buffers.
+
+    ``high_precision_itemsize`` (2 for BF16) counts every non-FP8 floating tensor at that size, so
+    the number means the same on a CPU run (FP32) as in a BF16 deployment; ``as_if_unquantized``
+    counts FP8 tensors at that size too (the BF16 baseline) and drops the FP8 scales."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is None or id(t) in seen:
             continue
         seen.add(id(t))
         size = t.element_size()
-        if high_precision_itemsize and t.is_floating_point() and size > 1 and t.numel() > 1:
-            size = high_precision_itemsize
+        if as_if_unquantized and name.rsplit(".", 1)[-1] in ("weight_scale", "input_scale"):
+            continue
+        if high_precision_itemsize and t.is_floating_point() and t.numel() > 1:
+            if size > 1 or as_if_unquantized:
+                size = high_precision_itemsize
         total += t.numel() * size
     return total
 
 
 def bf16_bytes(model: torch.nn.Module) -> int:
-    """What the same model's parameters take in BF16 (the baseline FP8 is compared against)."""
-    return sum(2 * p.numel() for p in model.parameters())
+    """What the same model (parameters and buffers) takes in BF16: the baseline for FP8."""
+    return weight_bytes(model, 2, as_if_unquantized=True)
 
 
 def report(policy: QuantPolicy, amax: dict[str, float] | None = None,

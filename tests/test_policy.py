@@ -1,0 +1,88 @@
+import torch
+
+import fp8
+from fp8 import QuantPolicy, quantize_model
+
+
+class Named(torch.nn.Module):
+    """A module tree with SD3's Linear names."""
+
+    def __init__(self, names_shapes):
+        super().__init__()
+        for name, (out_f, in_f) in names_shapes.items():
+            parent = self
+            parts = name.split(".")
+            for p in parts[:-1]:
+                if not hasattr(parent, p):
+                    parent.add_module(p, torch.nn.Module())
+                parent = getattr(parent, p)
+            parent.add_module(parts[-1], torch.nn.Linear(in_f, out_f))
+
+
+SD3_LAYERS = {
+    "x_embedder.proj": (128, 64),
+    "context_embedder": (128, 4096),
+    "t_embedder.mlp.0": (128, 256),
+    "y_embedder.mlp.2": (128, 128),
+    "joint_blocks.0.x_block.attn.qkv": (384, 128),
+    "joint_blocks.0.x_block.attn.proj": (128, 128),
+    "joint_blocks.0.x_block.attn2.qkv": (384, 128),
+    "joint_blocks.0.x_block.mlp.fc1": (512, 128),
+    "joint_blocks.0.x_block.mlp.fc2": (128, 512),
+    "joint_blocks.0.x_block.adaLN_modulation.1": (1152, 128),
+    "joint_blocks.0.context_block.attn.qkv": (384, 128),
+    "joint_blocks.1.context_block.adaLN_modulation.1": (250, 128),  # not divisible by 16
+    "final_layer.linear": (64, 128),
+    "final_layer.adaLN_modulation.1": (256, 128),
+}
+
+
+def test_sd3_policy_decisions_are_reported():
+    m = Named(SD3_LAYERS)
+    pol = quantize_model(m, QuantPolicy())
+    d = {x.name: x for x in pol.decisions}
+    assert set(d) == set(SD3_LAYERS)
+    fp8_names = {n for n, x in d.items() if x.fp8}
+    assert fp8_names == {
+        "joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.x_block.attn.proj", "joint_blocks.0.x_block.attn2.qkv",
+        "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.mlp.fc2",
+        "joint_blocks.0.x_block.adaLN_modulation.1", "joint_blocks.0.context_block.attn.qkv"}
+    assert "not divisible by 16" in d["joint_blocks.1.context_block.adaLN_modulation.1"].reason
+    assert "excluded" in d["context_embedder"].reason and "excluded" in d["final_layer.linear"].reason
+    assert set(fp8.fp8_layers(m)) == fp8_names
+    assert isinstance(m.joint_blocks[0].x_block.mlp.fc1 if False else m.get_submodule("joint_blocks.0.x_block.mlp.fc1"),
+                      fp8.FP8Linear)
+    assert type(m.get_submodule("context_embedder")) is torch.nn.Linear
+    js = pol.to_dict()
+    assert js["granularity"] == "per_tensor" and len(js["layers"]) == len(SD3_LAYERS)
+    assert "kept context_embedder" in pol.summary()
+
+
+def test_apply_input_scales_and_report():
+    m = Named({"joint_blocks.0.x_block.mlp.fc1": (64, 32), "joint_blocks.0.x_block.mlp.fc2": (32, 64)})
+    pol = quantize_model(m)
+    with fp8.fp8_autocast(calibrating=True) as s:
+        m.get_submodule("joint_blocks.0.x_block.mlp.fc1")(torch.randn(3, 32))
+    try:
+        fp8.calibrated_amax(s, m)
+        raise AssertionError("expected an error for the layer calibration never reached")
+    except ValueError as e:
+        assert "fc2" in str(e)
+    with fp8.fp8_autocast(calibrating=s):
+        m.get_submodule("joint_blocks.0.x_block.mlp.fc2")(torch.randn(3, 64))
+    amax = fp8.calibrated_amax(s, m)
+    assert fp8.apply_input_scales(m, amax) == 2
+    assert float(m.get_submodule("joint_blocks.0.x_block.mlp.fc2").input_scale) > 0
+    txt = fp8.report(pol, amax, bytes_before=fp8.bf16_bytes(m), bytes_after=fp8.weight_bytes(m, 2))
+    assert "FP8 layers: 2" in txt and "calibrated input scales for 2 layers" in txt
+
+
+def test_weight_bytes_fp8_is_about_half_of_bf16():
+    m = Named({f"joint_blocks.0.x_block.mlp.fc{i}": (256, 256) for i in (1, 2)})
+    m.register_buffer("pos_embed", torch.zeros(1, 64, 256))
+    base = fp8.bf16_bytes(m)
+    assert base == 2 * (2 * 256 * 256 + 2 * 256 + 64 * 256)
+    quantize_model(m)
+    assert fp8.bf16_bytes(m) == base  # baseline does not change with quantization
+    after = fp8.weight_bytes(m, 2)
+    assert after == 2 * 256 * 256 + 2 * 4 + 2 * (2 * 256 + 64 * 256)
