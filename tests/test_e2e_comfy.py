@@ -1,0 +1,255 @@
+"""End-to-end: a real ComfyUI server (``main.py --cpu``) with this pack, driven over HTTP/websocket.
+
+The ComfyUI folder and Python come from COMFYUI_DIR / COMFYUI_PYTHON (default: what
+scripts/setup_env.sh builds), so the same suite runs against newer upstream ComfyUI.
+"""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import tiny_sd35
+from comfy_harness import REPO, ComfyError, ComfyServer, cached_nodes
+from run_batch import TINY_CLIP, adapt, load_workflow
+from workflow_check import validate_api, validate_ui
+
+WF_DIR = os.path.join(REPO, "workflows")
+LARGE, MEDIUM, AIO, DIFF_ONLY = ("tiny_sd3.5_large.safetensors", "tiny_sd3.5_medium.safetensors",
+                                 "tiny_sd3.5_aio.safetensors", "tiny_sd3.5_large_unet.safetensors")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("models"))
+    ck = os.path.join(d, "checkpoints")
+    tiny_sd35.write_checkpoint(os.path.join(ck, LARGE), variant="large", seed=0)
+    tiny_sd35.write_checkpoint(os.path.join(ck, MEDIUM), variant="medium", depth=2, seed=10)
+    tiny_sd35.write_checkpoint(os.path.join(ck, AIO), variant="large", clip_l=True, seed=20)
+    tiny_sd35.write_checkpoint(os.path.join(d, "diffusion_models", DIFF_ONLY), diffusion_only=True, seed=0)
+    # the random CLIP-L is 250 MB: build it once per machine
+    cache = os.path.join(REPO, ".cache", "test-models", TINY_CLIP)
+    tiny_sd35.write_clip_l(cache)
+    os.makedirs(os.path.join(d, "text_encoders"), exist_ok=True)
+    os.symlink(cache, os.path.join(d, "text_encoders", TINY_CLIP))
+    # bad inputs
+    save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": torch.zeros(64, 64),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3)},
+              os.path.join(ck, "sdxl_like.safetensors"))
+    trunc = os.path.join(ck, "truncated_sd3.5.safetensors")
+    tiny_sd35.write_checkpoint(trunc)
+    with open(trunc, "r+b") as f:
+        f.truncate(os.path.getsize(trunc) // 2)
+    sd = tiny_sd35.mmdit_state_dict(seed=0)
+    sd["model.diffusion_model.final_layer.linear.weight"] = torch.full_like(
+        sd["model.diffusion_model.final_layer.linear.weight"], 3e38)
+    sd.update(tiny_sd35.taesd_state_dict())
+    save_file(sd, os.path.join(ck, "tiny_sd3.5_overflow.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    srv = ComfyServer(models, workdir=str(tmp_path_factory.mktemp("comfy")))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def graph(ckpt=LARGE, size=128, steps=3, batch=2, prompts=2, seed=7, workflow="sd35_large_fp8_api.json",
+          prefix="e2e"):
+    wf = load_workflow(os.path.join(WF_DIR, workflow))
+    return adapt(wf, ckpt_name=ckpt, tiny_clip=TINY_CLIP, width=size, height=size, batch=batch, steps=steps,
+                 calib_prompts=prompts, seed=seed, prefix=prefix)
+
+
+def add_save_latent(g, prefix):
+    ks = next(k for k, v in g.items() if v["class_type"] == "KSampler")
+    g["90"] = {"class_type": "SaveLatent", "inputs": {"samples": [ks, 0], "filename_prefix": f"latents/{prefix}"}}
+    return g
+
+
+def saved_latent(server, entry):
+    for out in entry["outputs"].values():
+        for lat in out.get("latents", []):
+            p = os.path.join(server.output_dir, lat["subfolder"], lat["filename"])
+            return load_file(p)["latent_tensor"].float()
+    raise AssertionError("no latent saved")
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
+    expect = {
+        "SD35FP8CheckpointLoader": ["ckpt_name", "weight_scaling"],
+        "SD35FP8Calibrate": ["model", "clip", "prompts", "steps", "cfg", "sampler_name", "scheduler", "width",
+                             "height", "seed", "method", "percentile"],
+        "SD35FP8Autocast": ["model", "enabled", "fp8_format", "amax_history_len", "margin", "backend"],
+    }
+    for node, inputs in expect.items():
+        assert node in object_info, f"{node} missing: the pack failed to import (see the server log)"
+        order = object_info[node].get("input_order", {}).get("required") or list(object_info[node]["input"]["required"])
+        assert order == inputs
+    assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
+    assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
+    opts = object_info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
+    assert LARGE in opts and DIFF_ONLY in opts  # checkpoints/ and diffusion_models/
+
+
+def test_bundled_workflows_validate_against_object_info(object_info):
+    files = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
+    assert len(files) == 6
+    for f in files:
+        wf = json.load(open(f))
+        errs = validate_api(wf, object_info) if f.endswith("_api.json") else validate_ui(wf, object_info)
+        assert errs == [], f"{os.path.basename(f)}: {errs}"
+        if not f.endswith("_api.json"):
+            assert {n["type"] for n in wf["nodes"]} >= {"SD35FP8CheckpointLoader", "SD35FP8Calibrate",
+                                                         "SD35FP8Autocast", "TripleCLIPLoader", "SaveImage"}
+        else:
+            lat = next(v for v in wf.values() if v["class_type"] == "EmptySD3LatentImage")["inputs"]
+            assert (lat["width"], lat["height"], lat["batch_size"]) == (1024, 1024, 4)
+
+
+def test_validator_catches_broken_workflows(object_info):
+    wf = json.load(open(os.path.join(WF_DIR, "sd35_large_fp8_api.json")))
+    bad = json.loads(json.dumps(wf))
+    bad["3"]["class_type"] = "SD35FP8Calibrated"
+    bad["4"]["inputs"]["fp8_format"] = "E5M2"
+    bad["8"]["inputs"]["steps"] = 0
+    bad["9"]["inputs"]["vae"] = ["1", 0]  # MODEL into a VAE input
+    errs = " | ".join(validate_api(bad, object_info))
+    assert "unknown node type 'SD35FP8Calibrated'" in errs and "E5M2" in errs and "outside" in errs
+    assert "expects VAE" in errs
+    ui = json.load(open(os.path.join(WF_DIR, "sd35_large_fp8.json")))
+    ui["nodes"][3]["widgets_values"] = ui["nodes"][3]["widgets_values"][:-1]
+    assert validate_ui(ui, object_info)
+
+
+def test_batch_through_bundled_workflow(server):
+    entry = server.run(graph(batch=3, prefix="batch"))
+    files = server.output_images(entry)
+    assert len(files) == 3
+    for f in files:
+        im = np.asarray(Image.open(f))
+        assert im.shape == (128, 128, 3) and im.std() > 0
+    report = next(o["text"] for o in entry["outputs"].values() if "text" in o)
+    text = "\n".join(report)
+    assert re.search(r"calibrated with method=max over 2 prompt\(s\) x 3 steps", text)
+    assert "FP8 layers: 17" in text and "kept context_embedder" in text
+    assert re.search(r"calibrated input scales for 17 layers", text)
+
+
+def test_requeue_with_new_seed_reuses_quantized_and_calibrated_model(server):
+    g1 = graph(seed=1, prefix="cache")
+    server.run(g1)
+    n_cal = server.log_text().count("sd35fp8: calibration done")
+    n_load = server.log_text().count("sd35fp8: loaded ")
+    g2 = graph(seed=2, prefix="cache")
+    entry = server.run(g2)
+    cached = cached_nodes(entry)
+    assert {"1", "3", "4"} <= cached, cached  # loader, calibrate, autocast
+    assert "8" not in cached                  # the KSampler ran again
+    assert server.log_text().count("sd35fp8: calibration done") == n_cal
+    assert server.log_text().count("sd35fp8: loaded ") == n_load
+    assert len(server.output_images(entry)) == 2
+
+
+def test_fp8_output_stays_close_to_stock_comfyui(server):
+    """Same seed: stock CheckpointLoaderSimple (full precision) vs our calibrated FP8 vs weight-only."""
+    base = add_save_latent(graph(seed=5, prefix="fid"), "stock")
+    stock = json.loads(json.dumps(base))
+    stock["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    stock["8"]["inputs"]["model"] = ["1", 0]
+    del stock["3"], stock["4"], stock["11"]
+    ref = saved_latent(server, server.run(stock))
+    fp8 = saved_latent(server, server.run(add_save_latent(graph(seed=5, prefix="fid"), "fp8")))
+    wo = json.loads(json.dumps(add_save_latent(graph(seed=5, prefix="fid"), "wo")))
+    wo["4"]["inputs"]["enabled"] = False
+    weight_only = saved_latent(server, server.run(wo))
+    e_fp8, e_wo = rel(fp8, ref), rel(weight_only, ref)
+    print(f"final-latent relative error vs stock: fp8 {e_fp8:.4f}, weight-only {e_wo:.4f}")
+    assert torch.isfinite(fp8).all()
+    assert 0 < e_wo < 0.05, e_wo
+    assert e_wo < e_fp8 < 0.01, (e_fp8, e_wo)  # FP8 activations add error (so FP8 really ran), bounded
+
+
+def test_medium_per_channel_percentile(server):
+    g = graph(ckpt=MEDIUM, workflow="sd35_medium_fp8_api.json", prefix="medium")
+    g["1"]["inputs"]["weight_scaling"] = "per_channel"
+    g["3"]["inputs"]["method"] = "percentile"
+    g["3"]["inputs"]["percentile"] = 99.9
+    entry = server.run(g)
+    assert len(server.output_images(entry)) == 2
+    text = "\n".join(next(o["text"] for o in entry["outputs"].values() if "text" in o))
+    assert "method=percentile (99.9th percentile)" in text and "per_channel" in text
+    assert "Medium-type (MMDiT-X)" in server.log_text()
+
+
+def test_turbo_workflow_and_diffusion_models_folder(server):
+    g = graph(ckpt=DIFF_ONLY, workflow="sd35_large_turbo_fp8_api.json", prefix="turbo")
+    g["9"]["inputs"]["vae"] = ["50", 2]  # the unet-only file has no VAE: take it from a checkpoint
+    g["50"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    entry = server.run(g)
+    assert len(server.output_images(entry)) == 2
+
+
+def test_all_in_one_file_provides_clip(server):
+    g = graph(ckpt=AIO, prefix="aio")
+    del g["2"]
+    for node in g.values():
+        for k, v in node["inputs"].items():
+            if v == ["2", 0]:
+                node["inputs"][k] = ["1", 1]
+    entry = server.run(g)
+    assert len(server.output_images(entry)) == 2
+
+
+@pytest.mark.parametrize("ckpt,message", [
+    ("sdxl_like.safetensors", "SDXL"),
+    ("truncated_sd3.5.safetensors", "truncated"),
+])
+def test_wrong_or_damaged_files_fail_clearly_and_server_keeps_serving(server, ckpt, message):
+    with pytest.raises(ComfyError, match=message):
+        server.run(graph(ckpt=ckpt, prefix="bad"))
+    assert "SD35FP8CheckpointLoader" in server.get("/object_info/SD35FP8CheckpointLoader")
+    assert len(server.output_images(server.run(graph(prefix="after-bad")))) == 2
+
+
+def test_missing_file_is_rejected_with_its_name(server):
+    # Newer ComfyUI rejects an unknown combo value at /prompt; 0.3.75 does not validate V3 combos and
+    # our loader's own error names the file at execution. Either way: a clear error, server serving.
+    with pytest.raises(ComfyError, match="not in list|not found") as e:
+        server.run(graph(ckpt="no_such_model.safetensors", prefix="missing"))
+    assert "no_such_model.safetensors" in str(e.value) + json.dumps(e.value.payload)
+    assert server.get("/system_stats")["system"]
+
+
+def test_nan_during_sampling_is_a_clear_error(server):
+    with pytest.raises(ComfyError, match="NaN/Inf"):
+        server.run(graph(ckpt="tiny_sd3.5_overflow.safetensors", prefix="nan"))
+    assert server.get("/queue")["queue_running"] == []
+
+
+def test_empty_calibration_set_and_stock_model_are_refused(server):
+    g = graph(prefix="empty")
+    g["3"]["inputs"]["prompts"] = "  \n\n "
+    with pytest.raises(ComfyError, match="prompt list is empty"):
+        server.run(g)
+    g = graph(prefix="stock")
+    g["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    g["9"]["inputs"]["vae"] = ["1", 2]
+    with pytest.raises(ComfyError, match="no FP8 layers"):
+        server.run(g)
