@@ -1,0 +1,119 @@
+"""The CUDA path of the FP8 linear (runs on the GPU machine; skipped where there is no CUDA).
+
+The CPU tests cannot see the failure that matters most on a GPU: an out-of-range cast to FP8 on CUDA
+gives NaN (CPU saturates). These tests check the real sm_89+/sm_90 ``_scaled_mm`` path against the
+same error bounds as the CPU tests, at SD3.5-Large shapes, and that no input produces NaN.
+"""
+import pytest
+import torch
+
+import fp8
+from fp8 import DelayedScaling, FP8Linear, fp8_autocast
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8.device_supports_fp8_matmul("cuda")),
+                             reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+
+
+def rel(a, b):
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def build(in_f, out_f, gran="per_tensor", dtype=torch.bfloat16, device="cuda", seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    return lin, FP8Linear.from_linear(lin, gran, name="l")
+
+
+def calibrate(q, x):
+    with fp8_autocast(calibrating=True) as s:
+        q(x)
+    q.fp8_set_input_amax(s.amax()["l"])
+
+
+@cuda
+def test_raw_cuda_cast_overflows_to_nan_but_ours_saturates():
+    x = torch.tensor([1000.0, -1e6, 448.0, float("inf")], device="cuda")
+    raw = x.to(torch.float8_e4m3fn).float()
+    ours = fp8.saturating_cast(x, torch.tensor(1.0, device="cuda")).float()
+    assert torch.isnan(raw[:2]).all()  # the hazard the clamp exists for
+    assert torch.isfinite(ours).all() and ours.tolist() == [448.0, -448.0, 448.0, 448.0]
+
+
+@fp8_gpu
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_fp8_linear_matches_cpu_bounds_and_cpu_result(gran, dtype):
+    lin, q = build(256, 128, gran, dtype)
+    x = torch.randn(2, 77, 256, device="cuda", dtype=dtype)
+    calibrate(q, x)
+    with fp8_autocast():
+        y = q(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert rel(y, lin(x)) < 0.06  # the CPU test's bound
+    q_cpu = q.to("cpu")
+    if hasattr(torch, "_scaled_mm") and fp8.device_supports_fp8_matmul("cpu"):
+        try:
+            with fp8_autocast():
+                y_cpu = q_cpu(x.cpu())
+        except RuntimeError:  # this torch has no CPU _scaled_mm kernel
+            return
+        assert rel(y.cpu(), y_cpu) < 1e-2  # same quantized operands, same arithmetic
+
+
+@fp8_gpu
+@pytest.mark.parametrize("shape", [(2432, 9728), (9728, 2432), (2432, 7296), (2432, 14592)])
+def test_sd35_large_shapes(shape):
+    in_f, out_f = shape
+    lin, q = build(in_f, out_f)
+    x = torch.randn(2, 4096, in_f, device="cuda", dtype=torch.bfloat16)
+    calibrate(q, x)
+    with fp8_autocast():
+        y = q(x)
+    assert torch.isfinite(y).all() and rel(y, lin(x)) < 0.06
+    # adaLN modulation: one token per sample
+    lin, q = build(in_f, out_f, seed=1)
+    t = torch.randn(2, in_f, device="cuda", dtype=torch.bfloat16)
+    calibrate(q, t)
+    with fp8_autocast():
+        assert rel(q(t), lin(t)) < 0.06
+
+
+@fp8_gpu
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+def test_out_of_range_activations_never_nan_on_cuda(gran):
+    lin, q = build(512, 256, gran)
+    calibrate(q, torch.randn(64, 512, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    x[0, :16] = 3e4        # ~1e4 x the calibrated amax
+    x[1, 3] = float("inf")
+    x[2] = -6e4
+    with fp8_autocast():
+        y = q(x)
+    assert torch.isfinite(y).all()
+    with fp8_autocast(recipe=DelayedScaling(margin=4)):
+        assert torch.isfinite(q(x)).all()
+
+
+@fp8_gpu
+def test_uncalibrated_delayed_scaling_and_device_moves():
+    lin, q = build(256, 256, device="cpu")
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    calibrate(q, x)  # calibrated on CPU ...
+    q = q.to("cuda")  # ... then moved, as ComfyUI moves models between devices
+    with fp8_autocast():
+        y = q(x.cuda())
+    assert y.device.type == "cuda" and rel(y, lin.cuda()(x.cuda())) < 0.06
+    q.fp8_set_input_amax(None)
+    with fp8_autocast(recipe=DelayedScaling(amax_history_len=2)):
+        y2 = q(x.cuda())
+    assert torch.isfinite(y2).all() and rel(y2, lin(x.cuda())) < 0.06
+    assert q._fp8_amax_history.device.type == "cuda"
+    # weights left on the CPU (ComfyUI low-VRAM mode) with activations on the GPU
+    q = q.to("cpu")
+    q.fp8_set_input_amax(float(x.float().abs().max()))
+    with fp8_autocast():
+        y3 = q(x.cuda())
+    assert y3.device.type == "cuda" and torch.isfinite(y3).all()
