@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: build the environment if needed, start a real ComfyUI with this pack and generate a
+# batch through the bundled workflow via POST /prompt (tiny embedded model unless --ckpt is given).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python scripts/run_batch.py "$@"
