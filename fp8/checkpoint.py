@@ -57,6 +57,7 @@ class SD3Info:
     has_vae: bool
     has_text_encoders: tuple[str, ...]
     standard: bool        # a published size (Large/Medium) rather than a custom/tiny MMDiT
+    fp8_tensors: int = 0  # diffusion-model tensors already stored in FP8 (a pre-quantized file)
 
     def describe(self) -> str:
         parts = [f"{self.variant}: MMDiT{'-X' if self.mmdit_x else ''}, {self.depth} joint blocks, hidden {self.hidden}"]
@@ -133,4 +134,7 @@ def detect_sd3(keys_shapes: dict[str, list[int]], metadata: dict | None = None, 
 
 def inspect_checkpoint(path: str) -> SD3Info:
     header, meta = read_safetensors_header(path)
-    return detect_sd3({k: v["shape"] for k, v in header.items()}, meta, path)
+    info = detect_sd3({k: v["shape"] for k, v in header.items()}, meta, path)
+    info.fp8_tensors = sum(1 for k, v in header.items()
+                           if k.startswith(info.prefix + "joint_blocks.") and str(v.get("dtype", "")).startswith("F8"))
+    return info

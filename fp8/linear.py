@@ -102,8 +102,8 @@ class FP8LinearMixin:
             s = _on(s, x2.device, torch.float32)
             return s * (2.0 ** recipe.margin) if recipe.margin else s
         # Not calibrated: delayed scaling over this layer's own amax history (current call included).
-        warn_once(f"uncal:{self.fp8_name}", f"sd35fp8: layer {self.fp8_name or self} has no calibrated "
-                  "input scale; using delayed scaling (calibrate the model for static scales)")
+        warn_once("uncalibrated", f"sd35fp8: FP8 layer {self.fp8_name or self} (and possibly others) has no "
+                  "calibrated input scale; using delayed scaling (calibrate the model for static scales)")
         amax = torch.nan_to_num(x2.detach().abs().amax().float(), nan=0.0, posinf=0.0)
         h = self._fp8_amax_history
         n = recipe.amax_history_len

@@ -77,6 +77,11 @@ def resolve_model_file(name: str) -> str:
 def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     """Load an SD3.5 checkpoint with its MMDiT quantized to FP8. Returns (model, clip, vae, info)."""
     info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
+    if info.fp8_tensors:
+        raise CheckpointError(
+            f"{os.path.basename(path)} is already quantized ({info.fp8_tensors} FP8 tensors, e.g. a *_fp8_scaled "
+            "file): this loader quantizes BF16/FP16 SD3.5 checkpoints itself and cannot re-calibrate stored FP8 "
+            "weights yet. Use the BF16 release of the model.")
     policy = QuantPolicy(granularity=granularity)
     qdev = comfy.model_management.get_torch_device()
     ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"))
@@ -131,6 +136,9 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
     install_scales(patcher.model.diffusion_model, cfg.get("input_amax"), patcher.load_device)
+    if cfg.get("input_amax") is None and cfg.get("enabled", True):
+        log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
+                    "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")
     with fp8_autocast(enabled=bool(cfg.get("enabled", True)), recipe=recipe):
         out = executor(*args, **kwargs)
     check_finite(out, "FP8 sampling")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 
 import torch
 from typing_extensions import override
@@ -19,16 +20,9 @@ from . import glue
 
 log = logging.getLogger("sd35fp8")
 
-DEFAULT_PROMPTS = "\n".join([
-    "a photograph of an astronaut riding a horse on the moon, dramatic lighting, 35mm",
-    "a close-up portrait of an elderly fisherman with a weathered face, soft window light, film grain",
-    "a watercolor painting of a quiet village street in the rain at dusk",
-    "isometric 3D render of a tiny cozy library room, warm colors, highly detailed",
-    "a neon-lit cyberpunk alley at night with reflections on wet pavement, cinematic",
-    "a bowl of fresh ramen on a wooden table, steam rising, food photography, shallow depth of field",
-    "a minimalist poster with the words \"FP8 IS FAST\" in bold sans-serif typography on an orange background",
-    "a snowy mountain landscape at sunrise with a frozen lake in the foreground, ultra wide angle",
-])
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_prompts.txt")
+with open(PROMPTS_FILE, encoding="utf-8") as _f:
+    DEFAULT_PROMPTS = _f.read().strip()  # the shipped default calibration set, one prompt per line
 
 
 class SD35FP8CheckpointLoader(io.ComfyNode):

@@ -80,13 +80,9 @@ def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, se
 
 
 def default_prompts() -> str:
-    # the node's default calibration prompt set, read from the pack without importing ComfyUI
-    src = open(os.path.join(REPO, "nodes", "sd35_nodes.py")).read()
-    start = src.index("DEFAULT_PROMPTS = \"\\n\".join([")
-    block = src[start:src.index("])", start) + 2]
-    ns: dict = {}
-    exec(block, ns)  # a literal list of strings
-    return ns["DEFAULT_PROMPTS"]
+    # the node's default calibration prompt set (the same file the node reads)
+    with open(os.path.join(REPO, "nodes", "calibration_prompts.txt"), encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def to_api(nodes) -> dict:

@@ -57,7 +57,11 @@ def test_tiny_large_and_medium_are_recognised(tmp_path):
     info = inspect_checkpoint(p)
     assert info.mmdit_x and info.depth == 4 and "Medium-type" in info.variant
     p = tiny_sd35.write_checkpoint(str(tmp_path / "c.safetensors"), diffusion_only=True)
-    assert inspect_checkpoint(p).prefix == ""
+    assert inspect_checkpoint(p).prefix == "" and inspect_checkpoint(p).fp8_tensors == 0
+    sd = {k: (v.to(torch.float8_e4m3fn) if k.endswith("qkv.weight") else v)
+          for k, v in tiny_sd35.mmdit_state_dict().items()}
+    save_file(sd, str(tmp_path / "q.safetensors"))
+    assert inspect_checkpoint(str(tmp_path / "q.safetensors")).fp8_tensors == 4  # 2 blocks x 2 streams
 
 
 def test_published_sizes_are_named(tmp_path):

@@ -50,6 +50,9 @@ def models(tmp_path_factory):
         sd["model.diffusion_model.final_layer.linear.weight"], 3e38)
     sd.update(tiny_sd35.taesd_state_dict())
     save_file(sd, os.path.join(ck, "tiny_sd3.5_overflow.safetensors"))
+    q = {k: (v.to(torch.float8_e4m3fn) if ".joint_blocks." in k and k.endswith(".weight") and v.dim() == 2 else v)
+         for k, v in tiny_sd35.mmdit_state_dict(seed=0).items()}
+    save_file(q, os.path.join(ck, "tiny_sd3.5_fp8_scaled.safetensors"))
     return d
 
 
@@ -220,6 +223,7 @@ def test_all_in_one_file_provides_clip(server):
 @pytest.mark.parametrize("ckpt,message", [
     ("sdxl_like.safetensors", "SDXL"),
     ("truncated_sd3.5.safetensors", "truncated"),
+    ("tiny_sd3.5_fp8_scaled.safetensors", "already quantized"),
 ])
 def test_wrong_or_damaged_files_fail_clearly_and_server_keeps_serving(server, ckpt, message):
     with pytest.raises(ComfyError, match=message):

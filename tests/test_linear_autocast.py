@@ -66,10 +66,11 @@ def test_out_of_range_activations_saturate_not_nan():
     assert torch.isfinite(y[1:]).all() and torch.isfinite(y[0]).all()
 
 
-def test_uncalibrated_layer_uses_delayed_scaling_with_one_warning(caplog):
+def test_uncalibrated_layer_uses_delayed_scaling_with_one_warning(caplog, monkeypatch):
     lin, q = make(seed=3)
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     q.fp8_name = "uncal-test-layer"
+    monkeypatch.setattr(fp8.formats, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="sd35fp8"):
         with fp8_autocast(recipe=DelayedScaling(amax_history_len=4)):
             y1 = q(x)
