@@ -38,10 +38,15 @@ def scaled_mm(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale
     w_scale: 0-d (per tensor) or [N] (per output channel, rowwise scaling).
     """
     cuda = xq.device.type == "cuda"
-    if w_scale.dim() == 1:  # rowwise: scale_a [M,1], scale_b [1,N]; CUDA wants bf16 out here
+    if w_scale.dim() == 1:
+        if not cuda:  # torch < 2.13 has only per-tensor CPU _scaled_mm: apply the row scale as an epilogue
+            one = torch.ones((), dtype=torch.float32, device=xq.device)
+            out = torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=one, out_dtype=torch.float32)
+            out = out * w_scale.reshape(1, -1)
+            return (out if bias is None else out + bias.float()).to(out_dtype)
+        # rowwise: scale_a [M,1], scale_b [1,N]; CUDA wants bf16 out here
         sa = x_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
-        od = torch.bfloat16 if cuda else out_dtype
-        out = torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=w_scale.reshape(1, -1), out_dtype=od)
+        out = torch._scaled_mm(xq, w8.t(), scale_a=sa, scale_b=w_scale.reshape(1, -1), out_dtype=torch.bfloat16)
         out = out.to(out_dtype)
         return out if bias is None else out + bias
     fused_bias = bias is not None and not (cuda and out_dtype == torch.float32)

@@ -79,6 +79,7 @@ class ComfyServer:
                "--input-directory", os.path.join(self.workdir, "input"),
                "--temp-directory", os.path.join(self.workdir, "temp"),
                "--user-directory", os.path.join(self.workdir, "user"),
+               "--database-url", "sqlite:///" + os.path.join(self.workdir, "user", "comfyui.db"),
                "--disable-auto-launch", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
