@@ -52,6 +52,7 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.workdir, "comfyui.log")
         self.client_id = uuid.uuid4().hex
+        self.messages: list[dict] = []  # websocket JSON messages of the last wait()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -146,12 +147,17 @@ class ComfyServer:
             raise ComfyError(f"/prompt rejected the graph (HTTP {status}): {json.dumps(body)[:2000]}", body)
         return body["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 900.0) -> dict:
+    def connect(self):
+        import websocket  # websocket-client
+        return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=5)
+
+    def wait(self, prompt_id: str, timeout: float = 900.0, ws=None) -> dict:
         """Wait on the websocket until the prompt finishes; return its /history entry.
         Raises ComfyError with ComfyUI's own message on an execution error."""
         import websocket  # websocket-client
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=5)
+        ws = ws or self.connect()
         deadline = time.time() + timeout
+        self.messages = []
         try:
             while time.time() < deadline:
                 # the prompt may already be done before we connected
@@ -166,6 +172,7 @@ class ComfyServer:
                 if not isinstance(raw, str):
                     continue  # binary preview frames
                 msg = json.loads(raw)
+                self.messages.append(msg)
                 data = msg.get("data", {})
                 if data.get("prompt_id") not in (None, prompt_id):
                     continue
@@ -194,7 +201,13 @@ class ComfyServer:
         return entry
 
     def run(self, prompt: dict, timeout: float = 900.0) -> dict:
-        return self.wait(self.queue(prompt), timeout)
+        ws = self.connect()  # before queueing, so no progress message is missed
+        try:
+            pid = self.queue(prompt)
+        except Exception:
+            ws.close()
+            raise
+        return self.wait(pid, timeout, ws)
 
     def output_images(self, entry: dict) -> list[str]:
         files = []

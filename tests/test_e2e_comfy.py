@@ -155,6 +155,14 @@ def test_batch_through_bundled_workflow(server):
     assert re.search(r"calibrated input scales for 17 layers", text)
 
 
+def test_calibration_shows_a_progress_bar(server):
+    server.run(graph(steps=3, prompts=2, seed=11, prefix="progress", size=64))
+    prog = [m["data"] for m in server.messages if m["type"] == "progress" and str(m["data"].get("node")) == "3"]
+    assert prog, "no progress messages from SD35FP8Calibrate"
+    assert prog[-1]["max"] == 2 * 3 and prog[-1]["value"] == 2 * 3
+    assert sorted({p["value"] for p in prog}) == list(range(1, 7))
+
+
 def test_requeue_with_new_seed_reuses_quantized_and_calibrated_model(server):
     g1 = graph(seed=1, prefix="cache")
     server.run(g1)
