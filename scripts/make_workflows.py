@@ -140,7 +140,8 @@ def render() -> dict[str, str]:
     files = {}
     for variant in VARIANTS:
         nodes, title = spec(variant)
-        files[f"{variant}_fp8_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
+        # API format in a subfolder: ComfyUI offers */workflows/*.json (not recursive) as UI templates
+        files[f"api/{variant}_fp8_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
         files[f"{variant}_fp8.json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
     return files
 
@@ -157,7 +158,7 @@ def main(argv=None):
         if old != text:
             stale.append(name)
             if not a.check:
-                os.makedirs(OUT_DIR, exist_ok=True)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "w") as f:
                     f.write(text)
     if a.check and stale:

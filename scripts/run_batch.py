@@ -79,7 +79,7 @@ def make_tiny_models(models_dir: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workflow", default=os.path.join(REPO, "workflows", "sd35_large_fp8_api.json"))
+    ap.add_argument("--workflow", default=os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json"))
     ap.add_argument("--ckpt", help="an SD3.5 .safetensors (checkpoints/ layout); default: the tiny model")
     ap.add_argument("--text-encoders", help="folder holding the workflow's clip_l/clip_g/t5xxl files")
     ap.add_argument("--out", default=os.path.join(REPO, "output"), help="where the images go")

@@ -71,7 +71,7 @@ def object_info(server):
 
 def graph(ckpt=LARGE, size=128, steps=3, batch=2, prompts=2, seed=7, workflow="sd35_large_fp8_api.json",
           prefix="e2e"):
-    wf = load_workflow(os.path.join(WF_DIR, workflow))
+    wf = load_workflow(os.path.join(WF_DIR, "api", workflow))
     return adapt(wf, ckpt_name=ckpt, tiny_clip=TINY_CLIP, width=size, height=size, batch=batch, steps=steps,
                  calib_prompts=prompts, seed=seed, prefix=prefix)
 
@@ -107,12 +107,14 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
         assert order == inputs
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
+    # a calibration seed that the frontend randomizes after each queue would re-calibrate every run
+    assert object_info["SD35FP8Calibrate"]["input"]["required"]["seed"][1]["control_after_generate"] is False
     opts = object_info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
     assert LARGE in opts and DIFF_ONLY in opts  # checkpoints/ and diffusion_models/
 
 
 def test_bundled_workflows_validate_against_object_info(object_info):
-    files = sorted(glob.glob(os.path.join(WF_DIR, "*.json")))
+    files = sorted(glob.glob(os.path.join(WF_DIR, "*.json")) + glob.glob(os.path.join(WF_DIR, "api", "*.json")))
     assert len(files) == 6
     for f in files:
         wf = json.load(open(f))
@@ -126,8 +128,14 @@ def test_bundled_workflows_validate_against_object_info(object_info):
             assert (lat["width"], lat["height"], lat["batch_size"]) == (1024, 1024, 4)
 
 
+def test_only_ui_workflows_are_offered_as_templates(server):
+    listed = server.get("/workflow_templates")
+    ours = next(v for k, v in listed.items() if "SD35" in k.upper())
+    assert sorted(ours) == ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
+
+
 def test_validator_catches_broken_workflows(object_info):
-    wf = json.load(open(os.path.join(WF_DIR, "sd35_large_fp8_api.json")))
+    wf = json.load(open(os.path.join(WF_DIR, "api", "sd35_large_fp8_api.json")))
     bad = json.loads(json.dumps(wf))
     bad["3"]["class_type"] = "SD35FP8Calibrated"
     bad["4"]["inputs"]["fp8_format"] = "E5M2"

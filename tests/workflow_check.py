@@ -142,7 +142,9 @@ def validate_ui(wf: dict, info: dict) -> list[str]:
                 errs.append(f"node {n['id']} ({cls}): no widget value for {name!r}")
                 break
             errs.extend(f"node {n['id']}: {e}" for e in check_value(cls, name, spec, vals.pop(0)))
-            if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
+            cag = spec[1].get("control_after_generate") if len(spec) > 1 and isinstance(spec[1], dict) else None
+            # the frontend adds the control widget to INTs named seed/noise_seed unless told not to
+            if cag or (cag is None and spec[0] == "INT" and name in ("seed", "noise_seed")):
                 if not vals or vals.pop(0) not in ("fixed", "increment", "decrement", "randomize"):
                     errs.append(f"node {n['id']} ({cls}): {name} needs its control_after_generate value")
         if vals:
