@@ -45,6 +45,19 @@ if [ ! -f "$stamp" ]; then
   rm -rf "$empty"
   touch "$stamp"
 fi
+if [ "${1:-}" = "--browser" ]; then
+  # optional: the frontend test (tests/test_frontend.py) drives ComfyUI's real UI in headless Chromium
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium (frontend test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "[setup] chromium could not be installed: the frontend test will be skipped"
+  fi
+  if command -v npm >/dev/null 2>&1 && [ ! -d "$here/.cache/node/node_modules/playwright-core" ]; then
+    mkdir -p "$here/.cache/node"
+    npm install -s --prefix "$here/.cache/node" playwright-core@1 >/dev/null 2>&1 \
+      || echo "[setup] playwright-core could not be installed: the frontend test will be skipped"
+  fi
+fi
 "$VENV/bin/python" - <<PYEOF
 import torch, torchvision, sys
 print(f"[setup] ok: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, ComfyUI at $COMFY")

@@ -1,0 +1,53 @@
+"""The UI workflows as a person opens them: loaded into ComfyUI's real frontend in headless Chromium.
+
+Checks that every node type is known to the frontend, no node is flagged, no "missing nodes" dialog,
+no page error, and that the frontend's own graph-to-prompt conversion of each UI workflow yields the
+bundled API workflow: widget order and values line up with the node definitions.
+Needs Debian's chromium and playwright-core (installed by scripts/setup_env.sh --browser).
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from comfy_harness import REPO, ComfyServer
+
+PW = os.path.join(REPO, ".cache", "node", "node_modules", "playwright-core")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("node") and os.path.isdir(PW) and os.path.exists(CHROMIUM)),
+    reason="needs node, chromium and playwright-core (run scripts/setup_env.sh --browser)")
+
+WORKFLOWS = ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ComfyServer(str(tmp_path_factory.mktemp("fe-models")), workdir=str(tmp_path_factory.mktemp("fe")))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
+    env = dict(os.environ, PLAYWRIGHT_CORE=PW, CHROMIUM=CHROMIUM)
+    out = subprocess.run(["node", os.path.join(REPO, "tests", "frontend_check.cjs"), server.base,
+                          os.path.join(REPO, "workflows", f"{name}.json"), str(tmp_path / f"{name}.png")],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["errors"] == [] and r["missing"] == []
+    assert len(r["nodes"]) == 11 and not any(n["has_errors"] for n in r["nodes"])
+    cal = next(n for n in r["nodes"] if n["type"] == "SD35FP8Calibrate")
+    assert "control_after_generate" not in cal["widgets"]  # calibration seed is never randomized
+    api = json.load(open(os.path.join(REPO, "workflows", "api", f"{name}_api.json")))
+    got = r["prompt"]
+    assert set(got) == set(api)
+    for nid, node in api.items():
+        assert got[nid]["class_type"] == node["class_type"]
+        g_inputs = {k: v for k, v in got[nid]["inputs"].items() if not (node["class_type"] == "PreviewAny" and k == "preview")}
+        assert g_inputs == node["inputs"], nid
+    assert os.path.getsize(tmp_path / f"{name}.png") > 10_000
