@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 
 PW = os.path.join(REPO, ".cache", "node", "node_modules", "playwright-core")
@@ -25,7 +26,15 @@ WORKFLOWS = ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ComfyServer(str(tmp_path_factory.mktemp("fe-models")), workdir=str(tmp_path_factory.mktemp("fe")))
+    # files under the official names, so the frontend's missing-model markers stay off: tiny
+    # checkpoints, and text-encoder placeholders (listed by the server, never loaded by this test)
+    models = str(tmp_path_factory.mktemp("fe-models"))
+    for ck in ("sd3.5_large", "sd3.5_large_turbo", "sd3.5_medium"):
+        tiny_sd35.write_checkpoint(os.path.join(models, "checkpoints", f"{ck}.safetensors"))
+    os.makedirs(os.path.join(models, "text_encoders"))
+    for te in ("clip_l", "clip_g", "t5xxl_fp16"):
+        open(os.path.join(models, "text_encoders", f"{te}.safetensors"), "wb").close()
+    srv = ComfyServer(models, workdir=str(tmp_path_factory.mktemp("fe")))
     srv.start()
     yield srv
     srv.stop()
