@@ -82,28 +82,18 @@ def taesd_state_dict(seed: int = 1, prefix: str = "first_stage_model.") -> dict[
         for j in (0, 2, 4):
             conv(f"{name}.conv.{j}", c, c)
 
-    enc = ["conv3", "block"] + ["down", "block", "block", "block"] * 3 + ["convL"]
-    for i, kind in enumerate(enc):
-        n = f"taesd_encoder.{i}"
-        if kind == "conv3":
-            conv(n, 3, 64)
-        elif kind == "block":
-            block(n, 64)
-        elif kind == "down":
-            conv(n, 64, 64, bias=False)
-        else:
-            conv(n, 64, 16)
-    dec = ["clamp", "convL", "relu"] + ["block", "block", "block", "up", "conv"] * 3 + ["block", "conv3"]
-    for i, kind in enumerate(dec):
-        n = f"taesd_decoder.{i}"
-        if kind == "convL":
-            conv(n, 16, 64)
-        elif kind == "block":
-            block(n, 64)
-        elif kind == "conv":
-            conv(n, 64, 64, bias=False)
-        elif kind == "conv3":
-            conv(n, 64, 3)
+    # (in, out, bias) of each conv kind; "block" = 3 convs of 64; others hold no weights
+    convs = {"rgb_in": (3, 64, True), "lat_in": (16, 64, True), "lat_out": (64, 16, True),
+             "rgb_out": (64, 3, True), "down": (64, 64, False), "conv": (64, 64, False)}
+    enc = ["rgb_in", "block"] + ["down", "block", "block", "block"] * 3 + ["lat_out"]
+    dec = ["clamp", "lat_in", "relu"] + ["block", "block", "block", "up", "conv"] * 3 + ["block", "rgb_out"]
+    for part, layout in (("taesd_encoder", enc), ("taesd_decoder", dec)):
+        for i, kind in enumerate(layout):
+            if kind == "block":
+                block(f"{part}.{i}", 64)
+            elif kind in convs:
+                cin, cout, bias = convs[kind]
+                conv(f"{part}.{i}", cin, cout, bias=bias)
     sd["vae_scale"] = torch.tensor(1.5305)
     sd["vae_shift"] = torch.tensor(0.0609)
     return {prefix + k: v for k, v in sd.items()}

@@ -161,6 +161,9 @@ def test_batch_through_bundled_workflow(server):
     assert re.search(r"calibrated with method=max over 2 prompt\(s\) x 3 steps", text)
     assert "FP8 layers: 17" in text and "kept context_embedder" in text
     assert re.search(r"calibrated input scales for 17 layers", text)
+    log = server.log_text()  # the tiny files use the official layout: ComfyUI finds every key it expects
+    for complaint in ("unet missing", "unet unexpected", "Missing VAE keys", "left over keys in diffusion model"):
+        assert complaint not in log, complaint
 
 
 def test_calibration_shows_a_progress_bar(server):
