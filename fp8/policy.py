@@ -56,6 +56,13 @@ class QuantPolicy:
             "layers": [dataclasses.asdict(d) for d in self.decisions],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantPolicy":
+        """Inverse of :meth:`to_dict`, decisions included."""
+        p = cls(tuple(d["include"]), tuple(d["exclude"]), d["granularity"], d["multiple_of"])
+        p.decisions = [LayerDecision(x["name"], tuple(x["shape"]), x["fp8"], x["reason"]) for x in d.get("layers", [])]
+        return p
+
     def summary(self) -> str:
         fp8 = [d for d in self.decisions if d.fp8]
         kept = [d for d in self.decisions if not d.fp8]

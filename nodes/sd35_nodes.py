@@ -124,14 +124,12 @@ class SD35FP8Calibrate(io.ComfyNode):
                                "scheduler": scheduler, "width": width, "height": height, "seed": seed,
                                "date": datetime.date.today().isoformat()}
         out.model_options[glue.KEY] = cfg_
-        policy = QuantPolicy(**{k: cfg_["policy"][k] for k in ("include", "exclude", "granularity", "multiple_of")})
-        for d in cfg_["policy"]["layers"]:
-            policy.decide(d["name"], d["shape"][0], d["shape"][1])
-        text = report(policy, amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2), extra=[
+        passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
+        text = report(QuantPolicy.from_dict(cfg_["policy"]), amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2), extra=[
             f"{cfg_.get('variant', 'SD3')}: calibrated with method={method}"
             + (f" ({percentile}th percentile)" if method == "percentile" else "")
             + f" over {len(lines)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
-              f"{width}x{height}, cond+uncond) in {secs:.1f} s"])
+              f"{width}x{height}, {passes}) in {secs:.1f} s"])
         log.info("sd35fp8: calibration done\n%s", text)
         return io.NodeOutput(out, text)
 

@@ -56,6 +56,8 @@ def test_sd3_policy_decisions_are_reported():
     js = pol.to_dict()
     assert js["granularity"] == "per_tensor" and len(js["layers"]) == len(SD3_LAYERS)
     assert "kept context_embedder" in pol.summary()
+    back = QuantPolicy.from_dict(js)
+    assert back.to_dict() == js and back.summary() == pol.summary()
 
 
 def test_apply_input_scales_and_report():
