@@ -8,20 +8,23 @@ other's scales.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import time
 
 import torch
 
 import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
+import comfy.sample
 import comfy.sd
 import comfy.utils
 import folder_paths
 
 from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
-                   bf16_bytes, fp8_autocast, fp8_layers, inspect_checkpoint, weight_bytes)
+                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, report, weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
 
 log = logging.getLogger("sd35fp8")
@@ -188,3 +191,49 @@ def calibrating_clone(model, session: CalibrationSession):
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, CALIBRATE_KEY, wrapper)
     return m
+
+
+def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_name: str, scheduler: str,
+              width: int, height: int, seed: int, method: str = "max", percentile: float = 99.99,
+              progress=None):
+    """Sample every positive conditioning with ComfyUI's own sampler (all steps; cond and uncond
+    batched as ComfyUI does), observe every FP8 layer's input, and return ``(calibrated MODEL clone,
+    report)``. The input MODEL is left uncalibrated."""
+    dm = require_fp8_model(model)
+    if not positives:
+        raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
+    session = CalibrationSession(method, percentile)
+    cal = calibrating_clone(model, session)
+    total = len(positives) * steps
+    t0 = time.perf_counter()
+    for i, positive in enumerate(positives):
+        latent = torch.zeros([1, 16, height // 8, width // 8], device="cpu")
+        latent = comfy.sample.fix_empty_latent_channels(cal, latent)
+        noise = comfy.sample.prepare_noise(latent, seed + i)
+
+        def cb(step, x0, x, n, i=i):
+            if progress is not None:
+                progress(i * steps + step + 1, total)
+
+        comfy.sample.sample(cal, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                            callback=cb, disable_pbar=True, seed=seed + i)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    amax = calibrated_amax(session, dm)
+    secs = time.perf_counter() - t0
+    out = set_autocast(model, True, None)
+    cfg_ = dict(out.model_options[KEY])
+    cfg_["input_amax"] = amax
+    cfg_["calibration"] = {"method": method, "percentile": percentile if method == "percentile" else None,
+                           "prompts": len(positives), "steps": steps, "cfg": cfg, "sampler": sampler_name,
+                           "scheduler": scheduler, "width": width, "height": height, "seed": seed,
+                           "date": datetime.date.today().isoformat(), "seconds": round(secs, 2)}
+    out.model_options[KEY] = cfg_
+    passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
+    text = report(QuantPolicy.from_dict(cfg_["policy"]), amax, bytes_before=bf16_bytes(dm),
+                  bytes_after=weight_bytes(dm, 2), extra=[
+        f"{cfg_.get('variant', 'SD3')}: calibrated with method={method}"
+        + (f" ({percentile}th percentile)" if method == "percentile" else "")
+        + f" over {len(positives)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
+          f"{width}x{height}, {passes}) in {secs:.1f} s"])
+    log.info("sd35fp8: calibration done\n%s", text)
+    return out, text

@@ -1,21 +1,16 @@
 """The three SD3.5 FP8 nodes (V3 schema). Node IDs and input order are public API: never change them."""
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 
-import torch
 from typing_extensions import override
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
 import comfy.utils
 from comfy_api.latest import ComfyExtension, io
 
-from ..fp8 import GRANULARITIES, METHODS, CalibrationSession, DelayedScaling, Format, QuantPolicy, report
-from ..fp8.model import bf16_bytes, calibrated_amax, weight_bytes
+from ..fp8 import GRANULARITIES, METHODS, DelayedScaling, Format
 from . import glue
 
 log = logging.getLogger("sd35fp8")
@@ -91,46 +86,16 @@ class SD35FP8Calibrate(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, steps, cfg, sampler_name, scheduler, width, height, seed,
                 method="max", percentile=99.99) -> io.NodeOutput:
-        dm = glue.require_fp8_model(model)
+        glue.require_fp8_model(model)
         if clip is None:
             raise ValueError("SD35FP8Calibrate needs a CLIP (the checkpoint had none: use TripleCLIPLoader)")
         lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
-        if not lines:
-            raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
-        session = CalibrationSession(method, percentile)
-        cal = glue.calibrating_clone(model, session)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in lines]
         pbar = comfy.utils.ProgressBar(len(lines) * steps)
-        t0 = datetime.datetime.now()
-        for i, text in enumerate(lines):
-            positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-            latent = torch.zeros([1, 16, height // 8, width // 8], device="cpu")
-            latent = comfy.sample.fix_empty_latent_channels(cal, latent)
-            noise = comfy.sample.prepare_noise(latent, seed + i)
-
-            def cb(step, x0, x, total, i=i):
-                pbar.update_absolute(i * steps + step + 1, len(lines) * steps)
-
-            comfy.sample.sample(cal, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                callback=cb, disable_pbar=True, seed=seed + i)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-        amax = calibrated_amax(session, dm)
-        secs = (datetime.datetime.now() - t0).total_seconds()
-        out = glue.set_autocast(model, True, None)
-        cfg_ = dict(out.model_options[glue.KEY])
-        cfg_["input_amax"] = amax
-        cfg_["calibration"] = {"method": method, "percentile": percentile if method == "percentile" else None,
-                               "prompts": len(lines), "steps": steps, "cfg": cfg, "sampler": sampler_name,
-                               "scheduler": scheduler, "width": width, "height": height, "seed": seed,
-                               "date": datetime.date.today().isoformat()}
-        out.model_options[glue.KEY] = cfg_
-        passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
-        text = report(QuantPolicy.from_dict(cfg_["policy"]), amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2), extra=[
-            f"{cfg_.get('variant', 'SD3')}: calibrated with method={method}"
-            + (f" ({percentile}th percentile)" if method == "percentile" else "")
-            + f" over {len(lines)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
-              f"{width}x{height}, {passes}) in {secs:.1f} s"])
-        log.info("sd35fp8: calibration done\n%s", text)
+        out, text = glue.calibrate(model, positives, negative, steps, cfg, sampler_name, scheduler, width,
+                                   height, seed, method, percentile,
+                                   progress=lambda done, total: pbar.update_absolute(done, total))
         return io.NodeOutput(out, text)
 
 
