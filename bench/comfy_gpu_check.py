@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--out")
+    ap.add_argument("--weight-scaling", default="per_tensor", help="per_tensor, per_channel or both (comma list)")
+    ap.add_argument("--stock-fp8", action="store_true", help="also stock fp8_e4m3fn and fp8_e4m3fn_fast, same run")
     ap.add_argument("--cpu", action="store_true", help="smoke-test the script without a GPU")
     ap.add_argument("--depth", type=int, help="override the block count (smoke tests)")
     a = ap.parse_args()
@@ -132,38 +134,54 @@ def main():
         run(stock, 1)  # warm-up (cuDNN/cuBLAS heuristics)
         ref1, _, _ = run(stock, 1)
         ref, ms_stock, peak_stock = run(stock, a.steps)
-        w_stock = stock.model_size()
+        rows.append((variant, "stock ComfyUI BF16", d_ms_stock, ms_stock, peak_stock, stock.model_size(),
+                     0.0, 0.0, 0.0, False))
         del stock
         mm.unload_all_models()
         mm.soft_empty_cache()
-
-        t0 = time.perf_counter()
-        ours, _, _, info = glue.load_sd35_fp8(path)
-        t_load = time.perf_counter() - t0
-        w_ours = ours.model_size()
-        t0 = time.perf_counter()
-        cal, report = glue.calibrate(ours, [cond(10), cond(11)], cond(12), a.steps, 4.5, "euler", "sgm_uniform",
-                                     a.size, a.size, 0)
-        t_cal = time.perf_counter() - t0
-        wo = glue.set_autocast(ours, False, None)
-        res = {}
-        amax = cal.model_options[glue.KEY]["input_amax"]
-        for name, m, enabled in (("ours weight-only", wo, False), ("ours FP8 calibrated", cal, True)):
-            d, d_ms = denoiser(m, amax if enabled else None, enabled)
+        stock_modes = [("stock fp8_e4m3fn", {"dtype": torch.float8_e4m3fn}),
+                       ("stock fp8_e4m3fn_fast", {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True})]
+        for name, opts in (stock_modes if a.stock_fp8 else []):
+            m = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(path, safe_load=True),
+                                                         model_options=opts)
+            d, d_ms = denoiser(m)
             run(m, 1)
             x1, _, _ = run(m, 1)
             x, ms, peak = run(m, a.steps)
-            res[name] = (d, d_ms, x1, x, ms, peak)
-        rows.append((variant, "stock ComfyUI BF16", d_ms_stock, ms_stock, peak_stock, w_stock, 0.0, 0.0, 0.0, False))
-        for name, (d, d_ms, x1, x, ms, peak) in res.items():
-            bad = not (torch.isfinite(x).all() and torch.isfinite(x1).all() and torch.isfinite(d).all())
-            rows.append((variant, name, d_ms, ms, peak, w_ours, rel(d, d_ref), rel(x1, ref1), rel(x, ref), bad))
-        print(f"[{variant}] load+quantize {t_load:.1f} s, calibration (2 prompts x {a.steps} steps) {t_cal:.1f} s",
-              flush=True)
-        print(report.splitlines()[0], flush=True)
-        del ours, cal, wo
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+            bad = not (torch.isfinite(x).all() and torch.isfinite(d).all())
+            rows.append((variant, name, d_ms, ms, peak, m.model_size(), rel(d, d_ref), rel(x1, ref1), rel(x, ref), bad))
+            del m
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+
+        for ws in a.weight_scaling.split(","):
+            t0 = time.perf_counter()
+            ours, _, _, info = glue.load_sd35_fp8(path, ws)
+            t_load = time.perf_counter() - t0
+            w_ours = ours.model_size()
+            t0 = time.perf_counter()
+            cal, report = glue.calibrate(ours, [cond(10), cond(11)], cond(12), a.steps, 4.5, "euler", "sgm_uniform",
+                                         a.size, a.size, 0)
+            t_cal = time.perf_counter() - t0
+            wo = glue.set_autocast(ours, False, None)
+            res = {}
+            amax = cal.model_options[glue.KEY]["input_amax"]
+            for name, m, enabled in ((f"ours weight-only ({ws})", wo, False),
+                                     (f"ours FP8 calibrated ({ws})", cal, True)):
+                d, d_ms = denoiser(m, amax if enabled else None, enabled)
+                run(m, 1)
+                x1, _, _ = run(m, 1)
+                x, ms, peak = run(m, a.steps)
+                res[name] = (d, d_ms, x1, x, ms, peak)
+            for name, (d, d_ms, x1, x, ms, peak) in res.items():
+                bad = not (torch.isfinite(x).all() and torch.isfinite(x1).all() and torch.isfinite(d).all())
+                rows.append((variant, name, d_ms, ms, peak, w_ours, rel(d, d_ref), rel(x1, ref1), rel(x, ref), bad))
+            print(f"[{variant}] load+quantize {t_load:.1f} s, calibration (2 prompts x {a.steps} steps) {t_cal:.1f} s",
+                  flush=True)
+            print(report.splitlines()[0], flush=True)
+            del ours, cal, wo
+            mm.unload_all_models()
+            mm.soft_empty_cache()
         os.remove(path)
 
     head = ("| model | mode | ms/denoiser call (eager) | ms/step in sampler | peak VRAM GiB | weight GiB | "
@@ -174,7 +192,8 @@ def main():
                      f"{e1:.4f} | {e:.4f} | {bad} |")
     meta = (f"GPU: {'CPU smoke' if a.cpu else torch.cuda.get_device_name()}; torch {torch.__version__}; ComfyUI {a.comfy}; "
             f"date {datetime.date.today().isoformat()}; {a.size}x{a.size}, CFG 4.5 (batch 2), euler/sgm_uniform, "
-            f"{a.steps} steps; command: python3 bench/comfy_gpu_check.py --variants {a.variants} --steps {a.steps}")
+            f"{a.steps} steps; command: python3 bench/comfy_gpu_check.py --variants {a.variants} --steps {a.steps} "
+            f"--weight-scaling {a.weight_scaling}{' --stock-fp8' if a.stock_fp8 else ''}")
     table = "\n".join(lines)
     print(meta)
     print(table)
