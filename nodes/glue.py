@@ -119,8 +119,22 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     ])
     model.model_options[KEY] = {"variant": info.variant, "policy": policy.to_dict(), "input_amax": None,
                                 "recipe": None, "enabled": False, "load_info": text}
+    # weight-only until calibrated/autocast; the wrapper also guards every sampling run (LoRA check)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
     log.info("sd35fp8: loaded %s\n%s", os.path.basename(path), text)
     return model, clip, vae, text
+
+
+def refuse_weight_patches(patcher) -> None:
+    """LoRA (or any weight patch) on an FP8 layer would be merged by ComfyUI into the raw FP8 values
+    without our scales: refuse clearly before sampling touches the weights."""
+    fp8_keys = {f"diffusion_model.{n}.weight" for n in fp8_layers(patcher.model.diffusion_model)}
+    hit = sorted(k for k in patcher.patches if k in fp8_keys)
+    if hit:
+        raise ValueError(
+            f"a LoRA/weight patch targets {len(hit)} FP8 layer(s) (first: {hit[0]}); this version of the pack "
+            "cannot merge LoRAs into FP8 weights yet and would produce wrong images. Remove the LoRA, or load "
+            "the model with a stock loader for LoRA work.")
 
 
 def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | None, device) -> None:
@@ -136,10 +150,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     calibrated scales and recipe; fail clearly if the result holds NaN/Inf."""
     guider = executor.class_obj
     patcher = guider.model_patcher
+    refuse_weight_patches(patcher)
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
     install_scales(patcher.model.diffusion_model, cfg.get("input_amax"), patcher.load_device)
-    if cfg.get("input_amax") is None and cfg.get("enabled", True):
+    if cfg.get("input_amax") is None and cfg.get("enabled", True) and cfg.get("recipe") is not None:
         log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
                     "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")
     with fp8_autocast(enabled=bool(cfg.get("enabled", True)), recipe=recipe):
@@ -184,6 +199,7 @@ def calibrating_clone(model, session: CalibrationSession):
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
 
     def wrapper(executor, *args, **kwargs):
+        refuse_weight_patches(executor.class_obj.model_patcher)
         with fp8_autocast(enabled=False, calibrating=session):
             out = executor(*args, **kwargs)
         check_finite(out, "calibration sampling")

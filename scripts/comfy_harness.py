@@ -64,14 +64,14 @@ class ComfyServer:
         link = os.path.join(nodes_parent, PACK_NAME)
         if not os.path.exists(link):
             os.symlink(REPO, link)
-        for d in ("checkpoints", "diffusion_models", "text_encoders", "vae"):
+        for d in ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras"):
             os.makedirs(os.path.join(self.models_dir, d), exist_ok=True)
         yaml_path = os.path.join(self.workdir, "extra_model_paths.yaml")
         with open(yaml_path, "w") as f:
             f.write("sd35fp8_test:\n"
                     f"    base_path: {self.models_dir}\n"
                     "    checkpoints: checkpoints\n    diffusion_models: diffusion_models\n"
-                    "    text_encoders: text_encoders\n    vae: vae\n"
+                    "    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n"
                     f"    custom_nodes: {nodes_parent}\n")
         for d in ("output", "input", "temp", "user"):
             os.makedirs(os.path.join(self.workdir, d), exist_ok=True)

@@ -53,6 +53,10 @@ def models(tmp_path_factory):
     q = {k: (v.to(torch.float8_e4m3fn) if ".joint_blocks." in k and k.endswith(".weight") and v.dim() == 2 else v)
          for k, v in tiny_sd35.mmdit_state_dict(seed=0).items()}
     save_file(q, os.path.join(ck, "tiny_sd3.5_fp8_scaled.safetensors"))
+    os.makedirs(os.path.join(d, "loras"), exist_ok=True)
+    lk = "diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    save_file({f"{lk}.lora_up.weight": torch.randn(384, 4) * 0.1, f"{lk}.lora_down.weight": torch.randn(4, 128) * 0.1},
+              os.path.join(d, "loras", "tiny_lora.safetensors"))
     return d
 
 
@@ -265,6 +269,34 @@ def test_nan_during_sampling_is_a_clear_error(server):
     with pytest.raises(ComfyError, match="NaN/Inf"):
         server.run(graph(ckpt="tiny_sd3.5_overflow.safetensors", prefix="nan"))
     assert server.get("/queue")["queue_running"] == []
+
+
+def as_ksampler_advanced(g):
+    """Same sampling as the KSampler node, through KSamplerAdvanced: ComfyUI re-executes it (no cache hit)
+    on the same, cached, model object."""
+    k = g["8"]["inputs"]
+    g["8"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": k["model"], "add_noise": "enable", "noise_seed": k["seed"], "steps": k["steps"], "cfg": k["cfg"],
+        "sampler_name": k["sampler_name"], "scheduler": k["scheduler"], "positive": k["positive"],
+        "negative": k["negative"], "latent_image": k["latent_image"], "start_at_step": 0, "end_at_step": 10000,
+        "return_with_leftover_noise": "disable"}}
+    return g
+
+
+@pytest.mark.parametrize("where", ["before_calibrate", "after_autocast"])
+def test_lora_on_fp8_layers_is_refused_not_silently_wrong(server, where):
+    ref = saved_latent(server, server.run(add_save_latent(graph(seed=9, prefix=f"pre-lora-{where}"), f"pl-{where}")))
+    g = graph(seed=9, prefix="lora")
+    src, dst = (["1", 0], "3") if where == "before_calibrate" else (["4", 0], "8")
+    g["60"] = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"model": src, "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}
+    g[dst]["inputs"]["model"] = ["60", 0]
+    with pytest.raises(ComfyError, match="LoRA/weight patch targets 1 FP8 layer"):
+        server.run(g)
+    # the shared (cached) FP8 model was not touched: sampling it again gives the same latent
+    entry = server.run(as_ksampler_advanced(add_save_latent(graph(seed=9, prefix="post-lora"), f"po-{where}")))
+    assert "8" not in cached_nodes(entry) and "1" in cached_nodes(entry)
+    assert torch.equal(saved_latent(server, entry), ref)
 
 
 def test_empty_calibration_set_and_stock_model_are_refused(server):
