@@ -96,7 +96,7 @@ def main():
         y = torch.cat([c1[1]["pooled_output"], c2[1]["pooled_output"]]).to(dev)
         dm = patcher.model.diffusion_model
         if fp8.fp8_layers(dm):
-            glue.install_scales(dm, amax, dev)
+            glue.install_scales(dm, amax)
         ts = []
         with torch.no_grad(), fp8.fp8_autocast(enabled=enabled):
             for _ in range(n + 2):

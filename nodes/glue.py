@@ -137,12 +137,14 @@ def refuse_weight_patches(patcher) -> None:
             "the model with a stock loader for LoRA work.")
 
 
-def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | None, device) -> None:
-    """Set every FP8 layer's static input scale from ``amax`` (None: uncalibrated)."""
-    from ..fp8 import scale_from_amax
+def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | None) -> None:
+    """Set every FP8 layer's static input scale from ``amax`` (None: uncalibrated). A no-op when this
+    very table is already installed (re-queues of the same MODEL), so no per-run rebuild of scales."""
+    if amax is not None and getattr(diffusion_model, "_sd35fp8_amax", None) is amax:
+        return
     for name, layer in fp8_layers(diffusion_model).items():
-        a = None if amax is None else amax.get(name)
-        layer.input_scale = None if a is None else scale_from_amax(a).to(device)
+        layer.fp8_set_input_amax(None if amax is None else amax.get(name))
+    diffusion_model._sd35fp8_amax = amax
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -153,7 +155,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     refuse_weight_patches(patcher)
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
-    install_scales(patcher.model.diffusion_model, cfg.get("input_amax"), patcher.load_device)
+    install_scales(patcher.model.diffusion_model, cfg.get("input_amax"))
     if cfg.get("input_amax") is None and cfg.get("enabled", True) and cfg.get("recipe") is not None:
         log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
                     "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")

@@ -49,13 +49,13 @@ CLIPS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
 def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, seed: int = 42):
     """Nodes as (id, class, {input: value or (src_id, slot)}, [widget names in order], pos)."""
     ckpt, steps, cfg, sampler, sched, title = VARIANTS[variant]
-    from_cal_prompts = None  # use the node's default prompt set (shipped with the pack)
     nodes = [
         (1, "SD35FP8CheckpointLoader", {"ckpt_name": ckpt, "weight_scaling": "per_tensor"},
          ["ckpt_name", "weight_scaling"], (40, 80)),
         (2, "TripleCLIPLoader", {"clip_name1": CLIPS[0], "clip_name2": CLIPS[1], "clip_name3": CLIPS[2]},
          ["clip_name1", "clip_name2", "clip_name3"], (40, 330)),
-        (3, "SD35FP8Calibrate", {"model": (1, 0), "clip": (2, 0), "prompts": from_cal_prompts, "steps": steps,
+        (3, "SD35FP8Calibrate", {"model": (1, 0), "clip": (2, 0), "prompts": None,  # None: the shipped default set
+                                 "steps": steps,
                                  "cfg": cfg, "sampler_name": sampler, "scheduler": sched, "width": width,
                                  "height": height, "seed": 0, "method": "max", "percentile": 99.99},
          ["prompts", "steps", "cfg", "sampler_name", "scheduler", "width", "height", "seed", "method",
