@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .autocast import DelayedScaling, current_state
-from .formats import E4M3, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
+from .formats import E4M3, E4M3_MAX, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
+from .kernels import fp8_weight_only_linear
 from .quant import dequantize_weight, quantize_weight
 
 _fp8_ok: dict[torch.device, bool] = {}
@@ -31,7 +32,7 @@ def _on(t: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None 
 
 
 def scaled_mm(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+              bias: torch.Tensor | None, out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """``(xq·x_scale) @ (w8·w_scale)ᵀ + bias`` on FP8 tensor cores (or torch's CPU kernel).
 
     xq: [M, K] fp8; w8: [N, K] fp8 (row-major, so ``w8.t()`` is the column-major operand);
@@ -51,7 +52,8 @@ def scaled_mm(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale
         return out if bias is None else out + bias
     fused_bias = bias is not None and not (cuda and out_dtype == torch.float32)
     out = torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale,
-                           bias=bias if fused_bias else None, out_dtype=out_dtype)
+                           bias=bias if fused_bias else None, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum and cuda)
     return out if bias is None or fused_bias else out + bias
 
 
@@ -60,6 +62,12 @@ class FP8LinearMixin:
 
     fp8_quantized: bool = False
     fp8_name: str = ""
+    # Static runtime (``fp8.runtime.set_static``): None = the autocast-driven path below. "fp8": FP8
+    # matmul with the static input scale held in the ``fp8_in_scale``/``fp8_in_inv`` buffers, no
+    # thread-local lookups and nothing reduced at run time (torch.compile fuses the cast into the
+    # producer of ``x``); "weight_only": BF16 activations against the FP8 weight.
+    fp8_static: str | None = None
+    fp8_fast_accum: bool = False
 
     # -- state ---------------------------------------------------------------------------
     def fp8_set_weight(self, w8: torch.Tensor, weight_scale: torch.Tensor, name: str | None = None) -> None:
@@ -143,8 +151,46 @@ class FP8LinearMixin:
             return self._fp8_weight_only(x)
         return self._fp8_matmul(x, st.recipe)
 
+    # -- static runtime ------------------------------------------------------------------
+    def fp8_set_static(self, mode: str | None, margin: int = 0, fast_accum: bool = False) -> None:
+        """Freeze this layer's execution for the static runtime (see ``fp8.runtime``)."""
+        if mode not in (None, "fp8", "weight_only"):
+            raise ValueError(f"unknown static mode {mode!r}")
+        if mode == "fp8" and self.input_scale is None:
+            raise ValueError(f"FP8 layer {self.fp8_name or self} has no calibrated input scale; "
+                             "the static FP8 runtime needs a calibrated model")
+        for n in ("fp8_in_scale", "fp8_in_inv"):
+            if n not in self._buffers:
+                self.register_buffer(n, None, persistent=False)
+        if mode == "fp8":
+            s = (self.input_scale.float() * 2.0 ** margin).reshape(()).clone()
+            cur = self.fp8_in_scale
+            if cur is not None and cur.device == s.device:  # in place: compiled code / CUDA graphs keep their inputs
+                cur.copy_(s)
+                self.fp8_in_inv.copy_(1.0 / s)
+            else:
+                self.fp8_in_scale, self.fp8_in_inv = s, (1.0 / s)
+        else:
+            self.fp8_in_scale = self.fp8_in_inv = None
+        self.fp8_static = mode
+        self.fp8_fast_accum = bool(fast_accum)
+
+    def _fp8_static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_static == "weight_only":
+            return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        x2 = x.reshape(-1, self.in_features)
+        # clamp before the cast (CUDA turns out-of-range into NaN); NaN inputs stay NaN (caught downstream)
+        xq = (x2.float() * self.fp8_in_inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        out = scaled_mm(xq, self.weight, self.fp8_in_scale, self.weight_scale, bias, out_dtype, self.fp8_fast_accum)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:
+            if self.fp8_static is not None and self.weight.device == x.device and (
+                    self.fp8_in_scale is None or self.fp8_in_scale.device == x.device):
+                return self._fp8_static_forward(x)
             return self.fp8_forward(x)
         return super().forward(x)
 

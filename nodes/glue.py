@@ -26,11 +26,17 @@ import folder_paths
 from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
                    bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, report, weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
+from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 
 log = logging.getLogger("sd35fp8")
 KEY = "sd35fp8"
 AUTOCAST_KEY = "sd35fp8_autocast"
 CALIBRATE_KEY = "sd35fp8_calibrate"
+COMPILE_KEY = "sd35fp8_compile"
+# The runtime every speed feature on (the SD35FP8Autocast defaults): static scales, fused casts,
+# torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
+DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
+                   "adaln": "weight_only", "cudagraphs": False}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 
 
@@ -147,19 +153,32 @@ def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | No
     diffusion_model._sd35fp8_amax = amax
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: run the whole sampling call inside ``fp8_autocast`` with this MODEL's
-    calibrated scales and recipe; fail clearly if the result holds NaN/Inf."""
-    guider = executor.class_obj
-    patcher = guider.model_patcher
+def prepare_run(patcher):
+    """Put this MODEL's FP8 state on the (shared) diffusion model: its calibrated scales, and the
+    static runtime when enabled. Returns ``(enabled, recipe)`` for ``fp8_autocast``."""
     refuse_weight_patches(patcher)
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
-    install_scales(patcher.model.diffusion_model, cfg.get("input_amax"))
-    if cfg.get("input_amax") is None and cfg.get("enabled", True) and cfg.get("recipe") is not None:
+    enabled = bool(cfg.get("enabled", True))
+    dm = patcher.model.diffusion_model
+    install_scales(dm, cfg.get("input_amax"))
+    rt = cfg.get("runtime") or {}
+    if rt.get("static") and enabled and cfg.get("input_amax") is not None:
+        set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
+                                     margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
+    else:
+        clear_static(dm)
+    if cfg.get("input_amax") is None and enabled and cfg.get("recipe") is not None:
         log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
                     "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")
-    with fp8_autocast(enabled=bool(cfg.get("enabled", True)), recipe=recipe):
+    return enabled, recipe
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: run the whole sampling call inside ``fp8_autocast`` with this MODEL's
+    calibrated scales, recipe and runtime; fail clearly if the result holds NaN/Inf."""
+    enabled, recipe = prepare_run(executor.class_obj.model_patcher)
+    with fp8_autocast(enabled=enabled, recipe=recipe):
         out = executor(*args, **kwargs)
     check_finite(out, "FP8 sampling")
     return out
@@ -175,17 +194,92 @@ def check_finite(t, what: str) -> None:
                 "autocast margin, or disable FP8 in SD35FP8Autocast to compare.")
 
 
-def set_autocast(model, enabled: bool, recipe: DelayedScaling | None):
-    """Clone ``model`` with the autocast wrapper (replacing ours if present) and the given recipe."""
+def set_autocast(model, enabled: bool, recipe: DelayedScaling | None, runtime: dict | None = None):
+    """Clone ``model`` with the autocast wrapper (replacing ours if present), the given recipe and
+    runtime options (keys of ``DEFAULT_RUNTIME``; None keeps the clone's, else the defaults)."""
     m = model.clone()
     cfg = dict(m.model_options.get(KEY) or {})
     cfg["enabled"] = bool(enabled)
     r = recipe or DelayedScaling()
     cfg["recipe"] = {"fp8_format": r.fp8_format.value, "amax_history_len": r.amax_history_len, "margin": r.margin}
+    rt = dict(DEFAULT_RUNTIME)
+    rt.update(runtime if runtime is not None else (cfg.get("runtime") or {}))
+    cfg["runtime"] = rt
     m.model_options[KEY] = cfg
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
+    apply_runtime_options(m, rt if enabled else {})
     return m
+
+
+def attention_override(backend: str):
+    """ComfyUI ``optimized_attention_override``: SDPA with ``backend`` for the plain [B, S, H*D] calls
+    (the MMDiT's joint and MMDiT-X attention); anything else goes to ComfyUI's own function."""
+    def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                 skip_output_reshape=False, **kwargs):
+        if mask is not None or skip_reshape or skip_output_reshape or q.dim() != 3 or q.device.type != "cuda":
+            return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+        b, _, hd = q.shape
+        d = hd // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        return attention(q, k, v, backend).transpose(1, 2).reshape(b, -1, hd)
+    override.sd35fp8_backend = backend
+    return override
+
+
+def apply_runtime_options(m, rt: dict) -> None:
+    """Install (or remove) the attention override and the torch.compile APPLY_MODEL wrapper on ``m``."""
+    to = m.model_options.setdefault("transformer_options", {})
+    if getattr(to.get("optimized_attention_override"), "sd35fp8_backend", None) is not None:
+        del to["optimized_attention_override"]
+    backend = rt.get("attention", "auto")
+    if backend == "auto":
+        backend = "cudnn" if torch.cuda.is_available() and torch.backends.cudnn.is_available() else "auto"
+    if backend != "auto" and "optimized_attention_override" not in to:
+        to["optimized_attention_override"] = attention_override(backend)
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
+    if rt.get("compile"):
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
+                               compile_wrapper("reduce-overhead" if rt.get("cudagraphs") else None))
+
+
+_compile_broken: set[str] = set()
+
+
+def compile_wrapper(mode: str | None):
+    """APPLY_MODEL wrapper running the diffusion model through ``torch.compile`` (as ComfyUI's
+    TorchCompileModel does: the compiled module is swapped in only for the call, so ComfyUI's
+    loading/offloading always sees the plain module). One compiled module per diffusion model and
+    mode, specialised per shape (``dynamic=False``: each resolution/batch compiles once). If
+    compilation is impossible here (no Triton, no C compiler, an unsupported GPU), it warns once and
+    runs eager: same results, slower."""
+    key = f"mode={mode}"
+
+    def wrapper(executor, *args, **kwargs):
+        base = executor.class_obj
+        dm = base.diffusion_model
+        if key in _compile_broken or not torch.cuda.is_available() or next(dm.parameters()).device.type != "cuda":
+            return executor(*args, **kwargs)
+        cache = dm.__dict__.setdefault("_sd35fp8_compiled", {})
+        compiled = cache.get(key)
+        if compiled is None:
+            compiled = cache[key] = torch.compile(dm, mode=mode, dynamic=False)
+        base.diffusion_model = compiled
+        try:
+            return executor(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            import torch._dynamo.exc as dexc
+            if not isinstance(e, (dexc.BackendCompilerFailed, dexc.TorchRuntimeError, dexc.Unsupported,
+                                  ImportError, OSError)) and "triton" not in str(e).lower():
+                raise
+            _compile_broken.add(key)
+            log.warning("sd35fp8: torch.compile is not usable here (%s: %s); running the FP8 model eager "
+                        "(same results, slower)", type(e).__name__, str(e).splitlines()[0][:300])
+        finally:
+            base.diffusion_model = dm
+        return executor(*args, **kwargs)
+    return wrapper
 
 
 def require_fp8_model(model) -> torch.nn.Module:
@@ -199,9 +293,11 @@ def require_fp8_model(model) -> torch.nn.Module:
 def calibrating_clone(model, session: CalibrationSession):
     m = model.clone()
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
+    apply_runtime_options(m, {})  # observers need the eager autocast path: no compile, stock attention
 
     def wrapper(executor, *args, **kwargs):
         refuse_weight_patches(executor.class_obj.model_patcher)
+        clear_static(executor.class_obj.model_patcher.model.diffusion_model)
         with fp8_autocast(enabled=False, calibrating=session):
             out = executor(*args, **kwargs)
         check_finite(out, "calibration sampling")

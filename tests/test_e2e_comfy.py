@@ -109,6 +109,8 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
         assert node in object_info, f"{node} missing: the pack failed to import (see the server log)"
         order = object_info[node].get("input_order", {}).get("required") or list(object_info[node]["input"]["required"])
         assert order == inputs
+    # appended later as optional inputs: old API-format prompts without them stay valid
+    assert list(object_info["SD35FP8Autocast"]["input"]["optional"]) == ["compile", "attention", "cuda_graphs"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
     # a calibration seed that the frontend randomizes after each queue would re-calibrate every run

@@ -1,0 +1,103 @@
+"""Shared by the GPU benchmarks: ComfyUI import without its server, SD3.5 random-weight state dicts
+of the real shapes built on the GPU, model loading (stock / ours), timing and error helpers."""
+from __future__ import annotations
+
+import importlib
+import os
+import statistics
+import sys
+import types
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (depth, MMDiT-X blocks with attn2, pos_embed_max_size)
+SHAPES = {"large": (38, 0, 192), "medium": (24, 13, 384)}
+TEXT_TOKENS = 154  # ComfyUI: 77 (CLIP-L/G) + max(77, T5)
+
+
+def import_glue(comfy_dir: str, cpu: bool = False):
+    """Import ComfyUI's model code (no server) and this pack's glue as package ``sd35pack``."""
+    sys.path.insert(0, os.path.abspath(comfy_dir))
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    saved, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if cpu else [])
+    import comfy.cli_args  # noqa: F401  (parse ComfyUI's defaults, not our flags)
+    sys.argv = saved
+    # the pack as a package without running nodes/__init__ (which needs comfy_api.latest and thus PyAV)
+    for name, path in (("sd35pack", REPO), ("sd35pack.nodes", os.path.join(REPO, "nodes"))):
+        m = types.ModuleType(name)
+        m.__path__ = [path]
+        sys.modules[name] = m
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    return importlib.import_module("sd35pack.nodes.glue")
+
+
+def state_dict(variant: str, device: str = "cuda", seed: int = 0, depth: int | None = None):
+    """Random weights (std 0.02) in the official key layout, generated on ``device`` (fast on a GPU)."""
+    import torch
+    import tiny_sd35
+    d, attn2, pos = SHAPES[variant]
+    if depth:
+        d, attn2, pos = depth, min(attn2, depth), 64
+    with torch.device(device):
+        g = torch.Generator(device).manual_seed(seed)
+        real_randn = torch.randn
+
+        def randn(*shape, generator=None, **kw):  # tiny_sd35 passes a CPU generator: use ours
+            return real_randn(*shape, generator=g, device=device, **kw)
+
+        torch.randn = randn
+        try:
+            sd = tiny_sd35.mmdit_state_dict(depth=d, variant="medium" if attn2 else "large", attn2_blocks=attn2,
+                                            pos_embed_max_size=pos, seed=seed)
+        finally:
+            torch.randn = real_randn
+    return sd
+
+
+def cond(seed: int, batch: int = 1):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, TEXT_TOKENS, 4096, generator=g),
+             {"pooled_output": torch.randn(batch, 2048, generator=g)}]]
+
+
+def denoiser_inputs(batch: int, size: int, device, seed: int = 5):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, size // 8, size // 8, generator=g).to(device)
+    sigma = torch.full((batch,), 0.8, device=device)
+    ctx = torch.cat([cond(1 + i % 2)[0][0] for i in range(batch)]).to(device)
+    y = torch.cat([cond(1 + i % 2)[0][1]["pooled_output"] for i in range(batch)]).to(device)
+    return x, sigma, ctx, y
+
+
+def call(patcher, x, sigma, ctx, y):
+    """One denoiser call the way ComfyUI's sampler makes it (the patcher's transformer_options, so
+    APPLY_MODEL wrappers and attention overrides apply)."""
+    import copy
+    to = copy.copy(patcher.model_options.get("transformer_options", {}))
+    to["wrappers"] = patcher.wrappers  # the sampler puts them there (comfy.sampler_helpers)
+    return patcher.model.apply_model(x, sigma, c_crossattn=ctx, y=y, transformer_options=to)
+
+
+def time_cuda(fn, n: int = 10, warmup: int = 2):
+    """Median ms of ``n`` calls after ``warmup``, CUDA events; returns (median_ms, last_output)."""
+    import torch
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts), out
+
+
+def rel(x, ref) -> float:
+    x, ref = x.float(), ref.float()
+    return float((x - ref).norm() / ref.norm())

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""The benchmark of record: SD3.5 Large and Medium through ComfyUI's own model code, stock ComfyUI's
+modes vs this pack, one process, one GPU, same weights, same inputs.
+
+    python3 bench/sd35_bench.py [--variants large,medium] [--out bench/results/<file>.md]
+
+For each variant: random weights (std 0.02) of the real shapes in the official key layout (BF16).
+Stock rows load that state dict with ComfyUI's ``load_diffusion_model_state_dict`` (BF16 forced, as
+the reference; ``fp8_e4m3fn``; ``fp8_e4m3fn`` + ``fp8_optimizations`` = ``fp8_e4m3fn_fast``), and
+the compiled rows add ComfyUI's own ``set_torch_compile_wrapper`` (what TorchCompileModel does).
+Our rows load a safetensors file of the same weights with the pack's loader (quantize on load),
+calibrate with ``glue.calibrate`` (8 prompts, the full 28-step schedule, CFG) and run as
+SD35FP8Autocast configures them: eager (calibrated static scales, no compile) and with every speed
+feature on (static scales fused by torch.compile, cuDNN attention, fast accumulation), with and
+without CUDA graphs.
+
+Per row: ms per denoiser call (``apply_model`` at 1024², CFG batch 2, 154 text tokens; median of
+12 after warm-up, CUDA events) and at batch 8 (four images with CFG); first call (compile) seconds;
+peak VRAM; weight VRAM; relative error of the denoiser output vs stock BF16 on the same inputs; the
+relative error of the final latent after a 28-step euler/sgm_uniform run, CFG 4.5, same seed; NaN/Inf.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+COLS = ("variant", "mode", "ms b2", "ms b8", "first call s (b2/b8)", "peak VRAM GiB", "weights GiB",
+        "denoiser err", "final latent err", "NaN/Inf")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
+    ap.add_argument("--variants", default="large,medium")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--cal-prompts", type=int, default=8)
+    ap.add_argument("--skip", default="", help="comma list of row keys to skip (see ROWS in the source)")
+    ap.add_argument("--out")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    glue = common.import_glue(a.comfy)
+    import torch
+    from safetensors.torch import save_file
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    fp8 = sys.modules["sd35pack.fp8"]
+
+    dev = mm.get_torch_device()
+    rows, notes = [], []
+    b2 = common.denoiser_inputs(2, a.size, dev)
+    b8 = common.denoiser_inputs(8, a.size, dev)
+
+    state = {}
+
+    def denoise(p, inp):
+        """One denoiser call; ours inside fp8_autocast with the state its sampling wrapper would install
+        (installed once per row, as the wrapper does once per sampling run)."""
+        with torch.no_grad():
+            if glue.KEY in p.model_options:
+                if state.get("p") is not p:
+                    state["p"], state["ctx"] = p, glue.prepare_run(p)
+                enabled, recipe = state["ctx"]
+                with fp8.fp8_autocast(enabled=enabled, recipe=recipe):
+                    return common.call(p, *inp)
+            return common.call(p, *inp)
+
+    def sample(p, seed=123):
+        lat = torch.zeros(1, 16, a.size // 8, a.size // 8)
+        noise = comfy.sample.prepare_noise(lat, seed)
+        return comfy.sample.sample(p, noise, a.steps, 4.5, "euler", "sgm_uniform", common.cond(1), common.cond(2),
+                                   lat, disable_pbar=True, seed=seed).float().cpu()
+
+    def first_call(p, inp):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = denoise(p, inp)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    def measure(variant, name, p, ref=None):
+        mm.load_models_gpu([p], force_full_load=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        f2, _ = first_call(p, b2)
+        ms2, d = common.time_cuda(lambda: denoise(p, b2), n=12)
+        d = d.float().cpu()
+        x = sample(p)
+        state.clear()
+        f8, _ = first_call(p, b8)
+        ms8, _ = common.time_cuda(lambda: denoise(p, b8), n=12)
+        peak = torch.cuda.max_memory_allocated()
+        bad = not (torch.isfinite(d).all() and torch.isfinite(x).all())
+        row = {"variant": variant, "mode": name, "ms b2": ms2, "ms b8": ms8, "first call s (b2/b8)": f"{f2:.1f} / {f8:.1f}",
+               "peak VRAM GiB": peak / 2**30, "weights GiB": p.model_size() / 2**30,
+               "denoiser err": common.rel(d, ref[0]) if ref else 0.0,
+               "final latent err": common.rel(x, ref[1]) if ref else 0.0, "NaN/Inf": bad}
+        rows.append(row)
+        print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        return d, x
+
+    def drop(*ps):
+        for p in ps:
+            del p
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+        torch._dynamo.reset()
+
+    tmp = tempfile.mkdtemp(prefix="sd35bench-", dir="/tmp")
+    for variant in a.variants.split(","):
+        t0 = time.perf_counter()
+        sd = {k: v.cpu() for k, v in common.state_dict(variant, "cuda").items()}
+        torch.cuda.empty_cache()
+        path = os.path.join(tmp, f"sd3.5_{variant}.safetensors")
+        save_file(sd, path)
+        print(f"[{variant}] {sum(v.numel() for v in sd.values()) / 1e9:.2f} B params, file written in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        stock = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16})
+        ref = measure(variant, "stock BF16", stock)
+        if "bf16_compile" not in skip:
+            c = stock.clone()
+            set_torch_compile_wrapper(model=c, backend="inductor")
+            measure(variant, "stock BF16 + torch.compile", c, ref)
+            del c
+        drop(stock)
+        for key, name, opts in (("fp8", "stock fp8_e4m3fn", {"dtype": torch.float8_e4m3fn}),
+                                ("fast", "stock fp8_e4m3fn_fast", {"dtype": torch.float8_e4m3fn,
+                                                                   "fp8_optimizations": True})):
+            if key in skip:
+                continue
+            m = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+            measure(variant, name, m, ref)
+            if key == "fast" and "fast_compile" not in skip:
+                c = m.clone()
+                set_torch_compile_wrapper(model=c, backend="inductor")
+                measure(variant, name + " + torch.compile", c, ref)
+                del c
+            drop(m)
+        del sd
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        t0 = time.perf_counter()
+        ours, _, _, _ = glue.load_sd35_fp8(path, "per_tensor")
+        t_load = time.perf_counter() - t0
+        prompts = [common.cond(100 + i) for i in range(a.cal_prompts)]
+        t0 = time.perf_counter()
+        cal, _ = glue.calibrate(ours, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform",
+                                a.size, a.size, 0)
+        t_cal = time.perf_counter() - t0
+        notes.append(f"{variant}: our loader (read + quantize on load) {t_load:.1f} s; calibration "
+                     f"{a.cal_prompts} prompts x {a.steps} steps (CFG 4.5, {a.size}², max) {t_cal:.1f} s")
+        print(notes[-1], flush=True)
+        eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
+        measure(variant, "ours FP8 calibrated, eager", eager, ref)
+        full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
+        measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum)", full, ref)
+        if "cudagraphs" not in skip:
+            torch._dynamo.reset()
+            cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
+            measure(variant, "ours FP8, all speed features + CUDA graphs", cg, ref)
+            del cg
+        drop(ours, cal, eager, full)
+        os.remove(path)
+
+    meta = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; ComfyUI {a.comfy}; "
+            f"date {datetime.date.today().isoformat()}; {a.size}², CFG batch 2 (b8 = 4 images), 154 text tokens; "
+            f"final latent: {a.steps} steps euler/sgm_uniform CFG 4.5 seed 123\n"
+            f"command: python3 bench/sd35_bench.py {' '.join(shlex.quote(x) for x in sys.argv[1:])}")
+    lines = ["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) and "err" in c else
+                                       f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLS) + " |")
+    ratios = []
+    for v in a.variants.split(","):
+        by = {r["mode"]: r for r in rows if r["variant"] == v}
+        best_ours = min((r for m, r in by.items() if m.startswith("ours")), key=lambda r: r["ms b2"], default=None)
+        stock = {m: r for m, r in by.items() if m.startswith("stock")}
+        if best_ours and stock:
+            best_stock = min(stock.values(), key=lambda r: r["ms b2"])
+            fast = by.get("stock fp8_e4m3fn_fast")
+            ratios.append(
+                f"{v}: best ours ({best_ours['mode']}) {best_ours['ms b2']:.1f} ms = "
+                f"{best_ours['ms b2'] / by['stock BF16']['ms b2']:.3f}x stock BF16, "
+                f"{best_ours['ms b2'] / best_stock['ms b2']:.3f}x the best stock mode ({best_stock['mode']}); "
+                f"weights {best_ours['weights GiB'] / by['stock BF16']['weights GiB']:.3f}x BF16"
+                + (f"; error vs fast: denoiser {best_ours['denoiser err'] / fast['denoiser err']:.2f}x, final latent "
+                   f"{best_ours['final latent err'] / fast['final latent err']:.2f}x" if fast else ""))
+    text = "\n".join([meta, "", *lines, "", *ratios, *notes])
+    print("\n" + text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(f"# SD3.5 FP8 benchmark\n\n{text}\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "notes": notes}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

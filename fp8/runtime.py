@@ -1,0 +1,91 @@
+"""Static FP8 runtime: freeze a calibrated model into its fastest inference form.
+
+``set_static`` turns every FP8 layer's calibrated input scale into device buffers and switches the
+layer to a forward with no thread-local lookups and no run-time reductions: quantize (scale, clamp,
+cast) → ``_scaled_mm`` with the bias in its epilogue. Under ``torch.compile`` the quantization is a
+pure pointwise op, so Inductor fuses it into the kernel that produces the activation (LayerNorm +
+adaLN modulation, GELU): no extra pass over activations. The adaLN modulation layers (one token per
+sample, a third of the weight bytes) keep BF16 activations against their FP8 weights by default
+(``fp8.kernels``): same bytes, no activation rounding on the path that scales every token.
+
+``attention`` is SDPA with a chosen backend (cuDNN's is the fastest on Hopper at SD3.5's shapes).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .model import fp8_layers
+
+ADALN = re.compile(r"adaLN_modulation")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """fast_accum: Hopper's fast FP8 accumulation in ``_scaled_mm`` (no periodic fp32 promotion).
+    fp32_accum: layer-name regex that keeps exact accumulation even with fast_accum (e.g. ``mlp\\.fc2``).
+    adaln: "weight_only" (BF16 activations x FP8 weights) or "fp8" (FP8 activations too).
+    margin: 2**margin headroom on every static input scale."""
+
+    fast_accum: bool = True
+    fp32_accum: str = ""
+    adaln: str = "weight_only"
+    margin: int = 0
+
+    def __post_init__(self):
+        if self.adaln not in ("weight_only", "fp8"):
+            raise ValueError(f"adaln must be 'weight_only' or 'fp8', got {self.adaln!r}")
+
+
+def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> int:
+    """Switch every FP8 layer of ``model`` to the static runtime. Needs calibrated input scales
+    (raises naming the first layer without one). Returns the number of layers switched."""
+    layers = fp8_layers(model)
+    missing = [n for n, m in layers.items() if m.input_scale is None
+               and not (cfg.adaln == "weight_only" and ADALN.search(n))]
+    if missing:
+        raise ValueError(f"{len(missing)} FP8 layer(s) have no calibrated input scale (first: {missing[0]}); "
+                         "calibrate the model before switching to the static FP8 runtime")
+    slow = re.compile(cfg.fp32_accum) if cfg.fp32_accum else None
+    for name, m in layers.items():
+        mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
+        m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
+    return len(layers)
+
+
+def clear_static(model: torch.nn.Module) -> None:
+    for m in fp8_layers(model).values():
+        m.fp8_set_static(None)
+
+
+def is_static(model: torch.nn.Module) -> bool:
+    return any(m.fp8_static is not None for m in fp8_layers(model).values())
+
+
+def _backends(name: str):
+    from torch.nn.attention import SDPBackend
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    first = [table[name]] if name in table else []
+    return first + [b for b in (table["flash"], table["efficient"], table["math"]) if b not in first]
+
+
+def sdpa_context(backend: str = "auto"):
+    """Context preferring ``backend`` for SDPA (others stay allowed as fallbacks)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+    return sdpa_kernel(_backends(backend), set_priority=True)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Non-causal attention over [B, H, S, D] tensors with the chosen SDPA backend."""
+    with sdpa_context(backend):
+        return F.scaled_dot_product_attention(q, k, v)
