@@ -67,7 +67,7 @@ def weight_bytes(model: torch.nn.Module, high_precision_itemsize: int | None = N
             continue
         seen.add(id(t))
         size = t.element_size()
-        if as_if_unquantized and name.rsplit(".", 1)[-1] in ("weight_scale", "input_scale"):
+        if as_if_unquantized and name.rsplit(".", 1)[-1] in ("weight_scale", "input_scale", "pos_embed_scale"):
             continue
         if high_precision_itemsize and t.is_floating_point() and t.numel() > 1:
             if size > 1 or as_if_unquantized:

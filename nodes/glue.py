@@ -112,6 +112,7 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     if model is None:
         raise CheckpointError(f"{os.path.basename(path)}: ComfyUI did not recognise the diffusion model")
     dm = model.model.diffusion_model
+    quantize_pos_embed(dm)
     layers = fp8_layers(dm)
     if not layers:
         raise CheckpointError(f"{os.path.basename(path)}: no Linear layer was quantized (unexpected layout)")
@@ -129,6 +130,25 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
     log.info("sd35fp8: loaded %s\n%s", os.path.basename(path), text)
     return model, clip, vae, text
+
+
+def quantize_pos_embed(dm: torch.nn.Module) -> None:
+    """Store the MMDiT's positional-embedding table (226 M values in Medium: 9% of its weights) as
+    FP8 with a per-tensor scale; the per-resolution crop is dequantized when ComfyUI asks for it."""
+    pe = getattr(dm, "pos_embed", None)
+    if not isinstance(pe, torch.Tensor) or pe.dtype == torch.float8_e4m3fn or not hasattr(dm, "cropped_pos_embed"):
+        return
+    from ..fp8 import quantize_weight
+    w8, scale = quantize_weight(pe.data.reshape(-1, pe.shape[-1]), "per_tensor")
+    dm.pos_embed = torch.nn.Parameter(w8.reshape(pe.shape), requires_grad=False)
+    dm.register_buffer("pos_embed_scale", scale.to(w8.device))
+    crop = type(dm).cropped_pos_embed
+
+    def cropped_pos_embed(hw, device=None):
+        t = crop(dm, hw, device=device)
+        return t.to(torch.float32) * dm.pos_embed_scale.to(t.device) if t.dtype == torch.float8_e4m3fn else t
+
+    dm.cropped_pos_embed = cropped_pos_embed
 
 
 def refuse_weight_patches(patcher) -> None:
