@@ -1,0 +1,101 @@
+"""The static FP8 runtime (fp8/runtime.py) and the FP8-weight kernel (fp8/kernels.py), on CPU.
+GPU-only parts (Triton GEMV, compiled static path, CUDA NaN behaviour) are in test_cuda.py."""
+import pytest
+import torch
+
+import fp8
+from fp8.kernels import fp8_weight_only_linear
+from fp8.runtime import RuntimeConfig, clear_static, is_static, set_static
+
+
+class Block(torch.nn.Module):
+    def __init__(self, d=64, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.adaLN_modulation = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(d, 2 * d))
+        self.fc1 = torch.nn.Linear(d, 4 * d)
+        self.fc2 = torch.nn.Linear(4 * d, d)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        h = torch.nn.functional.layer_norm(x, x.shape[-1:]) * (1 + scale[:, None]) + shift[:, None]
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(h), approximate="tanh"))
+
+
+def quantized_block():
+    b = Block()
+    ref = Block()
+    for name in ("adaLN_modulation.1", "fc1", "fc2"):
+        parent, _, attr = name.rpartition(".")
+        owner = b.get_submodule(parent) if parent else b
+        setattr(owner, attr, fp8.FP8Linear.from_linear(getattr(owner, attr), name=name))
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    session = fp8.CalibrationSession("max")
+    with fp8.fp8_autocast(enabled=False, calibrating=session):
+        b(x, c)
+    fp8.apply_input_scales(b, fp8.calibrated_amax(session, b))
+    return b, ref, x, c
+
+
+def test_static_runtime_computes_what_the_autocast_path_computes():
+    b, ref, x, c = quantized_block()
+    with fp8.fp8_autocast(enabled=True):
+        dyn = b(x, c)
+    set_static(b, RuntimeConfig(adaln="fp8"))
+    assert is_static(b)
+    static = b(x, c)  # no autocast context needed: the layers are frozen
+    # the static path rounds the matmul output through BF16 (the GPU's output dtype)
+    assert float((static - dyn).norm() / dyn.norm()) < 1e-2
+    high = ref(x, c)
+    assert float((static - high).norm() / high.norm()) < 0.08
+    clear_static(b)
+    assert not is_static(b)
+    with fp8.fp8_autocast(enabled=True):
+        assert torch.equal(b(x, c), dyn)
+
+
+def test_adaln_layers_keep_bf16_activations_by_default():
+    b, _, x, c = quantized_block()
+    set_static(b)
+    assert b.adaLN_modulation[1].fp8_static == "weight_only" and b.fc1.fp8_static == "fp8"
+    w = b.adaLN_modulation[1]
+    cc = torch.nn.functional.silu(c)
+    expect = torch.nn.functional.linear(cc, w.fp8_dequantized_weight(torch.float32), w.bias)
+    assert torch.allclose(w(cc), expect, atol=1e-5)
+
+
+def test_static_runtime_needs_calibration_and_says_which_layer():
+    b = Block()
+    b.fc1 = fp8.FP8Linear.from_linear(b.fc1, name="fc1")
+    with pytest.raises(ValueError, match="fc1.*calibrat"):
+        set_static(b)
+    with pytest.raises(ValueError, match="adaln"):
+        RuntimeConfig(adaln="int4")
+
+
+def test_rerunning_set_static_updates_scales_in_place():
+    """Compiled code and CUDA graphs hold the scale buffers: a new calibration must reach them."""
+    b, _, x, c = quantized_block()
+    set_static(b, RuntimeConfig(margin=0))
+    buf = b.fc1.fp8_in_scale
+    before = float(buf)
+    set_static(b, RuntimeConfig(margin=1))
+    assert b.fc1.fp8_in_scale is buf and float(buf) == pytest.approx(2 * before)
+    assert float(b.fc1.fp8_in_inv) == pytest.approx(1 / (2 * before))
+
+
+def test_static_path_clamps_out_of_range_and_keeps_nan_visible():
+    b, _, x, c = quantized_block()
+    set_static(b)
+    huge = b.fc1(torch.full((1, 64), 1e6))
+    assert torch.isfinite(huge).all()  # clamped to ±448 before the cast
+    assert torch.isnan(b.fc1(torch.full((1, 64), float("nan")))).all()  # not masked: the sampler check sees it
+
+
+def test_fp8_weight_only_linear_matches_dequantized_linear():
+    w8, s = fp8.quantize_weight(torch.randn(96, 64) * 0.02, "per_channel")
+    bias = torch.randn(96)
+    x = torch.randn(3, 5, 64)
+    y = fp8_weight_only_linear(x, w8, s, bias)
+    expect = torch.nn.functional.linear(x, fp8.dequantize_weight(w8, s, torch.float32), bias)
+    assert y.shape == (3, 5, 96) and torch.allclose(y, expect, atol=1e-5)
