@@ -188,8 +188,10 @@ class FP8LinearMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:
+            # the static path needs the weights and scales where x is (ComfyUI may offload) and, for
+            # FP8 matmul, FP8 tensor cores; otherwise the autocast path (with its weight-only fallback)
             if self.fp8_static is not None and self.weight.device == x.device and (
-                    self.fp8_in_scale is None or self.fp8_in_scale.device == x.device):
+                    self.fp8_in_scale is None or (self.fp8_in_scale.device == x.device and _supports(x.device))):
                 return self._fp8_static_forward(x)
             return self.fp8_forward(x)
         return super().forward(x)

@@ -99,3 +99,14 @@ def test_fp8_weight_only_linear_matches_dequantized_linear():
     y = fp8_weight_only_linear(x, w8, s, bias)
     expect = torch.nn.functional.linear(x, fp8.dequantize_weight(w8, s, torch.float32), bias)
     assert y.shape == (3, 5, 96) and torch.allclose(y, expect, atol=1e-5)
+
+
+def test_static_layer_on_a_gpu_without_fp8_falls_back_to_weight_only(monkeypatch, caplog):
+    import fp8.linear as lin
+    b, ref, x, c = quantized_block()
+    set_static(b)
+    monkeypatch.setitem(lin._fp8_ok, torch.device("cpu"), False)  # pretend this device lacks FP8 tensor cores
+    with caplog.at_level("WARNING", logger="sd35fp8"):
+        y = b.fc1(x)
+    expect = torch.nn.functional.linear(x, b.fc1.fp8_dequantized_weight(torch.float32), b.fc1.bias)
+    assert torch.allclose(y, expect, atol=1e-5)
