@@ -22,24 +22,9 @@ import os
 import sys
 import tempfile
 import time
-import types
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def import_glue(comfy_dir: str, cpu: bool = False):
-    sys.path.insert(0, os.path.abspath(comfy_dir))
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    saved, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if cpu else [])
-    import comfy.cli_args  # noqa: F401  (parse ComfyUI's defaults, not our flags)
-    sys.argv = saved
-    # the pack as a package without running nodes/__init__ (which needs comfy_api and thus PyAV)
-    for name, path in (("sd35pack", REPO), ("sd35pack.nodes", os.path.join(REPO, "nodes"))):
-        m = types.ModuleType(name)
-        m.__path__ = [path]
-        sys.modules[name] = m
-    return importlib.import_module("sd35pack.nodes.glue")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, import_glue  # noqa: E402
 
 
 def main():
@@ -61,7 +46,6 @@ def main():
     import comfy.model_management as mm
     import comfy.sample
     import comfy.sd
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
     import tiny_sd35
 
     def cond(seed):

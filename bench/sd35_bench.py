@@ -112,9 +112,8 @@ def main():
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
 
-    def drop(*ps):
-        for p in ps:
-            del p
+    def drop():
+        """Free the GPU after the caller has deleted its references to the models."""
         mm.unload_all_models()
         gc.collect()
         mm.soft_empty_cache()
@@ -137,7 +136,8 @@ def main():
             set_torch_compile_wrapper(model=c, backend="inductor")
             measure(variant, "stock BF16 + torch.compile", c, ref)
             del c
-        drop(stock)
+        del stock
+        drop()
         for key, name, opts in (("fp8", "stock fp8_e4m3fn", {"dtype": torch.float8_e4m3fn}),
                                 ("fast", "stock fp8_e4m3fn_fast", {"dtype": torch.float8_e4m3fn,
                                                                    "fp8_optimizations": True})):
@@ -150,7 +150,8 @@ def main():
                 set_torch_compile_wrapper(model=c, backend="inductor")
                 measure(variant, name + " + torch.compile", c, ref)
                 del c
-            drop(m)
+            del m
+            drop()
         del sd
         gc.collect()
         torch.cuda.empty_cache()
@@ -176,7 +177,8 @@ def main():
             cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
             measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
             del cg
-        drop(ours, cal, eager, full)
+        del ours, cal, eager, full
+        drop()
         os.remove(path)
 
     meta = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; ComfyUI {a.comfy}; "

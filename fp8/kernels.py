@@ -17,13 +17,13 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
 except Exception:  # noqa: BLE001
     triton = None
 
+from .quant import dequantize_weight
+
 GEMV_MAX_ROWS = 64
 
 
 def _dequant_linear(x, w8, w_scale, bias):
-    s = w_scale.to(device=w8.device, dtype=torch.float32)
-    w = (w8.to(torch.float32) * (s[:, None] if s.dim() == 1 else s)).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return F.linear(x, dequantize_weight(w8, w_scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 if triton is not None:

@@ -6,7 +6,6 @@ framework's Linear with its own device-casting logic); ``FP8Linear`` is the plai
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .autocast import DelayedScaling, current_state
 from .formats import E4M3, E4M3_MAX, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
@@ -105,9 +104,8 @@ class FP8LinearMixin:
 
     # -- compute -------------------------------------------------------------------------
     def _fp8_weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize >= 2 else torch.bfloat16
-        w = dequantize_weight(_on(self.weight, x.device), _on(self.weight_scale, x.device), dt)
-        return F.linear(x.to(dt), w, _on(self.bias, x.device, dt))
+        return fp8_weight_only_linear(x, _on(self.weight, x.device), _on(self.weight_scale, x.device),
+                                      _on(self.bias, x.device))
 
     def _fp8_input_scale(self, x2: torch.Tensor, recipe: DelayedScaling) -> torch.Tensor:
         s = self.input_scale

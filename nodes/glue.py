@@ -24,7 +24,8 @@ import comfy.utils
 import folder_paths
 
 from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
-                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, report, weight_bytes)
+                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, quantize_weight, report,
+                   weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 
@@ -138,7 +139,6 @@ def quantize_pos_embed(dm: torch.nn.Module) -> None:
     pe = getattr(dm, "pos_embed", None)
     if not isinstance(pe, torch.Tensor) or pe.dtype == torch.float8_e4m3fn or not hasattr(dm, "cropped_pos_embed"):
         return
-    from ..fp8 import quantize_weight
     w8, scale = quantize_weight(pe.data.reshape(-1, pe.shape[-1]), "per_tensor")
     dm.pos_embed = torch.nn.Parameter(w8.reshape(pe.shape), requires_grad=False)
     dm.register_buffer("pos_embed_scale", scale.to(w8.device))
