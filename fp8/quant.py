@@ -35,3 +35,23 @@ def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
     if s.dim() == 1:
         s = s[:, None]
     return (w_fp8.to(torch.float32) * s).to(dtype)
+
+
+def quantize_to_scale(w: torch.Tensor, scale: torch.Tensor, seed: int | None = None,
+                      dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """Quantize ``w`` with a given (existing) scale, e.g. a weight with a LoRA merged into it.
+
+    With ``seed``, rounding is stochastic (unbiased up to binade edges): a low-rank delta far smaller
+    than one FP8 step still shifts the weight in expectation instead of rounding away. Clamps first.
+    """
+    s = scale.to(device=w.device, dtype=torch.float32)
+    v = w.float() / (s[:, None] if s.dim() == 1 else s)
+    if seed is not None:
+        m = fp8_max(dtype)
+        mant = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
+        tiny = torch.finfo(dtype).smallest_normal
+        ulp = torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(tiny))) - mant)
+        g = torch.Generator(device=v.device).manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        v = v + (torch.rand(v.shape, generator=g, device=v.device) - 0.5) * ulp
+        v = torch.nan_to_num(v, nan=0.0, posinf=m, neginf=-m)
+    return saturating_cast(v, 1.0, dtype)

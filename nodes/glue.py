@@ -9,8 +9,11 @@ other's scales.
 from __future__ import annotations
 
 import datetime
+import inspect
+import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -27,6 +30,10 @@ from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8Linea
                    bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, quantize_weight, report,
                    weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
+from ..fp8.files import MappedSafetensors, file_metadata, fp8_layer_tensors, hybrid_state_dict, write_safetensors
+from ..fp8.formats import E4M3_MAX
+from ..fp8.policy import LayerDecision
+from ..fp8.quant import quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 
 log = logging.getLogger("sd35fp8")
@@ -39,30 +46,100 @@ COMPILE_KEY = "sd35fp8_compile"
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
                    "adaln": "weight_only", "cudagraphs": False}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
+PACK_NAME = "ComfyUI-SD35-FP8"
 
 
-def make_ops(policy: QuantPolicy, quant_device: torch.device):
-    """ComfyUI ``custom_operations`` whose Linear quantizes the policy's layers while the state
-    dict loads: the high-precision weight of a quantized layer is never copied into the model."""
+def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSafetensors | None" = None):
+    """ComfyUI ``custom_operations`` whose Linear takes its weight straight from the file: BF16/FP16
+    weights of the policy's layers are quantized on ``quant_device`` one tensor at a time, weights
+    already stored as FP8 (our files, stock scaled-FP8 files) are taken with their scales. No layer
+    allocates its high-precision weight before loading (zero-size placeholders), and each consumed
+    tensor's file pages are handed back (``source.release``), so neither the GPU nor host RAM ever
+    holds the BF16 model. ``convert_weight``/``set_weight`` let ComfyUI merge LoRAs into FP8 weights."""
     base = comfy.ops.manual_cast
 
     class Linear(FP8LinearMixin, base.Linear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, **kwargs):
+            super().__init__(in_features, out_features, bias, device="meta", dtype=dtype, **kwargs)
+            self._sd35_device = torch.device(device) if device is not None else torch.device("cpu")
+            self._sd35_dtype = dtype or torch.get_default_dtype()
+            empty = torch.empty(0, device=self._sd35_device, dtype=self._sd35_dtype)
+            self.weight = torch.nn.Parameter(empty, requires_grad=False)
+            if self.bias is not None:
+                self.bias = torch.nn.Parameter(empty.clone(), requires_grad=False)
+
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
             w = state_dict.get(prefix + "weight")
-            if w is None or w.dim() != 2 or not policy.decide(prefix, w.shape[0], w.shape[1]):
-                return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                     missing_keys, unexpected_keys, error_msgs)
-            dev = self.weight.device if self.weight.device.type != "meta" else torch.device("cpu")
-            self.fp8_quantize_(policy.granularity, name=prefix[:-1], weight=w.to(quant_device))
-            self.weight.data = self.weight.data.to(dev)
-            self.weight_scale = self.weight_scale.to(dev)
+            if w is None:
+                missing_keys.append(prefix + "weight")
+                return
+            shape = (self.out_features, self.in_features)
+            if tuple(w.shape) != shape:
+                error_msgs.append(f"size mismatch for {prefix}weight: file {tuple(w.shape)}, model {shape}")
+                return
+            dev = self.weight.device
+            name = prefix[:-1]
+            if w.dtype == torch.float8_e4m3fn:  # stored FP8 (ours or stock scaled-FP8)
+                ws, xs = fp8_layer_tensors(state_dict, prefix)
+                self.fp8_set_weight(w.to(dev, copy=True), ws.to(dev), name)
+                self._sd35_file_input_scale = xs
+                policy.decisions.append(LayerDecision(name, shape, True, "stored FP8 in the file"))
+            elif w.dtype.is_floating_point and w.dtype.itemsize == 1:
+                error_msgs.append(f"{prefix}weight is {w.dtype}: only float8_e4m3fn FP8 weights are supported")
+                return
+            elif source is not None and source.stored_fp8:
+                self.weight = torch.nn.Parameter(w.to(dev, self._sd35_dtype, copy=True), requires_grad=False)
+                policy.decisions.append(LayerDecision(name, shape, False, "high precision in the file"))
+            elif policy.decide(prefix, *shape):
+                self.fp8_quantize_(policy.granularity, name=name, weight=w.to(quant_device))
+                self.weight.data = self.weight.data.to(dev)
+                self.weight_scale = self.weight_scale.to(dev)
+            else:
+                self.weight = torch.nn.Parameter(w.to(dev, self._sd35_dtype, copy=True), requires_grad=False)
+            if source is not None:
+                source.release(w)
             b = state_dict.get(prefix + "bias")
             if self.bias is not None:
                 if b is None:
                     missing_keys.append(prefix + "bias")
                 else:
-                    self.bias = torch.nn.Parameter(b.to(device=dev, dtype=self.bias.dtype), requires_grad=False)
+                    bdt = self._sd35_dtype if self._sd35_dtype.itemsize > 1 else torch.bfloat16
+                    self.bias = torch.nn.Parameter(b.to(dev, bdt, copy=True), requires_grad=False)
+
+        # ComfyUI's weight-patch hooks (ModelPatcher.patch_weight_to_device): LoRA deltas are merged
+        # into the dequantized weight, then re-quantized with the layer's own scale (stochastic
+        # rounding, as stock ComfyUI does for FP8); the calibrated input scale is untouched, and
+        # unpatching restores the backed-up FP8 weight.
+        def convert_weight(self, weight, inplace=False, **kwargs):
+            if not self.fp8_quantized:
+                return weight
+            s = self.weight_scale.to(weight.device, torch.float32)
+            s = s[:, None] if s.dim() == 1 else s
+            if inplace and weight.dtype == torch.float32:
+                return weight.mul_(s)
+            return weight.float() * s
+
+        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            if not self.fp8_quantized:
+                w = weight.to(self.weight.dtype)
+            else:
+                w = quantize_to_scale(weight, self.weight_scale, seed=seed)
+            if return_weight:
+                return w
+            if inplace_update:
+                self.weight.data.copy_(w)
+            else:
+                self.weight = torch.nn.Parameter(w, requires_grad=False)
+
+        def forward(self, x):
+            if self.fp8_quantized and (getattr(self, "weight_function", None)
+                                       or getattr(self, "weight_lowvram_function", None) is not None):
+                raise RuntimeError(
+                    f"sd35fp8: ComfyUI loaded {self.fp8_name} only partially (low-VRAM mode) with a LoRA on it; "
+                    "FP8 layers need the LoRA merged into their weights. Free VRAM (unload other models) or "
+                    "start ComfyUI with --normalvram/--highvram.")
+            return super().forward(x)
 
     return type("SD35FP8Ops", (base,), {"Linear": Linear})
 
@@ -84,62 +161,196 @@ def resolve_model_file(name: str) -> str:
     raise FileNotFoundError(f"model file {name!r} not found in {' or '.join(MODEL_FOLDERS)}")
 
 
+def _comfy_load(fn, *args, **kwargs):
+    """Call a ComfyUI loader with the classic ModelPatcher where the version has a dynamic one (FP8
+    layers need LoRAs merged into their weights, not applied per call)."""
+    if "disable_dynamic" in inspect.signature(fn).parameters:
+        kwargs["disable_dynamic"] = True
+    return fn(*args, **kwargs)
+
+
 def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
-    """Load an SD3.5 checkpoint with its MMDiT quantized to FP8. Returns (model, clip, vae, info)."""
+    """Load an SD3.5 checkpoint with its MMDiT in FP8. Returns (model, clip, vae, info).
+
+    A BF16/FP16 file is quantized tensor by tensor while loading (uncalibrated: weight-only until
+    SD35FP8Calibrate). An FP8 file (ours, or a stock scaled-FP8 one) is loaded as stored; when it
+    holds calibrated input scales the MODEL comes back calibrated and ready for the static runtime."""
+    name = os.path.basename(path)
     info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
-    if info.fp8_tensors:
-        raise CheckpointError(
-            f"{os.path.basename(path)} is already quantized ({info.fp8_tensors} FP8 tensors, e.g. a *_fp8_scaled "
-            "file): this loader quantizes BF16/FP16 SD3.5 checkpoints itself and cannot re-calibrate stored FP8 "
-            "weights yet. Use the BF16 release of the model.")
+    src = MappedSafetensors(path)
+    src.stored_fp8 = bool(info.fp8_tensors)
     policy = QuantPolicy(granularity=granularity)
     qdev = comfy.model_management.get_torch_device()
-    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"))
-    try:
-        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except Exception as e:  # a header that passed but data that does not read
-        raise CheckpointError(f"{os.path.basename(path)}: cannot read tensors ({e})") from e
+    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src)
+    sd, metadata = src.state_dict(), src.metadata
+    pe_key = info.prefix + "pos_embed_scale"  # ours (exact FP8 pos_embed); not a key ComfyUI's model has
+    pe_scale = sd.pop(pe_key).clone() if pe_key in sd else None
     clip = vae = None
     opts = {"custom_operations": ops}
-    if info.prefix == DIFFUSION_PREFIX:
-        out = comfy.sd.load_state_dict_guess_config(
-            sd, output_vae=info.has_vae, output_clip=bool(info.has_text_encoders),
-            embedding_directory=folder_paths.get_folder_paths("embeddings"), model_options=opts,
-            metadata=metadata)
-        model, clip, vae = out[0], out[1], out[2]
-    else:
-        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=opts, metadata=metadata)
-    del sd
+    if src.stored_fp8:  # never let ComfyUI pick FP8 as the model dtype: only the Linear weights are FP8
+        opts["dtype"] = comfy.model_management.unet_dtype(
+            model_params=comfy.utils.calculate_parameters(sd, info.prefix),
+            supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    try:
+        if info.prefix == DIFFUSION_PREFIX:
+            out = _comfy_load(comfy.sd.load_state_dict_guess_config, sd, output_vae=info.has_vae,
+                              output_clip=bool(info.has_text_encoders),
+                              embedding_directory=folder_paths.get_folder_paths("embeddings"), model_options=opts,
+                              metadata=metadata)
+            model, clip, vae = out[0], out[1], out[2]
+        else:
+            model = _comfy_load(comfy.sd.load_diffusion_model_state_dict, sd, model_options=opts, metadata=metadata)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+    except RuntimeError as e:  # size mismatches and the like: a file that does not fit its own header
+        raise CheckpointError(f"{name}: does not load as {info.variant} ({str(e).splitlines()[0][:400]}); "
+                              "the file is damaged or mixes layers of different models") from e
+    finally:
+        del sd
+        src.release_all()
     if model is None:
-        raise CheckpointError(f"{os.path.basename(path)}: ComfyUI did not recognise the diffusion model")
+        raise CheckpointError(f"{name}: ComfyUI did not recognise the diffusion model")
     dm = model.model.diffusion_model
-    quantize_pos_embed(dm)
+    unloaded = [n for n, m in dm.named_modules() if isinstance(m, FP8LinearMixin) and m.weight.numel() == 0]
+    if unloaded:
+        raise CheckpointError(f"{name}: {len(unloaded)} Linear layer(s) have no weight in the file (first: "
+                              f"{unloaded[0]}): the checkpoint is incomplete")
+    quantize_pos_embed(dm, pe_scale)
     layers = fp8_layers(dm)
     if not layers:
-        raise CheckpointError(f"{os.path.basename(path)}: no Linear layer was quantized (unexpected layout)")
+        raise CheckpointError(f"{name}: no Linear layer was quantized (unexpected layout)")
+    amax, scale_note, calibration = _file_input_scales(layers, metadata, src.stored_fp8)
     n_params = sum(p.numel() for p in dm.parameters())
     fp8_params = sum(m.weight.numel() for m in layers.values())
-    text = "\n".join([
-        info.describe(),
-        policy.summary(),
-        f"diffusion model weights: {bf16_bytes(dm) / 2**20:.1f} MiB in BF16 -> "
-        f"{weight_bytes(dm, 2) / 2**20:.1f} MiB with FP8; {fp8_params / max(n_params, 1):.1%} of parameters in FP8",
-    ])
+    lines = [info.describe()]
+    if src.stored_fp8:
+        lines.append(f"FP8 file ({_file_origin(metadata)}): {len(layers)} FP8 layers loaded as stored"
+                     + (f" (weight_scaling={granularity} does not apply)" if granularity != "per_tensor" else ""))
+        lines.append(scale_note)
+    else:
+        lines.append(policy.summary())
+    lines.append(f"diffusion model weights: {bf16_bytes(dm) / 2**20:.1f} MiB in BF16 -> "
+                 f"{weight_bytes(dm, 2) / 2**20:.1f} MiB with FP8; {fp8_params / max(n_params, 1):.1%} of parameters "
+                 "in FP8")
+    text = "\n".join(lines)
     model.model_options[KEY] = {"variant": info.variant, "policy": policy.to_dict(), "input_amax": None,
                                 "recipe": None, "enabled": False, "load_info": text}
-    # weight-only until calibrated/autocast; the wrapper also guards every sampling run (LoRA check)
+    # weight-only until calibrated/autocast; the wrapper also guards every sampling run
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
-    log.info("sd35fp8: loaded %s\n%s", os.path.basename(path), text)
+    if amax is not None:  # calibrated file: ready for the static runtime, as SD35FP8Calibrate's output is
+        model = set_autocast(model, True, None)
+        model.model_options[KEY] = dict(model.model_options[KEY], input_amax=amax, calibration=calibration)
+    log.info("sd35fp8: loaded %s\n%s", name, text)
     return model, clip, vae, text
 
 
-def quantize_pos_embed(dm: torch.nn.Module) -> None:
+def _file_origin(metadata: dict) -> str:
+    if metadata.get("sd35fp8.format"):
+        return f"saved by {PACK_NAME} {metadata.get('sd35fp8.version', '?')}"
+    return "not made by this pack"
+
+
+def _file_input_scales(layers: dict, metadata: dict, stored: bool):
+    """``(input_amax or None, note, calibration metadata)`` from the input scales an FP8 file carried."""
+    if not stored:
+        return None, "", None
+    calibration = None
+    if metadata.get("sd35fp8.calibration"):
+        try:
+            calibration = json.loads(metadata["sd35fp8.calibration"])
+        except json.JSONDecodeError:
+            calibration = None
+    scales = {n: getattr(m, "_sd35_file_input_scale", None) for n, m in layers.items()}
+    missing = sorted(n for n, x in scales.items() if x is None)
+    if missing:
+        return None, (f"the file has no calibrated input_scale for {len(missing)} of {len(layers)} FP8 layers "
+                      f"(first: {missing[0]}): run SD35FP8Calibrate for static FP8 activations (until then "
+                      "weight-only FP8)"), calibration
+    if calibration is None and all(float(x) == 1.0 for x in scales.values()):
+        return None, ("the file's input scales are all 1.0 (ComfyUI's value for 'not calibrated'): run "
+                      "SD35FP8Calibrate for static FP8 activations (until then weight-only FP8)"), None
+    amax = {n: float(x) * E4M3_MAX for n, x in scales.items()}
+    if calibration:
+        how = ", ".join(f"{k} {calibration[k]}" for k in ("method", "prompts", "steps", "date") if k in calibration)
+        note = f"calibrated input scales from the file ({how}): no re-calibration needed"
+    else:
+        note = "input scales from the file (calibration not recorded): used as static activation scales"
+    return amax, note, calibration
+
+
+def pack_version() -> str:
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"),
+                  encoding="utf-8") as f:
+            m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
+        return m.group(1) if m else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def save_target(filename: str, all_in_one: bool) -> str:
+    """Where ``filename`` goes: ``checkpoints/`` for an all-in-one file, else ``diffusion_models/``
+    (ComfyUI's first folder of that kind); sub-folders allowed, nothing outside it."""
+    folder = "checkpoints" if all_in_one else "diffusion_models"
+    name = (filename or "").strip().replace("\\", "/")
+    if not name or name.endswith("/"):
+        raise ValueError("give a file name for the FP8 checkpoint (e.g. sd35_fp8/sd3.5_large_fp8_calibrated)")
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    root = os.path.abspath(folder_paths.get_folder_paths(folder)[0])
+    path = os.path.abspath(os.path.join(root, name))
+    if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"{filename!r} points outside models/{folder}: give a name relative to that folder")
+    return path
+
+
+def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None, vae=None) -> tuple[str, str]:
+    """Write this calibrated FP8 MODEL (LoRA/patches merged, as stock ComfyUI saves) in the hybrid
+    FP8 layout; with ``clip``/``vae`` an all-in-one checkpoint. Returns ``(path, report)``."""
+    dm = require_fp8_model(model)
+    cfg = model.model_options.get(KEY) or {}
+    amax = cfg.get("input_amax")
+    if amax is None:
+        raise ValueError("this MODEL is not calibrated: put SD35FP8Calibrate before the save node (a file without "
+                         "calibrated input scales would run with input scale 1.0 in stock ComfyUI)")
+    all_in_one = clip is not None or vae is not None
+    path = save_target(filename, all_in_one)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists: nothing was written. Choose another file name or set "
+                              "overwrite=true to replace it")
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # merge LoRAs, as stock saving does
+    prefix = DIFFUSION_PREFIX if all_in_one else ""
+    tensors = hybrid_state_dict(dm, prefix, amax)
+    mc = model.model.model_config
+    if clip is not None:
+        tensors.update(mc.process_clip_state_dict_for_saving(clip.get_sd()))
+    if vae is not None:
+        tensors.update(mc.process_vae_state_dict_for_saving(vae.get_sd()))
+    md = file_metadata(cfg.get("calibration"), cfg.get("policy"), cfg.get("variant", "SD3"), pack_version())
+    size = write_safetensors(path, tensors, md, overwrite=overwrite)
+    for folder in ("checkpoints", "diffusion_models"):
+        getattr(folder_paths, "filename_list_cache", {}).pop(folder, None)
+    cal = cfg.get("calibration") or {}
+    text = (f"saved {path} ({size / 2**20:.1f} MiB): {len(fp8_layers(dm))} FP8 layers with calibrated input scales"
+            + (f" ({cal.get('method')}, {cal.get('prompts')} prompts x {cal.get('steps')} steps)" if cal else "")
+            + ("; all-in-one with " + " and ".join(x for x, o in (("text encoders", clip), ("VAE", vae)) if o is not None)
+               if all_in_one else "; diffusion model only"))
+    log.info("sd35fp8: %s", text)
+    return path, text
+
+
+def quantize_pos_embed(dm: torch.nn.Module, scale: torch.Tensor | None = None) -> None:
     """Store the MMDiT's positional-embedding table (226 M values in Medium: 9% of its weights) as
-    FP8 with a per-tensor scale; the per-resolution crop is dequantized when ComfyUI asks for it."""
+    FP8 with a per-tensor scale (``scale``: the one an FP8 file recorded, which recovers the saved
+    FP8 values exactly); the per-resolution crop is dequantized when ComfyUI asks for it."""
     pe = getattr(dm, "pos_embed", None)
     if not isinstance(pe, torch.Tensor) or pe.dtype == torch.float8_e4m3fn or not hasattr(dm, "cropped_pos_embed"):
         return
-    w8, scale = quantize_weight(pe.data.reshape(-1, pe.shape[-1]), "per_tensor")
+    if scale is None:
+        w8, scale = quantize_weight(pe.data.reshape(-1, pe.shape[-1]), "per_tensor")
+    else:
+        scale = scale.float().reshape(())
+        w8 = quantize_to_scale(pe.data.reshape(-1, pe.shape[-1]), scale)
     dm.pos_embed = torch.nn.Parameter(w8.reshape(pe.shape), requires_grad=False)
     dm.register_buffer("pos_embed_scale", scale.to(w8.device))
     crop = type(dm).cropped_pos_embed
@@ -149,18 +360,6 @@ def quantize_pos_embed(dm: torch.nn.Module) -> None:
         return t.to(torch.float32) * dm.pos_embed_scale.to(t.device) if t.dtype == torch.float8_e4m3fn else t
 
     dm.cropped_pos_embed = cropped_pos_embed
-
-
-def refuse_weight_patches(patcher) -> None:
-    """LoRA (or any weight patch) on an FP8 layer would be merged by ComfyUI into the raw FP8 values
-    without our scales: refuse clearly before sampling touches the weights."""
-    fp8_keys = {f"diffusion_model.{n}.weight" for n in fp8_layers(patcher.model.diffusion_model)}
-    hit = sorted(k for k in patcher.patches if k in fp8_keys)
-    if hit:
-        raise ValueError(
-            f"a LoRA/weight patch targets {len(hit)} FP8 layer(s) (first: {hit[0]}); this version of the pack "
-            "cannot merge LoRAs into FP8 weights yet and would produce wrong images. Remove the LoRA, or load "
-            "the model with a stock loader for LoRA work.")
 
 
 def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | None) -> None:
@@ -176,7 +375,6 @@ def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | No
 def prepare_run(patcher):
     """Put this MODEL's FP8 state on the (shared) diffusion model: its calibrated scales, and the
     static runtime when enabled. Returns ``(enabled, recipe)`` for ``fp8_autocast``."""
-    refuse_weight_patches(patcher)
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
     enabled = bool(cfg.get("enabled", True))
@@ -316,7 +514,6 @@ def calibrating_clone(model, session: CalibrationSession):
     apply_runtime_options(m, {})  # observers need the eager autocast path: no compile, stock attention
 
     def wrapper(executor, *args, **kwargs):
-        refuse_weight_patches(executor.class_obj.model_patcher)
         clear_static(executor.class_obj.model_patcher.model.diffusion_model)
         with fp8_autocast(enabled=False, calibrating=session):
             out = executor(*args, **kwargs)

@@ -29,8 +29,10 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
             display_name="Load SD3.5 Checkpoint (FP8)",
             category="loaders/sd35 fp8",
             description="Loads an SD3.5 Large / Large Turbo / Medium checkpoint (from checkpoints/ or "
-                        "diffusion_models/) and quantizes the MMDiT's joint-block Linear layers to FP8 E4M3 "
-                        "while loading. Embedders and the final layer stay high precision. CLIP and VAE are "
+                        "diffusion_models/). A BF16/FP16 file is quantized to FP8 E4M3 tensor by tensor while "
+                        "loading (joint-block Linear layers; embedders and the final layer stay high precision). "
+                        "An FP8 file (saved by SD35FP8SaveCheckpoint, or a stock scaled-FP8 file) loads as "
+                        "stored; with calibrated input scales it needs no re-calibration. CLIP and VAE are "
                         "returned when the file holds them (otherwise use TripleCLIPLoader / VAELoader).",
             inputs=[
                 io.Combo.Input("ckpt_name", options=glue.model_file_list(),
@@ -149,7 +151,38 @@ class SD35FP8Autocast(io.ComfyNode):
         return io.NodeOutput(glue.set_autocast(model, enabled, recipe, runtime))
 
 
-NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast]
+class SD35FP8SaveCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8SaveCheckpoint",
+            display_name="Save SD3.5 FP8 Checkpoint",
+            category="advanced/model_merging/sd35 fp8",
+            description="Saves a calibrated FP8 MODEL (LoRAs merged) as a .safetensors that reloads in seconds "
+                        "with no re-calibration: into models/diffusion_models, or, given CLIP and/or VAE, an "
+                        "all-in-one file into models/checkpoints. The FP8 layout (weight_scale/input_scale plus "
+                        "the legacy scaled_fp8 keys) also loads in stock ComfyUI's UNETLoader / "
+                        "CheckpointLoaderSimple. An existing file is never replaced unless overwrite is on.",
+            inputs=[
+                io.Model.Input("model", tooltip="a MODEL from SD35FP8Calibrate (or a calibrated FP8 file)"),
+                io.String.Input("filename", default="sd35_fp8/sd3.5_fp8_calibrated",
+                                tooltip="relative to models/diffusion_models (or models/checkpoints with "
+                                        "CLIP/VAE); .safetensors is added"),
+                io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name"),
+                io.Clip.Input("clip", optional=True, tooltip="include the text encoders (all-in-one checkpoint)"),
+                io.Vae.Input("vae", optional=True, tooltip="include the VAE (all-in-one checkpoint)"),
+            ],
+            outputs=[io.String.Output(display_name="info")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename, overwrite=False, clip=None, vae=None) -> io.NodeOutput:
+        _, text = glue.save_fp8_checkpoint(model, filename, overwrite=overwrite, clip=clip, vae=vae)
+        return io.NodeOutput(text)
+
+
+NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint]
 
 
 class SD35FP8Extension(ComfyExtension):
