@@ -49,13 +49,15 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 PACK_NAME = "ComfyUI-SD35-FP8"
 
 
-def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSafetensors | None" = None):
+def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSafetensors | None" = None,
+             place: torch.device | None = None):
     """ComfyUI ``custom_operations`` whose Linear takes its weight straight from the file: BF16/FP16
     weights of the policy's layers are quantized on ``quant_device`` one tensor at a time, weights
     already stored as FP8 (our files, stock scaled-FP8 files) are taken with their scales. No layer
     allocates its high-precision weight before loading (zero-size placeholders), and each consumed
     tensor's file pages are handed back (``source.release``), so neither the GPU nor host RAM ever
-    holds the BF16 model. ``convert_weight``/``set_weight`` let ComfyUI merge LoRAs into FP8 weights."""
+    holds the BF16 model. FP8 weights go to ``place`` (default: where ComfyUI builds the model).
+    ``convert_weight``/``set_weight`` let ComfyUI merge LoRAs into FP8 weights."""
     base = comfy.ops.manual_cast
 
     class Linear(FP8LinearMixin, base.Linear):
@@ -80,9 +82,10 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                 return
             dev = self.weight.device
             name = prefix[:-1]
+            fdev = place or dev
             if w.dtype == torch.float8_e4m3fn:  # stored FP8 (ours or stock scaled-FP8)
                 ws, xs = fp8_layer_tensors(state_dict, prefix)
-                self.fp8_set_weight(w.to(dev, copy=True), ws.to(dev), name)
+                self.fp8_set_weight(w.to(fdev, copy=True), ws.to(fdev), name)
                 self._sd35_file_input_scale = xs
                 policy.decisions.append(LayerDecision(name, shape, True, "stored FP8 in the file"))
             elif w.dtype.is_floating_point and w.dtype.itemsize == 1:
@@ -93,8 +96,8 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                 policy.decisions.append(LayerDecision(name, shape, False, "high precision in the file"))
             elif policy.decide(prefix, *shape):
                 self.fp8_quantize_(policy.granularity, name=name, weight=w.to(quant_device))
-                self.weight.data = self.weight.data.to(dev)
-                self.weight_scale = self.weight_scale.to(dev)
+                self.weight.data = self.weight.data.to(fdev)
+                self.weight_scale = self.weight_scale.to(fdev)
             else:
                 self.weight = torch.nn.Parameter(w.to(dev, self._sd35_dtype, copy=True), requires_grad=False)
             if source is not None:
@@ -105,7 +108,8 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                     missing_keys.append(prefix + "bias")
                 else:
                     bdt = self._sd35_dtype if self._sd35_dtype.itemsize > 1 else torch.bfloat16
-                    self.bias = torch.nn.Parameter(b.to(dev, bdt, copy=True), requires_grad=False)
+                    self.bias = torch.nn.Parameter(b.to(fdev if self.fp8_quantized else dev, bdt, copy=True),
+                                                   requires_grad=False)
 
         # ComfyUI's weight-patch hooks (ModelPatcher.patch_weight_to_device): LoRA deltas are merged
         # into the dequantized weight, then re-quantized with the layer's own scale (stochastic
@@ -124,6 +128,12 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
             if not self.fp8_quantized:
                 w = weight.to(self.weight.dtype)
             else:
+                s = self.weight_scale.to(weight.device, torch.float32)
+                sat = float((weight.abs() > E4M3_MAX * (s[:, None] if s.dim() == 1 else s)).float().mean())
+                if sat > 1e-3:
+                    log.warning("sd35fp8: the LoRA pushes %.2f%% of %s's weights past its FP8 range; they saturate "
+                                "(a LoRA that large changes the layer a lot: compare with the BF16 model)",
+                                100 * sat, self.fp8_name)
                 w = quantize_to_scale(weight, self.weight_scale, seed=seed)
             if return_weight:
                 return w
@@ -181,7 +191,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     src.stored_fp8 = bool(info.fp8_tensors)
     policy = QuantPolicy(granularity=granularity)
     qdev = comfy.model_management.get_torch_device()
-    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src)
+    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src,
+                   place=fp8_placement(src, info, policy, qdev))
     sd, metadata = src.state_dict(), src.metadata
     pe_key = info.prefix + "pos_embed_scale"  # ours (exact FP8 pos_embed); not a key ComfyUI's model has
     pe_scale = sd.pop(pe_key).clone() if pe_key in sd else None
@@ -203,7 +214,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
     except RuntimeError as e:  # size mismatches and the like: a file that does not fit its own header
-        raise CheckpointError(f"{name}: does not load as {info.variant} ({str(e).splitlines()[0][:400]}); "
+        why = " ".join(str(e).split()).replace("Error(s) in loading state_dict for ", "")
+        raise CheckpointError(f"{name}: does not load as {info.variant} ({why[:400]}); "
                               "the file is damaged or mixes layers of different models") from e
     finally:
         del sd
@@ -242,6 +254,25 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         model.model_options[KEY] = dict(model.model_options[KEY], input_amax=amax, calibration=calibration)
     log.info("sd35fp8: loaded %s\n%s", name, text)
     return model, clip, vae, text
+
+
+def fp8_placement(src: MappedSafetensors, info, policy: QuantPolicy, dev: torch.device) -> torch.device | None:
+    """Put the FP8 weights straight on the GPU when they fit there with 1 GiB to spare (ComfyUI would
+    build a model whose BF16 size exceeds free VRAM in host RAM, and copy it over at the first
+    sampling run): fewer copies, and host RAM never holds them. None: where ComfyUI builds it."""
+    if dev.type != "cuda":
+        return None
+    mm = comfy.model_management
+    if getattr(mm, "vram_state", None) in (getattr(mm.VRAMState, "NO_VRAM", None), getattr(mm.VRAMState, "LOW_VRAM", None)):
+        return None
+    n = 0
+    for k, v in src.header.items():
+        if not k.startswith(info.prefix + "joint_blocks.") or not k.endswith(".weight") or len(v["shape"]) != 2:
+            continue
+        if v["dtype"].startswith("F8") or (not src.stored_fp8 and policy.decide(
+                k[len(info.prefix):-len(".weight")], *v["shape"], record=False)):
+            n += v["shape"][0] * v["shape"][1]
+    return dev if n + 2**30 < mm.get_free_memory(dev) else None
 
 
 def _file_origin(metadata: dict) -> str:

@@ -1,0 +1,235 @@
+"""FP8 checkpoint files and LoRA on FP8 layers, in-process against a real ComfyUI (``COMFYUI_DIR``,
+default the CI one) on the CPU: our save -> stock loaders, our save -> our loader, stock scaled-FP8
+files, damaged files, and LoRA merged by ComfyUI's own patcher."""
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny_sd35
+from comfy_harness import REPO, comfy_dir
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    glue = common.import_glue(comfy_dir(), cpu=True)
+    import comfy.model_management as mm
+    import comfy.sd
+    import folder_paths
+    d = tmp_path_factory.mktemp("fp8files")
+    for f in ("checkpoints", "diffusion_models"):
+        os.makedirs(d / f, exist_ok=True)
+        folder_paths.add_model_folder_path(f, str(d / f), is_default=True)
+    src = str(d / "checkpoints" / "tiny_bf16.safetensors")
+    tiny_sd35.write_checkpoint(src, variant="large", seed=0)
+    model, _, vae, _ = glue.load_sd35_fp8(src)
+    cal, _ = glue.calibrate(model, [common.cond(1)], common.cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64, 0)
+    unet_path, _ = glue.save_fp8_checkpoint(cal, "sub/tiny_fp8")
+    aio_path, _ = glue.save_fp8_checkpoint(cal, "tiny_fp8_aio", vae=vae)
+    return type("Env", (), dict(glue=glue, mm=mm, sd=comfy.sd, dir=d, src=src, model=model, cal=cal, vae=vae,
+                                unet=unet_path, aio=aio_path, fp8=sys.modules["sd35pack.fp8"]))
+
+
+def denoise(env, p, static=True):
+    """One denoiser call the way the sampling wrapper runs it (FP8 state installed, fp8_autocast)."""
+    x, sig, ctx, y = common.denoiser_inputs(2, 64, "cpu")
+    env.mm.load_models_gpu([p])
+    with torch.no_grad():
+        if env.glue.KEY not in p.model_options:
+            return common.call(p, x, sig, ctx, y)
+        enabled, recipe = env.glue.prepare_run(p)
+        with env.fp8.fp8_autocast(enabled=enabled, recipe=recipe):
+            return common.call(p, x, sig, ctx, y)
+
+
+def stock_dequantized(layer) -> torch.Tensor:
+    """A stock-loaded layer's weight as ComfyUI computes with it (legacy scale_weight or QuantizedTensor)."""
+    w = layer.weight
+    if hasattr(layer, "scale_weight") and layer.scale_weight is not None:
+        return w.float() * layer.scale_weight.float()
+    return (w.dequantize() if hasattr(w, "dequantize") else w).float()
+
+
+def stock_input_scale(layer) -> float:
+    s = getattr(layer, "input_scale", None)
+    if s is None:
+        s = getattr(layer, "scale_input", None)
+    return float(s)
+
+
+def check_stock_model(env, stock):
+    ours = env.cal.model.diffusion_model
+    dm = stock.model.diffusion_model
+    amax = env.cal.model_options[env.glue.KEY]["input_amax"]
+    layers = env.fp8.fp8_layers(ours)
+    assert len(layers) == 17
+    for name, l in layers.items():
+        s = dm.get_submodule(name)
+        assert torch.equal(stock_dequantized(s), l.fp8_dequantized_weight(torch.float32)), name
+        assert stock_input_scale(s) == pytest.approx(amax[name] / 448.0, rel=1e-6), name
+    # high-precision layers: exact in ComfyUI >= 0.4; ComfyUI 0.3.x's scaled-FP8 loader casts every Linear to FP8
+    for name in ("context_embedder", "final_layer.linear", "t_embedder.mlp.0"):
+        a, b = stock_dequantized(dm.get_submodule(name)), ours.get_submodule(name).weight.detach().float()
+        assert float((a - b).norm() / b.norm()) < 0.07, name
+    out_stock, out_ours = denoise(env, stock), denoise(env, env.cal)
+    assert torch.isfinite(out_stock).all()
+    assert float((out_stock - out_ours).norm() / out_ours.norm()) < 0.02
+
+
+def test_saved_file_loads_in_stock_unet_loader_with_our_weights_and_scales(env):
+    hdr = load_file(env.unet)
+    assert hdr["scaled_fp8"].dtype == torch.float8_e4m3fn
+    k = "joint_blocks.0.x_block.mlp.fc1."
+    assert hdr[k + "weight"].dtype == torch.float8_e4m3fn
+    assert hdr[k + "weight_scale"].dtype == torch.float32 and hdr[k + "weight_scale"].dim() == 0
+    assert torch.equal(hdr[k + "weight_scale"], hdr[k + "scale_weight"])
+    assert torch.equal(hdr[k + "input_scale"], hdr[k + "scale_input"])
+    assert json.loads(bytes(hdr[k + "comfy_quant"].tolist())) == {"format": "float8_e4m3fn"}
+    check_stock_model(env, env.sd.load_diffusion_model(env.unet))
+
+
+def test_all_in_one_file_loads_in_stock_checkpoint_loader(env):
+    out = env.sd.load_checkpoint_guess_config(env.aio, output_vae=True, output_clip=False)
+    check_stock_model(env, out[0])
+    vae_ours, vae_stock = env.vae.get_sd(), out[2].get_sd()
+    assert vae_ours.keys() == vae_stock.keys()
+    assert all(torch.equal(vae_ours[k].float(), vae_stock[k].float()) for k in vae_ours)
+
+
+def test_round_trip_through_our_loader_gives_identical_outputs(env):
+    for path in (env.unet, env.aio):
+        m, _, vae, text = env.glue.load_sd35_fp8(path)
+        assert (vae is not None) == (path == env.aio)
+        assert "calibrated input scales from the file (method max, prompts 1, steps 2" in text
+        assert "no re-calibration needed" in text
+        cfg = m.model_options[env.glue.KEY]
+        ref = env.cal.model_options[env.glue.KEY]["input_amax"]
+        assert cfg["input_amax"].keys() == ref.keys()
+        assert all(cfg["input_amax"][n] == pytest.approx(ref[n], rel=1e-6) for n in ref)
+        dm, odm = m.model.diffusion_model, env.cal.model.diffusion_model
+        assert torch.equal(dm.pos_embed, odm.pos_embed) and torch.equal(dm.pos_embed_scale, odm.pos_embed_scale)
+        assert torch.equal(denoise(env, m), denoise(env, env.cal))
+    _, meta = env.fp8.read_safetensors_header(env.unet)
+    cal = json.loads(meta["sd35fp8.calibration"])
+    assert cal["method"] == "max" and cal["prompts"] == 1 and cal["steps"] == 2 and cal["date"]
+    assert meta["sd35fp8.version"] and meta["sd35fp8.format"] == "sd35fp8-hybrid-v1"
+
+
+def test_save_refuses_overwrite_uncalibrated_models_and_paths_outside(env):
+    digest = hashlib.sha256(open(env.unet, "rb").read()).hexdigest()
+    with pytest.raises(FileExistsError, match="already exists: nothing was written"):
+        env.glue.save_fp8_checkpoint(env.cal, "sub/tiny_fp8")
+    assert hashlib.sha256(open(env.unet, "rb").read()).hexdigest() == digest
+    with pytest.raises(ValueError, match="not calibrated"):
+        env.glue.save_fp8_checkpoint(env.model, "uncalibrated")
+    with pytest.raises(ValueError, match="outside models/diffusion_models"):
+        env.glue.save_fp8_checkpoint(env.cal, "../escape")
+    assert not os.path.exists(env.dir / "escape.safetensors")
+    env.glue.save_fp8_checkpoint(env.cal, "sub/tiny_fp8", overwrite=True)
+    assert hashlib.sha256(open(env.unet, "rb").read()).hexdigest() == digest  # deterministic
+    assert not [f for f in os.listdir(os.path.dirname(env.unet)) if f.startswith(".partial-")]
+
+
+def legacy_file(env, path, scale_input=None):
+    """A stock-style scaled-FP8 file (legacy keys only, e.g. the public *_fp8_scaled releases)."""
+    sd = {k: v for k, v in load_file(env.src).items() if k.startswith("model.diffusion_model.")}
+    for k in [k for k in sd if ".joint_blocks." in k and k.endswith(".weight") and sd[k].dim() == 2]:
+        w8, s = env.fp8.quantize_weight(sd[k])
+        sd[k] = w8
+        sd[k[:-len("weight")] + "scale_weight"] = s
+        if scale_input is not None:
+            sd[k[:-len("weight")] + "scale_input"] = torch.tensor(scale_input)
+    sd["model.diffusion_model.scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_file(sd, path)
+    return sd
+
+
+@pytest.mark.parametrize("scale_input,message", [(None, "no calibrated input_scale for 17 of 17"),
+                                                 (1.0, "input scales are all 1.0")])
+def test_stock_scaled_fp8_file_loads_and_says_it_is_not_calibrated(env, scale_input, message):
+    path = str(env.dir / "checkpoints" / f"stock_scaled_{scale_input}.safetensors")
+    sd = legacy_file(env, path, scale_input)
+    m, _, _, text = env.glue.load_sd35_fp8(path)
+    assert "not made by this pack" in text and message in text and "SD35FP8Calibrate" in text
+    assert m.model_options[env.glue.KEY]["input_amax"] is None
+    for name, l in env.fp8.fp8_layers(m.model.diffusion_model).items():
+        k = f"model.diffusion_model.{name}."
+        assert torch.equal(l.weight, sd[k + "weight"]) and torch.equal(l.weight_scale, sd[k + "scale_weight"])
+    cal, _ = env.glue.calibrate(m, [common.cond(1)], common.cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64, 0)
+    assert torch.isfinite(denoise(env, cal)).all()
+
+
+def damaged(env, name, edit):
+    sd = load_file(env.unet)
+    edit(sd)
+    path = str(env.dir / "diffusion_models" / name)
+    save_file(sd, path)
+    return path
+
+
+def test_truncated_foreign_and_mismatched_fp8_files_fail_clearly(env):
+    CheckpointError = env.fp8.CheckpointError
+    trunc = str(env.dir / "diffusion_models" / "trunc_fp8.safetensors")
+    data = open(env.unet, "rb").read()
+    open(trunc, "wb").write(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointError, match="truncated"):
+        env.glue.load_sd35_fp8(trunc)
+    foreign = str(env.dir / "diffusion_models" / "flux_fp8.safetensors")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16).to(torch.float8_e4m3fn),
+               "double_blocks.0.img_attn.qkv.weight_scale": torch.tensor(1.0)}, foreign)
+    with pytest.raises(CheckpointError, match="Flux"):
+        env.glue.load_sd35_fp8(foreign)
+    k = "joint_blocks.1.x_block.mlp.fc2."
+    bad_shape = damaged(env, "shape_fp8.safetensors",
+                        lambda sd: sd.update({k + "weight": sd[k + "weight"][:, :-16].contiguous()}))
+    with pytest.raises(CheckpointError, match=r"shape_fp8.*does not load.*size mismatch"):
+        env.glue.load_sd35_fp8(bad_shape)
+    bad_scale = damaged(env, "scale_fp8.safetensors", lambda sd: sd.update({k + "weight_scale": torch.ones(3, 3)}))
+    with pytest.raises(CheckpointError, match="weight_scale has shape"):
+        env.glue.load_sd35_fp8(bad_scale)
+    missing = damaged(env, "missing_fp8.safetensors", lambda sd: sd.pop(k + "weight"))
+    with pytest.raises(CheckpointError, match=r"1 Linear layer\(s\) have no weight.*incomplete"):
+        env.glue.load_sd35_fp8(missing)
+
+
+def test_lora_is_merged_into_fp8_weights_keeps_scales_and_unpatches_cleanly(env):
+    fp8_model = env.cal
+    stock = env.sd.load_checkpoint_guess_config(env.src, output_vae=False, output_clip=False)[0]
+    dm = fp8_model.model.diffusion_model
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for n, l in env.fp8.fp8_layers(dm).items():  # weights have std 0.02; rank 4: delta std 0.005
+        lora[f"diffusion_model.{n}.lora_up.weight"] = torch.randn(l.out_features, 4, generator=g) * 0.05
+        lora[f"diffusion_model.{n}.lora_down.weight"] = torch.randn(4, l.in_features, generator=g) * 0.05
+    layer = dm.get_submodule("joint_blocks.0.x_block.attn.qkv")
+    a0 = denoise(env, fp8_model)
+    w0, s0, ws0 = layer.weight.clone(), layer.input_scale.clone(), layer.weight_scale.clone()
+    a1 = denoise(env, env.sd.load_lora_for_models(fp8_model, None, lora, 1.0, 0)[0])
+    layer = dm.get_submodule("joint_blocks.0.x_block.attn.qkv")
+    assert layer.weight.dtype == torch.float8_e4m3fn and not torch.equal(layer.weight, w0)
+    assert torch.equal(layer.input_scale, s0) and torch.equal(layer.weight_scale, ws0)
+    b0 = denoise(env, stock)
+    b1 = denoise(env, env.sd.load_lora_for_models(stock, None, lora, 1.0, 0)[0])
+    d8, d16 = (a1 - a0).flatten(), (b1 - b0).flatten()
+    assert float(d16.norm() / b0.norm()) > 1e-4  # the LoRA has an effect (deltas ~25% of the weights' std)
+    assert float(torch.nn.functional.cosine_similarity(d8, d16, dim=0)) > 0.95
+    assert 0.85 < float(d8.norm() / d16.norm()) < 1.15
+    assert torch.equal(denoise(env, fp8_model), a0)  # unpatched: back to the exact FP8 weights
+    assert torch.equal(dm.get_submodule("joint_blocks.0.x_block.attn.qkv").weight, w0)
+
+
+def test_bf16_load_never_materialises_high_precision_weights_of_fp8_layers(env):
+    """Quantize-on-load: every FP8 layer holds only its FP8 weight (no BF16 copy left behind) and the
+    loader read the file through a memory map (pages handed back per tensor)."""
+    dm = env.model.model.diffusion_model
+    for name, l in env.fp8.fp8_layers(dm).items():
+        assert l.weight.dtype == torch.float8_e4m3fn
+        tensors = [t for t in list(l.parameters()) + list(l.buffers()) if t is not None]
+        assert sum(t.numel() * t.element_size() for t in tensors) < l.weight.numel() * 1.1 + 4096, name
