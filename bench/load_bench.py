@@ -205,7 +205,7 @@ def main():
              "  load s = file -> model resident on the GPU (ComfyUI load_models_gpu); RSS = ru_maxrss of that process", ""]
     for r in rows:
         lines.append(f"## {r['mode']}")
-        lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
+        lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
         lines.append("")
     text = "\n".join(lines)
     print(text)
