@@ -8,7 +8,7 @@ from typing_extensions import override
 
 import comfy.samplers
 import comfy.utils
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import ComfyExtension, io, ui
 
 from ..fp8 import GRANULARITIES, METHODS, DelayedScaling, Format
 from ..fp8.runtime import ATTENTION_BACKENDS
@@ -179,7 +179,8 @@ class SD35FP8SaveCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, model, filename, overwrite=False, clip=None, vae=None) -> io.NodeOutput:
         _, text = glue.save_fp8_checkpoint(model, filename, overwrite=overwrite, clip=clip, vae=vae)
-        return io.NodeOutput(text)
+        preview = getattr(ui, "PreviewText", None)
+        return io.NodeOutput(text, ui=preview(text) if preview else {"text": (text,)})
 
 
 NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint]

@@ -70,6 +70,7 @@ class ComfyServer:
         with open(yaml_path, "w") as f:
             f.write("sd35fp8_test:\n"
                     f"    base_path: {self.models_dir}\n"
+                    "    is_default: true\n"  # files the pack saves go here, not into the ComfyUI folder
                     "    checkpoints: checkpoints\n    diffusion_models: diffusion_models\n"
                     "    text_encoders: text_encoders\n    vae: vae\n    loras: loras\n"
                     f"    custom_nodes: {nodes_parent}\n")

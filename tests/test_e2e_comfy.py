@@ -104,6 +104,7 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
         "SD35FP8Calibrate": ["model", "clip", "prompts", "steps", "cfg", "sampler_name", "scheduler", "width",
                              "height", "seed", "method", "percentile"],
         "SD35FP8Autocast": ["model", "enabled", "fp8_format", "amax_history_len", "margin", "backend"],
+        "SD35FP8SaveCheckpoint": ["model", "filename", "overwrite"],
     }
     for node, inputs in expect.items():
         assert node in object_info, f"{node} missing: the pack failed to import (see the server log)"
@@ -113,6 +114,8 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
     assert list(object_info["SD35FP8Autocast"]["input"]["optional"]) == ["compile", "attention", "cuda_graphs"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
+    assert list(object_info["SD35FP8SaveCheckpoint"]["input"]["optional"]) == ["clip", "vae"]
+    assert object_info["SD35FP8SaveCheckpoint"]["output_node"] is True
     # a calibration seed that the frontend randomizes after each queue would re-calibrate every run
     assert object_info["SD35FP8Calibrate"]["input"]["required"]["seed"][1]["control_after_generate"] is False
     opts = object_info["SD35FP8CheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
@@ -249,7 +252,6 @@ def test_all_in_one_file_provides_clip(server):
 @pytest.mark.parametrize("ckpt,message", [
     ("sdxl_like.safetensors", "SDXL"),
     ("truncated_sd3.5.safetensors", "truncated"),
-    ("tiny_sd3.5_fp8_scaled.safetensors", "already quantized"),
 ])
 def test_wrong_or_damaged_files_fail_clearly_and_server_keeps_serving(server, ckpt, message):
     with pytest.raises(ComfyError, match=message):
@@ -286,19 +288,62 @@ def as_ksampler_advanced(g):
 
 
 @pytest.mark.parametrize("where", ["before_calibrate", "after_autocast"])
-def test_lora_on_fp8_layers_is_refused_not_silently_wrong(server, where):
+def test_lora_is_merged_into_fp8_layers_and_unpatched_cleanly(server, where):
+    """Stock LoraLoaderModelOnly on our MODEL: ComfyUI merges the LoRA into the FP8 weights (our
+    convert_weight/set_weight hooks); the next run without it is bit-identical to before."""
     ref = saved_latent(server, server.run(add_save_latent(graph(seed=9, prefix=f"pre-lora-{where}"), f"pl-{where}")))
-    g = graph(seed=9, prefix="lora")
+    g = add_save_latent(graph(seed=9, prefix="lora"), f"lora-{where}")
     src, dst = (["1", 0], "3") if where == "before_calibrate" else (["4", 0], "8")
     g["60"] = {"class_type": "LoraLoaderModelOnly",
                "inputs": {"model": src, "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}
     g[dst]["inputs"]["model"] = ["60", 0]
-    with pytest.raises(ComfyError, match="LoRA/weight patch targets 1 FP8 layer"):
-        server.run(g)
-    # the shared (cached) FP8 model was not touched: sampling it again gives the same latent
+    with_lora = saved_latent(server, server.run(g))
+    assert torch.isfinite(with_lora).all() and not torch.equal(with_lora, ref)
+    # the shared (cached) FP8 model was restored: sampling it again gives the same latent
     entry = server.run(as_ksampler_advanced(add_save_latent(graph(seed=9, prefix="post-lora"), f"po-{where}")))
     assert "8" not in cached_nodes(entry) and "1" in cached_nodes(entry)
     assert torch.equal(saved_latent(server, entry), ref)
+
+
+def test_saved_fp8_file_reloads_without_calibration_and_loads_in_stock_unetloader(server):
+    name = "e2e_saved/tiny_large_fp8"
+    g = add_save_latent(graph(seed=21, prefix="save"), "saved-src")
+    g["70"] = {"class_type": "SD35FP8SaveCheckpoint", "inputs": {"model": ["3", 0], "filename": name, "overwrite": False}}
+    entry = server.run(g)
+    ref = saved_latent(server, entry)
+    info = "\n".join(entry["outputs"]["70"]["text"])  # shown on the node
+    assert "tiny_large_fp8.safetensors" in info and "17 FP8 layers with calibrated input scales" in info
+    path = os.path.join(server.models_dir, "diffusion_models", name + ".safetensors")
+    assert os.path.isfile(path)
+    # our loader: calibrated from the file, no SD35FP8Calibrate node, same latent bit for bit
+    r = add_save_latent(graph(seed=21, prefix="reload"), "saved-reload")
+    r["1"]["inputs"]["ckpt_name"] = name + ".safetensors"
+    r["4"]["inputs"]["model"] = ["1", 0]
+    r["50"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    r["9"]["inputs"]["vae"] = ["50", 2]
+    r["11"]["inputs"]["source"] = ["1", 3]
+    del r["3"]
+    entry = server.run(r)
+    assert torch.equal(saved_latent(server, entry), ref)
+    assert "no re-calibration needed" in server.log_text()
+    # stock ComfyUI's UNETLoader reads the same file and samples it
+    st = add_save_latent(graph(seed=21, prefix="stock-fp8"), "saved-stock")
+    st["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name + ".safetensors", "weight_dtype": "default"}}
+    st["8"]["inputs"]["model"] = ["1", 0]
+    st["50"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    st["9"]["inputs"]["vae"] = ["50", 2]
+    del st["3"], st["4"], st["11"]
+    stock = saved_latent(server, server.run(st))
+    assert torch.isfinite(stock).all() and rel(stock, ref) < 0.05, rel(stock, ref)
+
+
+def test_raw_fp8_file_loads_and_is_calibrated_by_the_workflow(server):
+    g = graph(ckpt="tiny_sd3.5_fp8_scaled.safetensors", prefix="rawfp8")
+    g["50"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
+    g["9"]["inputs"]["vae"] = ["50", 2]  # the file holds only the MMDiT
+    entry = server.run(g)
+    assert len(server.output_images(entry)) == 2
+    assert "no calibrated input_scale for 17 of 17 FP8 layers" in server.log_text()
 
 
 def test_empty_calibration_set_and_stock_model_are_refused(server):
