@@ -74,7 +74,7 @@ def child(a) -> dict:
                 if state.get("p") is not p:
                     state["p"], state["ctx"] = p, glue.prepare_run(p)
                 enabled, recipe = state["ctx"]
-                with fp8.fp8_autocast(enabled=enabled, recipe=recipe):
+                with glue.run_context(p, enabled, recipe):
                     return common.call(p, *inp)
             return common.call(p, *inp)
 

@@ -74,7 +74,7 @@ def main():
                 if state.get("p") is not p:
                     state["p"], state["ctx"] = p, glue.prepare_run(p)
                 enabled, recipe = state["ctx"]
-                with fp8.fp8_autocast(enabled=enabled, recipe=recipe):
+                with glue.run_context(p, enabled, recipe):
                     return common.call(p, *inp)
             return common.call(p, *inp)
 
@@ -169,6 +169,20 @@ def main():
         print(notes[-1], flush=True)
         eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
         measure(variant, "ours FP8 calibrated, eager", eager, ref)
+        te_ok, te_why = sys.modules["sd35pack.fp8.te_backend"].availability()
+        if "te" not in skip and not te_ok:
+            notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
+        elif "te" not in skip:
+            for scaling in ("delayed", "current"):
+                te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
+                                                             scaling=scaling))
+                measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling)", te, ref)
+                del te
+            glue.set_te(cal.model.diffusion_model, None)
+            for layer in fp8.fp8_layers(cal.model.diffusion_model).values():
+                layer._fp8_te_modules = {}
+            gc.collect()
+            torch.cuda.empty_cache()
         full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
         if "no_cudagraphs" not in skip:
             measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)
@@ -204,6 +218,17 @@ def main():
                 f"weights {best_ours['weights GiB'] / by['stock BF16']['weights GiB']:.3f}x BF16"
                 + (f"; error vs fast: denoiser {best_ours['denoiser err'] / fast['denoiser err']:.2f}x, final latent "
                    f"{best_ours['final latent err'] / fast['final latent err']:.2f}x" if fast else ""))
+    for v in a.variants.split(","):
+        by = {r["mode"]: r for r in rows if r["variant"] == v}
+        fast, bf16 = by.get("stock fp8_e4m3fn_fast"), by.get("stock BF16")
+        stock = [r for m, r in by.items() if m.startswith("stock")]
+        for m, r in by.items():
+            if "TransformerEngine" in m and bf16 and stock:
+                best_stock = min(stock, key=lambda x: x["ms b2"])
+                ratios.append(f"{v}: {m} {r['ms b2']:.1f} ms = {r['ms b2'] / bf16['ms b2']:.3f}x stock BF16, "
+                              f"{r['ms b2'] / best_stock['ms b2']:.3f}x the best stock mode"
+                              + (f"; error vs fast: denoiser {r['denoiser err'] / fast['denoiser err']:.2f}x, final "
+                                 f"latent {r['final latent err'] / fast['final latent err']:.2f}x" if fast else ""))
     text = "\n".join([meta, "", *lines, "", *ratios, *notes])
     print("\n" + text)
     if a.out:

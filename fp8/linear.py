@@ -67,6 +67,9 @@ class FP8LinearMixin:
     # producer of ``x``); "weight_only": BF16 activations against the FP8 weight.
     fp8_static: str | None = None
     fp8_fast_accum: bool = False
+    # TransformerEngine backend (``fp8.te_backend.set_te``): None, or {"recipe", "margin"}; the layer
+    # then runs through a te.Linear on its own FP8 weight storage.
+    fp8_te: dict | None = None
 
     # -- state ---------------------------------------------------------------------------
     def fp8_set_weight(self, w8: torch.Tensor, weight_scale: torch.Tensor, name: str | None = None) -> None:
@@ -186,6 +189,9 @@ class FP8LinearMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:
+            if self.fp8_te is not None and x.is_cuda and self.weight.device == x.device:
+                from .te_backend import te_forward
+                return te_forward(self, x)
             # the static path needs the weights and scales where x is (ComfyUI may offload) and, for
             # FP8 matmul, FP8 tensor cores; otherwise the autocast path (with its weight-only fallback)
             if self.fp8_static is not None and self.weight.device == x.device and (

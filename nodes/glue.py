@@ -8,6 +8,7 @@ other's scales.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import json
@@ -35,6 +36,7 @@ from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
 from ..fp8.quant import quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
+from ..fp8.te_backend import set_te, te_autocast, te_recipe
 
 log = logging.getLogger("sd35fp8")
 KEY = "sd35fp8"
@@ -44,7 +46,7 @@ COMPILE_KEY = "sd35fp8_compile"
 # The runtime every speed feature on (the SD35FP8Autocast defaults): static scales, fused casts,
 # torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
-                   "adaln": "weight_only", "cudagraphs": False}
+                   "adaln": "weight_only", "cudagraphs": False, "backend": "torch", "scaling": "delayed"}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 PACK_NAME = "ComfyUI-SD35-FP8"
 
@@ -405,14 +407,17 @@ def install_scales(diffusion_model: torch.nn.Module, amax: dict[str, float] | No
 
 def prepare_run(patcher):
     """Put this MODEL's FP8 state on the (shared) diffusion model: its calibrated scales, and the
-    static runtime when enabled. Returns ``(enabled, recipe)`` for ``fp8_autocast``."""
+    static runtime or the TransformerEngine backend when enabled. Returns ``(enabled, recipe)``;
+    :func:`run_context` turns them into the context the sampling runs in."""
     cfg = patcher.model_options.get(KEY) or {}
     recipe = DelayedScaling(**cfg["recipe"]) if cfg.get("recipe") else DelayedScaling()
     enabled = bool(cfg.get("enabled", True))
     dm = patcher.model.diffusion_model
     install_scales(dm, cfg.get("input_amax"))
     rt = cfg.get("runtime") or {}
-    if rt.get("static") and enabled and cfg.get("input_amax") is not None:
+    te = enabled and rt.get("backend") == "transformer_engine"
+    set_te(dm, recipe if te else None, rt.get("scaling", "delayed"))
+    if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
     else:
@@ -423,11 +428,23 @@ def prepare_run(patcher):
     return enabled, recipe
 
 
+@contextlib.contextmanager
+def run_context(patcher, enabled: bool, recipe: DelayedScaling):
+    """``fp8_autocast`` with this MODEL's recipe, inside TransformerEngine's autocast for that backend."""
+    rt = (patcher.model_options.get(KEY) or {}).get("runtime") or {}
+    with contextlib.ExitStack() as stack:
+        if enabled and rt.get("backend") == "transformer_engine":
+            stack.enter_context(te_autocast(te_recipe(recipe, rt.get("scaling", "delayed"))))
+        stack.enter_context(fp8_autocast(enabled=enabled, recipe=recipe))
+        yield
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: run the whole sampling call inside ``fp8_autocast`` with this MODEL's
     calibrated scales, recipe and runtime; fail clearly if the result holds NaN/Inf."""
-    enabled, recipe = prepare_run(executor.class_obj.model_patcher)
-    with fp8_autocast(enabled=enabled, recipe=recipe):
+    patcher = executor.class_obj.model_patcher
+    enabled, recipe = prepare_run(patcher)
+    with run_context(patcher, enabled, recipe):
         out = executor(*args, **kwargs)
     check_finite(out, "FP8 sampling")
     return out
@@ -488,7 +505,7 @@ def apply_runtime_options(m, rt: dict) -> None:
     if backend != "auto" and "optimized_attention_override" not in to:
         to["optimized_attention_override"] = attention_override(backend)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-    if rt.get("compile"):
+    if rt.get("compile") and rt.get("backend", "torch") == "torch":  # TE modules run eager
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                compile_wrapper("reduce-overhead" if rt.get("cudagraphs") else None))
 
@@ -546,6 +563,7 @@ def calibrating_clone(model, session: CalibrationSession):
 
     def wrapper(executor, *args, **kwargs):
         clear_static(executor.class_obj.model_patcher.model.diffusion_model)
+        set_te(executor.class_obj.model_patcher.model.diffusion_model, None)
         with fp8_autocast(enabled=False, calibrating=session):
             out = executor(*args, **kwargs)
         check_finite(out, "calibration sampling")

@@ -6,12 +6,14 @@ import os
 
 from typing_extensions import override
 
+import comfy.model_management
 import comfy.samplers
 import comfy.utils
 from comfy_api.latest import ComfyExtension, io, ui
 
 from ..fp8 import GRANULARITIES, METHODS, DelayedScaling, Format
 from ..fp8.runtime import ATTENTION_BACKENDS
+from ..fp8.te_backend import BACKENDS, SCALINGS, availability, resolve_backend
 from . import glue
 
 log = logging.getLogger("sd35fp8")
@@ -120,8 +122,11 @@ class SD35FP8Autocast(io.ComfyNode):
                                tooltip="HYBRID = E4M3 forward / E5M2 backward: identical for inference"),
                 io.Int.Input("amax_history_len", default=16, min=1, max=1024),
                 io.Int.Input("margin", default=0, min=0, max=8),
-                io.Combo.Input("backend", options=["auto", "torch"], default="auto",
-                               tooltip="auto: the fastest installed backend (today: our PyTorch path)"),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="torch: our fused PyTorch/Triton path; transformer_engine: TE's te.Linear "
+                                       "modules inside te.autocast with this recipe (needs TransformerEngine); "
+                                       "auto: the backend our benchmark measured faster on this GPU class, if "
+                                       "installed"),
                 io.Boolean.Input("compile", default=True, optional=True,
                                  tooltip="torch.compile the calibrated FP8 MMDiT (fuses the FP8 casts into "
                                          "LayerNorm/modulation/GELU). The first run per resolution and batch "
@@ -133,21 +138,41 @@ class SD35FP8Autocast(io.ComfyNode):
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
                                  tooltip="with compile: replay the whole denoiser as CUDA graphs (removes "
                                          "launch gaps; holds a private memory pool per resolution/batch)"),
+                io.Combo.Input("scaling", options=list(SCALINGS), default="delayed", optional=True,
+                               tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling, seeded "
+                                       "with the calibrated amax) or current scaling (per-call amax)"),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
 
     @classmethod
+    def validate_inputs(cls, backend="auto", scaling="delayed", **kwargs):
+        """At queue time: an unknown backend, or transformer_engine where it cannot run."""
+        if backend not in BACKENDS:
+            return f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})"
+        if scaling not in SCALINGS:
+            return f"scaling must be one of {', '.join(SCALINGS)} (got {scaling!r})"
+        if backend == "transformer_engine":
+            ok, why = availability()
+            if not ok:
+                return f"backend=transformer_engine: {why}. Or choose backend=torch (our own FP8 path)."
+        return True
+
+    @classmethod
     def execute(cls, model, enabled=True, fp8_format="E4M3", amax_history_len=16, margin=0,
-                backend="auto", compile=True, attention="auto", cuda_graphs=False) -> io.NodeOutput:
+                backend="auto", compile=True, attention="auto", cuda_graphs=False,
+                scaling="delayed") -> io.NodeOutput:
         glue.require_fp8_model(model)
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"unknown FP8 backend {backend!r}")
+        backend = resolve_backend(backend, comfy.model_management.get_torch_device())
+        if backend == "transformer_engine":
+            ok, why = availability()
+            if not ok:
+                raise RuntimeError(why)
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; use one of {ATTENTION_BACKENDS}")
         recipe = DelayedScaling(fp8_format=fp8_format, amax_history_len=amax_history_len, margin=margin)
         runtime = dict(glue.DEFAULT_RUNTIME, compile=bool(compile), attention=attention,
-                       cudagraphs=bool(compile and cuda_graphs))
+                       cudagraphs=bool(compile and cuda_graphs), backend=backend, scaling=scaling)
         return io.NodeOutput(glue.set_autocast(model, enabled, recipe, runtime))
 
 

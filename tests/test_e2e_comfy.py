@@ -111,7 +111,10 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
         order = object_info[node].get("input_order", {}).get("required") or list(object_info[node]["input"]["required"])
         assert order == inputs
     # appended later as optional inputs: old API-format prompts without them stay valid
-    assert list(object_info["SD35FP8Autocast"]["input"]["optional"]) == ["compile", "attention", "cuda_graphs"]
+    assert list(object_info["SD35FP8Autocast"]["input"]["optional"]) == ["compile", "attention", "cuda_graphs",
+                                                                         "scaling"]
+    assert object_info["SD35FP8Autocast"]["input"]["required"]["backend"][1]["options"] == ["auto", "torch",
+                                                                                  "transformer_engine"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
     assert list(object_info["SD35FP8SaveCheckpoint"]["input"]["optional"]) == ["clip", "vae"]
@@ -356,3 +359,16 @@ def test_empty_calibration_set_and_stock_model_are_refused(server):
     g["9"]["inputs"]["vae"] = ["1", 2]
     with pytest.raises(ComfyError, match="no FP8 layers"):
         server.run(g)
+
+
+def test_transformer_engine_backend_is_refused_at_queue_time_without_te(server):
+    """No TransformerEngine in the CI environment: choosing it is rejected by /prompt (before anything
+    runs) with how to install it; auto and torch still run."""
+    g = graph(prefix="te")
+    g["4"]["inputs"]["backend"] = "transformer_engine"
+    with pytest.raises(ComfyError, match=r"HTTP 400.*TransformerEngine is not installed.*pip install") as e:
+        server.run(g)
+    assert "SD35FP8Autocast" in json.dumps(e.value.payload.get("node_errors", {})) or "4" in e.value.payload.get(
+        "node_errors", {})
+    g["4"]["inputs"]["backend"] = "auto"
+    assert len(server.output_images(server.run(g))) == 2

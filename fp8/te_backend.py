@@ -1,0 +1,149 @@
+"""TransformerEngine backend: our calibrated FP8 layers run as ``te.Linear`` modules inside TE's
+``autocast`` with a TE recipe (DelayedScaling E4M3/HYBRID, or current scaling).
+
+TransformerEngine is optional (never in requirements): everything here imports it lazily and
+:func:`availability` says why it cannot be used. Each FP8 layer gets a ``te.Linear`` built with FP8
+primary weights whose ``Float8Tensor`` **shares our FP8 weight's storage** (no BF16 copy and no
+second FP8 copy on the GPU), and whose delayed-scaling state is seeded from our calibrated input
+amax, so the first steps run with calibrated scales rather than TE's initial unit scales.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+
+import torch
+
+from .autocast import DelayedScaling
+from .formats import E4M3, E4M3_MAX, Format
+
+INSTALL_HINT = ("install it with `pip install --no-build-isolation transformer-engine[pytorch]` (NVIDIA GPU "
+                "with FP8 tensor cores: Ada sm_89, Hopper sm_90, Blackwell; CUDA toolkit matching your torch)")
+SCALINGS = ("delayed", "current")
+BACKENDS = ("auto", "torch", "transformer_engine")
+# The faster backend per GPU class (compute capability), as measured by bench/te_bench.py; classes
+# not measured get our torch path. See bench/results/ for the runs behind each entry.
+MEASURED_FASTER = {(9, 0): "torch"}
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+    """``auto`` -> the backend measured faster on this GPU class, if it is installed; else as given."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown FP8 backend {name!r}; use one of {BACKENDS}")
+    if name != "auto":
+        return name
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return "torch"
+    pref = MEASURED_FASTER.get(torch.cuda.get_device_capability(dev), "torch")
+    return pref if pref == "torch" or availability()[0] else "torch"
+
+
+def availability() -> tuple[bool, str]:
+    """``(usable, reason)``: TE importable with its PyTorch extension, and a CUDA GPU with FP8."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False, f"TransformerEngine is not installed: {INSTALL_HINT}"
+    try:
+        te = importlib.import_module("transformer_engine.pytorch")
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything (missing .so, CUDA mismatch)
+        return False, (f"TransformerEngine is installed but does not import ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); reinstall it: {INSTALL_HINT}")
+    ok, why = te.is_fp8_available(return_reason=True)
+    if not ok:
+        return False, f"TransformerEngine reports no FP8 on this machine ({why})"
+    return True, f"TransformerEngine {getattr(importlib.import_module('transformer_engine'), '__version__', '?')}"
+
+
+def te_recipe(recipe: DelayedScaling, scaling: str = "delayed"):
+    """Our recipe (TE-shaped ``DelayedScaling``) as TransformerEngine's."""
+    from transformer_engine.common import recipe as ter
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; use one of {SCALINGS}")
+    fmt = ter.Format.HYBRID if Format(recipe.fp8_format) == Format.HYBRID else ter.Format.E4M3
+    if scaling == "current":
+        return ter.Float8CurrentScaling(fp8_format=fmt)
+    return ter.DelayedScaling(fp8_format=fmt, amax_history_len=recipe.amax_history_len, amax_compute_algo="max",
+                              margin=recipe.margin)
+
+
+def build_te_linear(layer, dtype: torch.dtype, rec, input_amax: float | None, margin: int = 0):
+    """A ``te.Linear`` computing what ``layer`` (an FP8LinearMixin with a per-tensor scale) computes,
+    on ``layer``'s FP8 weight storage."""
+    import transformer_engine.pytorch as te
+    if layer.weight_scale.dim() != 0:
+        raise ValueError(f"{layer.fp8_name}: the TransformerEngine backend needs per-tensor weight scales "
+                         "(load with weight_scaling=per_tensor)")
+    dev = layer.weight.device
+    with torch.no_grad(), te.quantized_model_init(enabled=True, recipe=rec):  # no_grad: no transposed copy
+        lin = te.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, params_dtype=dtype,
+                        device=dev)
+    w = lin.weight
+    q = w._quantizer
+    q.set_usage(rowwise=True, columnwise=False)
+    ws = layer.weight_scale.detach().float().to(dev).reshape(())
+    if hasattr(q, "scale"):  # delayed scaling: the weight's slot of TE's scale buffer holds 1/weight_scale
+        q.scale.copy_(1.0 / ws)
+    f8 = q.create_tensor_from_data(layer.weight.detach().view(torch.uint8), fake_dtype=dtype)
+    f8._scale_inv = ws.clone().reshape(f8._scale_inv.shape)  # exactly our scale (not 1/(1/s))
+    lin.weight = torch.nn.Parameter(f8, requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = torch.nn.Parameter(layer.bias.detach().to(dev, dtype), requires_grad=False)
+    seed_input_amax(lin, input_amax, margin)
+    lin.eval()
+    lin._sd35_weight_ptr = layer.weight.data_ptr()
+    return lin
+
+
+def seed_input_amax(lin, amax: float | None, margin: int = 0) -> None:
+    """Put a calibrated input amax into a TE module's delayed-scaling state (history and scale)."""
+    meta = getattr(lin, "fp8_meta", {}).get("scaling_fwd")
+    if amax is None or meta is None or not hasattr(meta, "amax_history"):
+        return
+    a = max(float(amax), 1e-12)
+    meta.amax_history[:, 0].fill_(a)
+    meta.scale[0] = E4M3_MAX / a / (2.0 ** margin)
+
+
+@contextlib.contextmanager
+def te_autocast(rec):
+    import transformer_engine.pytorch as te
+    with torch.no_grad(), te.autocast(enabled=True, recipe=rec):
+        yield
+
+
+def te_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layer`` through its TE module (built on first use per dtype; rebuilt when ComfyUI
+    replaced the FP8 weight, e.g. a LoRA merge)."""
+    cfg = layer.fp8_te
+    lin = layer._fp8_te_modules.get(x.dtype)
+    if lin is None or lin._sd35_weight_ptr != layer.weight.data_ptr():
+        amax = None if layer.input_scale is None else float(layer.input_scale) * E4M3_MAX
+        lin = layer._fp8_te_modules[x.dtype] = build_te_linear(layer, x.dtype, cfg["recipe"], amax, cfg["margin"])
+    shape = x.shape
+    out = lin(x.reshape(-1, shape[-1]))
+    return out.reshape(*shape[:-1], layer.out_features)
+
+
+def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str = "delayed") -> int:
+    """Route every FP8 layer of ``model`` through TransformerEngine (``recipe=None``: back to ours).
+    Modules are built lazily at the first forward (they need the activation dtype)."""
+    from .model import fp8_layers
+    layers = fp8_layers(model)
+    if recipe is None:
+        for layer in layers.values():
+            layer.fp8_te = None
+        return 0
+    ok, why = availability()
+    if not ok:
+        raise RuntimeError(why)
+    rec = te_recipe(recipe, scaling)
+    key = (Format(recipe.fp8_format).value, recipe.amax_history_len, recipe.margin, scaling)
+    for layer in layers.values():
+        if layer.weight.dtype != E4M3:
+            raise TypeError(f"{layer.fp8_name}: weight is {layer.weight.dtype}, not FP8")
+        if getattr(layer, "_fp8_te_key", None) != key:
+            layer._fp8_te_modules = {}
+            layer._fp8_te_key = key
+        layer.fp8_te = {"recipe": rec, "margin": recipe.margin}
+    return len(layers)
