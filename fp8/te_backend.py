@@ -121,7 +121,14 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor:
         amax = None if layer.input_scale is None else float(layer.input_scale) * E4M3_MAX
         lin = layer._fp8_te_modules[x.dtype] = build_te_linear(layer, x.dtype, cfg["recipe"], amax, cfg["margin"])
     shape = x.shape
-    out = lin(x.reshape(-1, shape[-1]))
+    x2 = x.reshape(-1, shape[-1])
+    rows = x2.shape[0]
+    pad = -rows % 8  # TE's FP8 GEMM needs a multiple of 8 rows (adaLN: batch rows; context: 2 x 154 tokens)
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    out = lin(x2)
+    if pad:
+        out = out[:rows]
     return out.reshape(*shape[:-1], layer.out_features)
 
 
