@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    sys.path.insert(0, common.REPO)
+    from fp8.te_backend import preload
+    preload()  # before torch loads cuDNN (fp8/te_backend.py)
     glue = common.import_glue(a.comfy)
     import torch
     from safetensors.torch import save_file

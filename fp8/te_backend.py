@@ -40,6 +40,17 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
     return pref if pref == "torch" or availability()[0] else "torch"
 
 
+def preload() -> None:
+    """Import TransformerEngine (if installed) before torch loads cuDNN for its own kernels: measured on
+    the H100 image, a late import can bind TE's cuDNN to a different libcudnn than torch's and fail with
+    an undefined cuDNN symbol. Errors are left for :func:`availability` to report."""
+    if importlib.util.find_spec("transformer_engine") is not None:
+        try:
+            importlib.import_module("transformer_engine.pytorch")
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def availability() -> tuple[bool, str]:
     """``(usable, reason)``: TE importable with its PyTorch extension, and a CUDA GPU with FP8."""
     if importlib.util.find_spec("transformer_engine") is None:

@@ -13,10 +13,12 @@ from comfy_api.latest import ComfyExtension, io, ui
 
 from ..fp8 import GRANULARITIES, METHODS, DelayedScaling, Format
 from ..fp8.runtime import ATTENTION_BACKENDS
-from ..fp8.te_backend import BACKENDS, SCALINGS, availability, resolve_backend
+from ..fp8.te_backend import BACKENDS, SCALINGS, availability, preload, resolve_backend
 from . import glue
 
 log = logging.getLogger("sd35fp8")
+
+preload()  # TransformerEngine, when installed, must load before torch's cuDNN (see fp8/te_backend.py)
 
 PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_prompts.txt")
 with open(PROMPTS_FILE, encoding="utf-8") as _f:
