@@ -148,12 +148,11 @@ class SD35FP8Autocast(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, backend="auto", scaling="delayed", **kwargs):
-        """At queue time: an unknown backend, or transformer_engine where it cannot run."""
+    def validate_inputs(cls, backend="auto"):
+        """At queue time: an unknown backend, or transformer_engine where it cannot run (ComfyUI skips its
+        own option check for the inputs named here, so this one checks the option too)."""
         if backend not in BACKENDS:
             return f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})"
-        if scaling not in SCALINGS:
-            return f"scaling must be one of {', '.join(SCALINGS)} (got {scaling!r})"
         if backend == "transformer_engine":
             ok, why = availability()
             if not ok:
