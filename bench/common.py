@@ -81,6 +81,29 @@ def call(patcher, x, sigma, ctx, y):
     return patcher.model.apply_model(x, sigma, c_crossattn=ctx, y=y, transformer_options=to)
 
 
+class Denoiser:
+    """One denoiser call as sampling makes it; for our MODELs with the FP8 run state the sampling
+    wrapper installs (``glue.prepare_run``), installed once per model as the wrapper does once per run."""
+
+    def __init__(self, glue):
+        self.glue = glue
+        self.state: dict = {}
+
+    def clear(self) -> None:
+        self.state.clear()
+
+    def __call__(self, p, inp):
+        import torch
+        with torch.no_grad():
+            if self.glue.KEY not in p.model_options:
+                return call(p, *inp)
+            if self.state.get("p") is not p:
+                self.state["p"], self.state["ctx"] = p, self.glue.prepare_run(p)
+            enabled, recipe = self.state["ctx"]
+            with self.glue.run_context(p, enabled, recipe):
+                return call(p, *inp)
+
+
 def time_cuda(fn, n: int = 10, warmup: int = 2):
     """Median ms of ``n`` calls after ``warmup``, CUDA events; returns (median_ms, last_output)."""
     import torch

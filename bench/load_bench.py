@@ -65,18 +65,10 @@ def child(a) -> dict:
     inp = common.denoiser_inputs(2, a.size, "cuda")
     res = {"mode": a.child}
 
-    state = {}
+    denoiser = common.Denoiser(glue)
 
     def denoise(p):
-        """One denoiser call; ours with the FP8 state its sampling wrapper installs once per run."""
-        with torch.no_grad():
-            if glue.KEY in p.model_options:
-                if state.get("p") is not p:
-                    state["p"], state["ctx"] = p, glue.prepare_run(p)
-                enabled, recipe = state["ctx"]
-                with glue.run_context(p, enabled, recipe):
-                    return common.call(p, *inp)
-            return common.call(p, *inp)
+        return denoiser(p, inp)
 
     def timed_load(path, fn):
         drop_cache(path)

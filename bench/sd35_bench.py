@@ -67,19 +67,7 @@ def main():
     b2 = common.denoiser_inputs(2, a.size, dev)
     b8 = common.denoiser_inputs(8, a.size, dev)
 
-    state = {}
-
-    def denoise(p, inp):
-        """One denoiser call; ours inside fp8_autocast with the state its sampling wrapper would install
-        (installed once per row, as the wrapper does once per sampling run)."""
-        with torch.no_grad():
-            if glue.KEY in p.model_options:
-                if state.get("p") is not p:
-                    state["p"], state["ctx"] = p, glue.prepare_run(p)
-                enabled, recipe = state["ctx"]
-                with glue.run_context(p, enabled, recipe):
-                    return common.call(p, *inp)
-            return common.call(p, *inp)
+    denoise = common.Denoiser(glue)
 
     def sample(p, seed=123):
         lat = torch.zeros(1, 16, a.size // 8, a.size // 8)
@@ -102,7 +90,7 @@ def main():
         ms2, d = common.time_cuda(lambda: denoise(p, b2), n=12)
         d = d.float().cpu()
         x = sample(p)
-        state.clear()
+        denoise.clear()
         f8, _ = first_call(p, b8)
         ms8, _ = common.time_cuda(lambda: denoise(p, b8), n=12)
         peak = torch.cuda.max_memory_allocated()
