@@ -57,14 +57,25 @@ def _fp8w_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias:
     if (triton is None or x.device.type != "cuda" or M > GEMV_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16)
             or torch.cuda.get_device_capability(x.device) < (8, 9)):
         return _dequant_linear(x, w8, w_scale, bias)
+    return gemv_launch(x, w8, w_scale, bias, GEMV_CONFIG)
+
+
+# (BN, BK, num_warps, num_stages): tile of output features, K chunk, and pipelining of the kernel.
+GEMV_CONFIG = (32, 128, 4, 3)
+
+
+def gemv_launch(x, w8, w_scale, bias, config):
+    """Launch the Triton GEMV with ``config`` (also used by bench/gemv_tune.py to pick GEMV_CONFIG)."""
+    M, K = x.shape
+    N = w8.shape[0]
+    bn, bk, warps, stages = config
     x = x.contiguous()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    bm = max(16, triton.next_power_of_2(M))
-    bn = 32
     ws = w_scale.to(torch.float32).contiguous()
     b = bias.to(x.dtype).contiguous() if bias is not None else y
     _gemv_fp8w[(triton.cdiv(N, bn),)](x, w8, ws, b, y, M, N, K, PER_CHANNEL=ws.dim() == 1,
-                                       HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=128, num_warps=4)
+                                       HAS_BIAS=bias is not None, BM=max(16, triton.next_power_of_2(M)), BN=bn,
+                                       BK=bk, num_warps=warps, num_stages=stages)
     return y
 
 
