@@ -61,7 +61,7 @@ def _fp8w_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias:
 
 
 # (BN, BK, num_warps, num_stages): tile of output features, K chunk, and pipelining of the kernel.
-GEMV_CONFIG = (32, 128, 4, 3)
+GEMV_CONFIG = (32, 128, 4, 4)  # bench/gemv_tune.py on H100: best summed over the SD3.5 adaLN shapes
 
 
 def gemv_launch(x, w8, w_scale, bias, config):
