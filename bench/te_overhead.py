@@ -68,7 +68,7 @@ def main():
         clear_static(model)
         te = None
         if ok:
-            te_backend.set_te(model, fp8.DelayedScaling())
+            te_backend.set_te(model, fp8.DelayedScaling(), adaln="fp8")  # every shape through TE here
             with te_backend.te_autocast(te_backend.te_recipe(fp8.DelayedScaling())):
                 te = host_and_gpu_us(lambda: lin(x))
         rows.append((name, m, k, n, ours, ours_fp8, te))

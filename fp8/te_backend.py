@@ -143,25 +143,40 @@ def te_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*shape[:-1], layer.out_features)
 
 
-def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str = "delayed") -> int:
-    """Route every FP8 layer of ``model`` through TransformerEngine (``recipe=None``: back to ours).
-    Modules are built lazily at the first forward (they need the activation dtype)."""
+def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str = "delayed",
+           adaln: str = "weight_only") -> int:
+    """Route the FP8 layers of ``model`` through TransformerEngine (``recipe=None``: back to ours).
+    With ``adaln="weight_only"`` (the runtime default) the adaLN modulation layers, which see one token
+    per sample, keep BF16 activations against their FP8 weight (our GEMV) as in the torch backend;
+    ``"fp8"`` sends them to TE too. Modules are built lazily at the first forward (they need the
+    activation dtype). Returns the number of layers routed to TE."""
     from .model import fp8_layers
+    from .runtime import ADALN
     layers = fp8_layers(model)
     if recipe is None:
         for layer in layers.values():
             layer.fp8_te = None
+            if layer.fp8_static == "weight_only" and getattr(layer, "_fp8_te_weight_only", False):
+                layer.fp8_set_static(None)
+            layer._fp8_te_weight_only = False
         return 0
     ok, why = availability()
     if not ok:
         raise RuntimeError(why)
     rec = te_recipe(recipe, scaling)
     key = (Format(recipe.fp8_format).value, recipe.amax_history_len, recipe.margin, scaling)
-    for layer in layers.values():
+    n = 0
+    for name, layer in layers.items():
         if layer.weight.dtype != E4M3:
             raise TypeError(f"{layer.fp8_name}: weight is {layer.weight.dtype}, not FP8")
+        if adaln == "weight_only" and ADALN.search(name):
+            layer.fp8_te = None
+            layer.fp8_set_static("weight_only")
+            layer._fp8_te_weight_only = True
+            continue
         if getattr(layer, "_fp8_te_key", None) != key:
             layer._fp8_te_modules = {}
             layer._fp8_te_key = key
         layer.fp8_te = {"recipe": rec, "margin": recipe.margin}
-    return len(layers)
+        n += 1
+    return n

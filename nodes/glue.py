@@ -416,12 +416,14 @@ def prepare_run(patcher):
     install_scales(dm, cfg.get("input_amax"))
     rt = cfg.get("runtime") or {}
     te = enabled and rt.get("backend") == "transformer_engine"
-    set_te(dm, recipe if te else None, rt.get("scaling", "delayed"))
+    set_te(dm, None)
     if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
     else:
         clear_static(dm)
+    if te:
+        set_te(dm, recipe, rt.get("scaling", "delayed"), rt.get("adaln", "weight_only"))
     if cfg.get("input_amax") is None and enabled and cfg.get("recipe") is not None:
         log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
                     "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")
