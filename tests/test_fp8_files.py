@@ -76,7 +76,7 @@ def check_stock_model(env, stock):
         assert stock_input_scale(s) == pytest.approx(amax[name] / 448.0, rel=1e-6), name
     # high-precision layers: exact in ComfyUI >= 0.4; ComfyUI 0.3.x's scaled-FP8 loader casts every Linear to FP8
     for name in ("context_embedder", "final_layer.linear", "t_embedder.mlp.0"):
-        a, b = stock_dequantized(dm.get_submodule(name)), ours.get_submodule(name).weight.detach().float()
+        a, b = stock_dequantized(dm.get_submodule(name)).detach(), ours.get_submodule(name).weight.detach().float()
         assert float((a - b).norm() / b.norm()) < 0.07, name
     out_stock, out_ours = denoise(env, stock), denoise(env, env.cal)
     assert torch.isfinite(out_stock).all()
@@ -101,6 +101,26 @@ def test_all_in_one_file_loads_in_stock_checkpoint_loader(env):
     vae_ours, vae_stock = env.vae.get_sd(), out[2].get_sd()
     assert vae_ours.keys() == vae_stock.keys()
     assert all(torch.equal(vae_ours[k].float(), vae_stock[k].float()) for k in vae_ours)
+
+
+def test_all_in_one_file_with_text_encoders_and_vae(env):
+    """CLIP given too: the text encoders go in under ComfyUI's SD3 prefixes and come back out of stock
+    CheckpointLoaderSimple and of our loader with the same weights."""
+    from run_batch import TINY_CLIP
+    clip_file = tiny_sd35.write_clip_l(os.path.join(REPO, ".cache", "test-models", TINY_CLIP))
+    clip = env.sd.load_clip([clip_file], clip_type=env.sd.CLIPType.SD3)
+    path, text = env.glue.save_fp8_checkpoint(env.cal, "tiny_fp8_aio_clip", clip=clip, vae=env.vae)
+    assert path.startswith(str(env.dir / "checkpoints")) and "all-in-one with text encoders and VAE" in text
+    keys = env.fp8.read_safetensors_header(path)[0]
+    assert any(k.startswith("text_encoders.clip_l.") for k in keys) and any(k.startswith("first_stage_model.")
+                                                                             for k in keys)
+    want = {k: v.float() for k, v in clip.get_sd().items()}
+    out = env.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+    check_stock_model(env, out[0])
+    for got in (out[1].get_sd(), env.glue.load_sd35_fp8(path)[1].get_sd()):
+        common_keys = set(want) & set(got)
+        assert len(common_keys) > 100
+        assert all(torch.equal(want[k], got[k].float()) for k in common_keys)
 
 
 def test_round_trip_through_our_loader_gives_identical_outputs(env):

@@ -1,0 +1,129 @@
+"""Peak host RSS of our loader when the FP8 weights stay in host RAM (ComfyUI on --cpu: the path a
+GPU too small for the FP8 weights, or CPU offload, takes). No GPU needed.
+
+Writes a random-weight SD3.5 file of the real shapes tensor by tensor (never the whole model in RAM),
+then in fresh processes: our loader quantizing it (``ours_bf16``, then saving our FP8 file with
+placeholder input scales) and our loader reading that FP8 file (``ours_fp8``). Stock loading is not
+run here: it holds the BF16 model plus the mapped file (2.06x the file on the H100 record).
+
+    python3 bench/cpu_load_rss.py --variant large --workdir /tmp/cpu-rss [--out bench/results/X.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from load_bench import GiB, drop_cache, rss_now  # noqa: E402
+
+
+def write_random(path: str, variant: str) -> None:
+    import torch
+    sys.path.insert(0, os.path.join(common.REPO, "scripts"))
+    sys.path.insert(0, common.REPO)
+    import tiny_sd35
+    from fp8.files import ST_NAMES
+    depth, attn2, pos = common.SHAPES[variant]
+    real = torch.randn
+    torch.randn = lambda *s, generator=None, **kw: real(*s, **dict(kw, device="meta"))
+    try:
+        meta = tiny_sd35.mmdit_state_dict(depth=depth, variant="medium" if attn2 else "large", attn2_blocks=attn2,
+                                          pos_embed_max_size=pos, seed=0)
+    finally:
+        torch.randn = real
+    header, off = {}, 0
+    for k, t in meta.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(0)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k, t in meta.items():
+            x = (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype) if t.is_floating_point() else torch.zeros(
+                t.shape, dtype=t.dtype)
+            f.write(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def child(a) -> dict:
+    glue = common.import_glue(a.comfy, cpu=True)
+    import folder_paths
+    folder_paths.add_model_folder_path("diffusion_models", a.workdir, is_default=True)
+    fp8 = sys.modules["sd35pack.fp8"]
+    src = os.path.join(a.workdir, f"sd3.5_{a.variant}_bf16.safetensors")
+    out = os.path.join(a.workdir, f"sd3.5_{a.variant}_fp8.safetensors")
+    path = src if a.child == "ours_bf16" else out
+    drop_cache(path)
+    base = rss_now()
+    t0 = time.perf_counter()
+    model, _, _, _ = glue.load_sd35_fp8(path)
+    res = {"mode": a.child, "load s": time.perf_counter() - t0, "base RSS GiB": base / GiB,
+           "peak RSS GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB,
+           "file GiB": os.path.getsize(path) / GiB,
+           "FP8 model weights GiB": fp8.weight_bytes(model.model.diffusion_model) / GiB,
+           "weights device": str(next(iter(fp8.fp8_layers(model.model.diffusion_model).values())).weight.device)}
+    res["peak RSS / file"] = res["peak RSS GiB"] / res["file GiB"]
+    if a.child == "ours_bf16":
+        layers = fp8.fp8_layers(model.model.diffusion_model)
+        cfg = dict(model.model_options[glue.KEY], input_amax={n: 4.0 for n in layers})  # placeholder scales
+        model.model_options[glue.KEY] = cfg
+        if os.path.exists(out):
+            os.unlink(out)
+        glue.save_fp8_checkpoint(model, os.path.basename(out).removesuffix(".safetensors"))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
+    ap.add_argument("--variant", default="large")
+    ap.add_argument("--workdir", default="/tmp/cpu-rss")
+    ap.add_argument("--child")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    os.makedirs(a.workdir, exist_ok=True)
+    if a.child:
+        print("RESULT " + json.dumps(child(a)), flush=True)
+        return
+    src = os.path.join(a.workdir, f"sd3.5_{a.variant}_bf16.safetensors")
+    if not os.path.exists(src):
+        t0 = time.perf_counter()
+        write_random(src, a.variant)
+        print(f"wrote {src} ({os.path.getsize(src) / GiB:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for mode in ("ours_bf16", "ours_fp8"):
+        r = subprocess.run([sys.executable, __file__, "--comfy", a.comfy, "--variant", a.variant, "--workdir",
+                            a.workdir, "--child", mode], capture_output=True, text=True)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+        rows.append(json.loads(line[7:]))
+        print(rows[-1], flush=True)
+    import platform
+    lines = [f"# Our loader with FP8 weights in host RAM (ComfyUI --cpu), SD3.5 {a.variant} shapes, random weights",
+             "", f"- command: `python3 bench/cpu_load_rss.py --variant {a.variant}`",
+             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; date {datetime.date.today()}",
+             "- fresh process per row; the file's pages dropped from the page cache first; RSS = ru_maxrss", ""]
+    for r in rows:
+        lines.append(f"## {r['mode']}")
+        lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
