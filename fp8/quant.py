@@ -55,3 +55,25 @@ def quantize_to_scale(w: torch.Tensor, scale: torch.Tensor, seed: int | None = N
         v = v + (torch.rand(v.shape, generator=g, device=v.device) - 0.5) * ulp
         v = torch.nan_to_num(v, nan=0.0, posinf=m, neginf=-m)
     return saturating_cast(v, 1.0, dtype)
+
+
+def quantize_per_tensor_chunked(w: torch.Tensor, scale: torch.Tensor | None = None, chunk_rows: int = 4096,
+                                dtype: torch.dtype = E4M3):
+    """``quantize_weight(w, "per_tensor")`` (or, given ``scale``, ``quantize_to_scale``) for a large
+    2-D table, ``chunk_rows`` rows at a time: same result, but the fp32 temporaries are one chunk, not
+    the table (the 90-226 M-value positional embedding would otherwise need ~3x its fp32 size)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor, got shape {tuple(w.shape)}")
+    if scale is None:
+        amax = torch.zeros((), dtype=torch.float32, device=w.device)
+        for c in w.split(chunk_rows):
+            cf = c.float()
+            if not bool(torch.isfinite(cf).all()):
+                raise ValueError("weight holds NaN/Inf values; the checkpoint is damaged")
+            amax = torch.maximum(amax, cf.abs().amax())
+        scale = (amax / fp8_max(dtype)).clamp_min(MIN_SCALE)
+    scale = scale.float().reshape(()).to(w.device)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    for i, c in enumerate(w.split(chunk_rows)):
+        out[i * chunk_rows:i * chunk_rows + c.shape[0]] = quantize_to_scale(c, scale, dtype=dtype)
+    return out, scale

@@ -28,13 +28,13 @@ import comfy.utils
 import folder_paths
 
 from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
-                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, quantize_weight, report,
+                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, report,
                    weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
 from ..fp8.files import MappedSafetensors, file_metadata, fp8_layer_tensors, hybrid_state_dict, write_safetensors
 from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
-from ..fp8.quant import quantize_to_scale
+from ..fp8.quant import quantize_per_tensor_chunked, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 from ..fp8.te_backend import set_te, te_autocast, te_recipe
 
@@ -379,12 +379,10 @@ def quantize_pos_embed(dm: torch.nn.Module, scale: torch.Tensor | None = None) -
     pe = getattr(dm, "pos_embed", None)
     if not isinstance(pe, torch.Tensor) or pe.dtype == torch.float8_e4m3fn or not hasattr(dm, "cropped_pos_embed"):
         return
-    if scale is None:
-        w8, scale = quantize_weight(pe.data.reshape(-1, pe.shape[-1]), "per_tensor")
-    else:
-        scale = scale.float().reshape(())
-        w8 = quantize_to_scale(pe.data.reshape(-1, pe.shape[-1]), scale)
-    dm.pos_embed = torch.nn.Parameter(w8.reshape(pe.shape), requires_grad=False)
+    shape = pe.shape
+    w8, scale = quantize_per_tensor_chunked(pe.data.reshape(-1, shape[-1]), scale)
+    del pe
+    dm.pos_embed = torch.nn.Parameter(w8.reshape(shape), requires_grad=False)
     dm.register_buffer("pos_embed_scale", scale.to(w8.device))
     crop = type(dm).cropped_pos_embed
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import fp8
 from fp8 import E4M3, E4M3_MAX, dequantize_weight, quantize_weight, saturating_cast, scale_from_amax
 
 
@@ -64,3 +65,17 @@ def test_scale_from_amax_rejects_nonfinite_and_applies_margin():
     assert float(scale_from_amax(448.0, margin=2)) == pytest.approx(4.0)
     with pytest.raises(ValueError, match="non-finite"):
         scale_from_amax(float("inf"))
+
+
+def test_chunked_per_tensor_quantization_equals_the_whole_table():
+    from fp8.quant import quantize_per_tensor_chunked
+    w = torch.randn(1000, 48) * 0.3
+    w[123, 7] = 9.0  # the amax sits in one chunk only
+    w8, s = fp8.quantize_weight(w, "per_tensor")
+    c8, cs = quantize_per_tensor_chunked(w, chunk_rows=64)
+    assert torch.equal(cs, s) and torch.equal(c8, w8)
+    g8, gs = quantize_per_tensor_chunked(w.bfloat16(), scale=s, chunk_rows=100)
+    assert torch.equal(gs, s) and torch.equal(g8, fp8.quantize_weight(w.bfloat16(), "per_tensor")[0])
+    w[5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize_per_tensor_chunked(w, chunk_rows=64)
