@@ -56,6 +56,9 @@ def write_random(path: str, variant: str) -> None:
 
 
 def child(a) -> dict:
+    if os.environ.get("SD35_BENCH_MMAP_THRESHOLD"):  # experiment: large allocations via mmap (no heap reuse)
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(os.environ["SD35_BENCH_MMAP_THRESHOLD"]))  # M_MMAP_THRESHOLD
     glue = common.import_glue(a.comfy, cpu=True)
     import folder_paths
     folder_paths.add_model_folder_path("diffusion_models", a.workdir, is_default=True)
