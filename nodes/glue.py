@@ -193,8 +193,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     src.stored_fp8 = bool(info.fp8_tensors)
     policy = QuantPolicy(granularity=granularity)
     qdev = comfy.model_management.get_torch_device()
-    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src,
-                   place=fp8_placement(src, info, policy, qdev))
+    place = fp8_placement(src, info, policy, qdev)
+    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place)
     sd, metadata = src.state_dict(), src.metadata
     pe_key = info.prefix + "pos_embed_scale"  # ours (exact FP8 pos_embed); not a key ComfyUI's model has
     pe_scale = sd.pop(pe_key).clone() if pe_key in sd else None
@@ -251,6 +251,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
                                 "recipe": None, "enabled": False, "load_info": text}
     # weight-only until calibrated/autocast; the wrapper also guards every sampling run
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
+    if place is not None:  # the FP8 weights are on the GPU already: register the model as loaded there, so
+        comfy.model_management.load_models_gpu([model])  # ComfyUI can offload it when others need the room
     if amax is not None:  # calibrated file: ready for the static runtime, as SD35FP8Calibrate's output is
         model = set_autocast(model, True, None)
         model.model_options[KEY] = dict(model.model_options[KEY], input_amax=amax, calibration=calibration)
