@@ -124,3 +124,32 @@ def time_cuda(fn, n: int = 10, warmup: int = 2):
 def rel(x, ref) -> float:
     x, ref = x.float(), ref.float()
     return float((x - ref).norm() / ref.norm())
+
+
+def run_child(cmd: list[str], mode: str) -> dict:
+    """Run one measurement in a fresh process (its own peak RSS/VRAM); it prints ``RESULT <json>``."""
+    import json
+    import subprocess
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode or line is None:
+        print(f"[{mode}] FAILED rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}", flush=True)
+        return {"mode": mode, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    row = json.loads(line[7:])
+    print(f"[{mode}] " + json.dumps(row), flush=True)
+    return row
+
+
+def write_rows_report(header: list[str], rows: list[dict], out: str | None) -> str:
+    """Markdown: the header lines, then one section per row (4 significant digits); printed and written."""
+    lines = list(header) + [""]
+    for r in rows:
+        lines.append(f"## {r['mode']}")
+        lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import struct
-import subprocess
 import sys
 import time
 
@@ -103,30 +102,14 @@ def main():
         t0 = time.perf_counter()
         write_random(src, a.variant)
         print(f"wrote {src} ({os.path.getsize(src) / GiB:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = []
-    for mode in ("ours_bf16", "ours_fp8"):
-        r = subprocess.run([sys.executable, __file__, "--comfy", a.comfy, "--variant", a.variant, "--workdir",
-                            a.workdir, "--child", mode], capture_output=True, text=True)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-        rows.append(json.loads(line[7:]))
-        print(rows[-1], flush=True)
+    rows = [common.run_child([sys.executable, __file__, "--comfy", a.comfy, "--variant", a.variant, "--workdir",
+                              a.workdir, "--child", mode], mode) for mode in ("ours_bf16", "ours_fp8")]
     import platform
-    lines = [f"# Our loader with FP8 weights in host RAM (ComfyUI --cpu), SD3.5 {a.variant} shapes, random weights",
-             "", f"- command: `python3 bench/cpu_load_rss.py --variant {a.variant}`",
-             f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; date {datetime.date.today()}",
-             "- fresh process per row; the file's pages dropped from the page cache first; RSS = ru_maxrss", ""]
-    for r in rows:
-        lines.append(f"## {r['mode']}")
-        lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
-        lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-
+    common.write_rows_report([
+        f"# Our loader with FP8 weights in host RAM (ComfyUI --cpu), SD3.5 {a.variant} shapes, random weights",
+        "", f"- command: `python3 bench/cpu_load_rss.py --variant {a.variant}`",
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; date {datetime.date.today()}",
+        "- fresh process per row; the file's pages dropped from the page cache first; RSS = ru_maxrss"], rows, a.out)
 
 if __name__ == "__main__":
     main()

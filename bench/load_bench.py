@@ -182,34 +182,17 @@ def main():
         return
     subprocess.run([sys.executable, __file__, "--variant", a.variant, "--workdir", a.workdir, "--depth",
                     str(a.depth), "--child", "make"], check=True)
-    rows = []
-    for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--comfy", a.comfy, "--variant", a.variant, "--size", str(a.size),
-               "--workdir", a.workdir, "--depth", str(a.depth), "--child", mode]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if r.returncode or line is None:
-            print(f"[{mode}] FAILED rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}", flush=True)
-            rows.append({"mode": mode, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]})
-            continue
-        rows.append(json.loads(line[7:]))
-        print(f"[{mode}] " + json.dumps(rows[-1]), flush=True)
+    rows = [common.run_child([sys.executable, __file__, "--comfy", a.comfy, "--variant", a.variant, "--size",
+                              str(a.size), "--workdir", a.workdir, "--depth", str(a.depth), "--child", mode], mode)
+            for mode in a.modes.split(",")]
     import torch
-    lines = [f"# Load / save / LoRA benchmark: SD3.5 {a.variant} shapes, random weights",
-             "", f"- command: `python bench/load_bench.py --variant {a.variant} --modes {a.modes}`",
-             f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}",
-             "- each row is a fresh process; file pages dropped from the page cache before each load;",
-             "  load s = file -> model resident on the GPU (ComfyUI load_models_gpu); RSS = ru_maxrss of that process", ""]
-    for r in rows:
-        lines.append(f"## {r['mode']}")
-        lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
-        lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-
+    common.write_rows_report([
+        f"# Load / save / LoRA benchmark: SD3.5 {a.variant} shapes, random weights",
+        "", f"- command: `python bench/load_bench.py --variant {a.variant} --modes {a.modes}`",
+        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}",
+        "- each row is a fresh process; file pages dropped from the page cache before each load;",
+        "  load s = file -> model resident on the GPU (ComfyUI load_models_gpu); RSS = ru_maxrss of that process"],
+        rows, a.out)
 
 if __name__ == "__main__":
     main()
