@@ -12,7 +12,6 @@ feature buys. Not the benchmark of record (that is bench/sd35_bench.py).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import re
@@ -24,10 +23,7 @@ import common  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
-    ap.add_argument("--variant", default="large")
-    ap.add_argument("--size", type=int, default=1024)
+    ap = common.arg_parser()
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--compile-depth", type=int, default=6)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: fidelity,eager,attention,compile")

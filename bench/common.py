@@ -15,8 +15,25 @@ SHAPES = {"large": (38, 0, 192), "medium": (24, 13, 384)}
 TEXT_TOKENS = 154  # ComfyUI: 77 (CLIP-L/G) + max(77, T5)
 
 
+def arg_parser(variant: bool = True, size: bool = True):
+    """The arguments every benchmark takes: ``--comfy`` (ComfyUI source), ``--variant``, ``--size``."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--comfy", default=os.path.join(REPO, ".comfyui"))
+    if variant:
+        ap.add_argument("--variant", default="large")
+    if size:
+        ap.add_argument("--size", type=int, default=1024)
+    return ap
+
+
 def import_glue(comfy_dir: str, cpu: bool = False):
-    """Import ComfyUI's model code (no server) and this pack's glue as package ``sd35pack``."""
+    """Import ComfyUI's model code (no server) and this pack's glue as package ``sd35pack``.
+    TransformerEngine, when installed, is imported first (before torch loads cuDNN: fp8/te_backend.py)."""
+    if not cpu:
+        sys.path.insert(0, REPO)
+        from fp8.te_backend import preload
+        preload()
     sys.path.insert(0, os.path.abspath(comfy_dir))
     import comfy.options
     comfy.options.enable_args_parsing()

@@ -10,12 +10,10 @@ run here: it holds the BF16 model plus the mapped file (2.06x the file on the H1
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import resource
-import struct
 import sys
 import time
 
@@ -29,7 +27,7 @@ def write_random(path: str, variant: str) -> None:
     sys.path.insert(0, os.path.join(common.REPO, "scripts"))
     sys.path.insert(0, common.REPO)
     import tiny_sd35
-    from fp8.files import ST_NAMES
+    from fp8.files import write_safetensors
     depth, attn2, pos = common.SHAPES[variant]
     real = torch.randn
     torch.randn = lambda *s, generator=None, **kw: real(*s, **dict(kw, device="meta"))
@@ -38,20 +36,13 @@ def write_random(path: str, variant: str) -> None:
                                           pos_embed_max_size=pos, seed=0)
     finally:
         torch.randn = real
-    header, off = {}, 0
-    for k, t in meta.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     g = torch.Generator().manual_seed(0)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for k, t in meta.items():
-            x = (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype) if t.is_floating_point() else torch.zeros(
-                t.shape, dtype=t.dtype)
-            f.write(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def random(name, t):
+        return (torch.randn(t.shape, generator=g) * 0.02).to(t.dtype) if t.is_floating_point() else torch.zeros(
+            t.shape, dtype=t.dtype)
+
+    write_safetensors(path, meta, materialize=random)
 
 
 def child(a) -> dict:
@@ -86,9 +77,7 @@ def child(a) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
-    ap.add_argument("--variant", default="large")
+    ap = common.arg_parser(size=False)
     ap.add_argument("--workdir", default="/tmp/cpu-rss")
     ap.add_argument("--child")
     ap.add_argument("--out")

@@ -17,7 +17,6 @@ include reading the file. Usage: ``python bench/load_bench.py --variant large --
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -163,10 +162,7 @@ def make_file(a) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
-    ap.add_argument("--variant", default="large")
-    ap.add_argument("--size", type=int, default=1024)
+    ap = common.arg_parser()
     ap.add_argument("--workdir", default="/tmp/sd35-load-bench")
     ap.add_argument("--modes", default="stock_bf16,ours_bf16,ours_fp8,stock_fp8,lora")
     ap.add_argument("--depth", type=int, default=0, help="smoke test: this many joint blocks")

@@ -21,7 +21,6 @@ relative error of the final latent after a 28-step euler/sgm_uniform run, CFG 4.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -39,10 +38,8 @@ COLS = ("variant", "mode", "ms b2", "ms b8", "first call s (b2/b8)", "peak VRAM 
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
+    ap = common.arg_parser(variant=False)
     ap.add_argument("--variants", default="large,medium")
-    ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of row keys to skip (see ROWS in the source)")
@@ -50,9 +47,6 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
-    sys.path.insert(0, common.REPO)
-    from fp8.te_backend import preload
-    preload()  # before torch loads cuDNN (fp8/te_backend.py)
     glue = common.import_glue(a.comfy)
     import torch
     from safetensors.torch import save_file
@@ -60,7 +54,6 @@ def main():
     import comfy.sample
     import comfy.sd
     from comfy_api.torch_helpers import set_torch_compile_wrapper
-    fp8 = sys.modules["sd35pack.fp8"]
 
     dev = mm.get_torch_device()
     rows, notes = [], []
@@ -170,10 +163,6 @@ def main():
                 measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling)", te, ref)
                 del te
             glue.set_te(cal.model.diffusion_model, None)
-            for layer in fp8.fp8_layers(cal.model.diffusion_model).values():
-                layer._fp8_te_modules = {}
-            gc.collect()
-            torch.cuda.empty_cache()
         full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
         if "no_cudagraphs" not in skip:
             measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)

@@ -11,7 +11,6 @@ against that bound, and NaN/Inf.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import sys
@@ -22,16 +21,10 @@ import common  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--comfy", default=os.path.join(common.REPO, ".comfyui"))
-    ap.add_argument("--variant", default="large")
-    ap.add_argument("--size", type=int, default=1024)
+    ap = common.arg_parser()
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--out")
     a = ap.parse_args()
-    sys.path.insert(0, common.REPO)
-    from fp8.te_backend import preload
-    preload()
     glue = common.import_glue(a.comfy)
     import torch
     import comfy.model_management as mm

@@ -14,7 +14,7 @@ import mmap
 import os
 import struct
 import tempfile
-from typing import Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -62,7 +62,7 @@ class MappedSafetensors:
         n = 1
         for s in shape:
             n *= s
-        if n * torch.empty((), dtype=dtype).element_size() != end - start:
+        if n * dtype.itemsize != end - start:
             raise CheckpointError(f"{os.path.basename(self.path)}: tensor {name} has {end - start} bytes for shape "
                                   f"{shape} {info['dtype']}: the file is damaged")
         if n == 0:
@@ -97,11 +97,14 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      overwrite: bool = False) -> int:
+                      overwrite: bool = False,
+                      materialize: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> int:
     """Write ``tensors`` (any device; moved to the CPU one at a time) as a safetensors file.
 
     The file appears atomically (written next to ``path``, then renamed): an interrupted save never
-    leaves a truncated checkpoint, and an existing file is kept unless ``overwrite``. Returns bytes written.
+    leaves a truncated checkpoint, and an existing file is kept unless ``overwrite``. With
+    ``materialize``, ``tensors`` only give names, shapes and dtypes (e.g. meta tensors) and
+    ``materialize(name, t)`` produces each tensor's data when it is written. Returns bytes written.
     """
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; enable overwrite to replace it")
@@ -123,8 +126,8 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
-            for t in tensors.values():
-                f.write(_raw_bytes(t))
+            for name, t in tensors.items():
+                f.write(_raw_bytes(materialize(name, t) if materialize else t))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -207,10 +210,6 @@ def fp8_layer_tensors(state_dict: Mapping[str, torch.Tensor], prefix: str):
             raise CheckpointError(f"{prefix}input_scale is not a positive finite scalar ({xs.tolist()[:4]})")
         xs = xs.reshape(()).clone()
     return ws, xs
-
-
-def fp8_aux_keys(prefix: str) -> Iterable[str]:
-    return (prefix + s for s in ("weight_scale", "input_scale", "scale_weight", "scale_input", "comfy_quant"))
 
 
 def file_metadata(calibration: dict | None, policy: dict | None, variant: str, version: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from .autocast import DelayedScaling, current_state
 from .formats import E4M3, E4M3_MAX, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
 from .kernels import fp8_weight_only_linear
 from .quant import dequantize_weight, quantize_weight
+from .te_backend import te_forward
 
 _fp8_ok: dict[torch.device, bool] = {}
 
@@ -190,7 +191,6 @@ class FP8LinearMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:
             if self.fp8_te is not None and x.is_cuda and self.weight.device == x.device:
-                from .te_backend import te_forward
                 return te_forward(self, x)
             # the static path needs the weights and scales where x is (ComfyUI may offload) and, for
             # FP8 matmul, FP8 tensor cores; otherwise the autocast path (with its weight-only fallback)

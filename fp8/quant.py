@@ -8,26 +8,38 @@ from .formats import E4M3, MIN_SCALE, fp8_max, saturating_cast
 GRANULARITIES = ("per_tensor", "per_channel")
 
 
-def quantize_weight(w: torch.Tensor, granularity: str = "per_tensor", dtype: torch.dtype = E4M3):
+def quantize_weight(w: torch.Tensor, granularity: str = "per_tensor", dtype: torch.dtype = E4M3,
+                    scale: torch.Tensor | None = None, chunk_rows: int = 4096):
     """Return ``(w_fp8, scale)`` with ``w ≈ w_fp8.float() * scale``.
 
-    per_tensor: scale is a 0-d fp32 tensor. per_channel: scale has shape ``[out_features]``.
-    The amax reduction runs in fp32; the cast clamps first (see :func:`saturating_cast`).
+    per_tensor: scale is a 0-d fp32 tensor. per_channel: scale has shape ``[out_features]``. Given
+    ``scale`` (e.g. one a file recorded) it is used instead of being derived from the amax. The
+    amax reduction runs in fp32 and the cast clamps first (:func:`saturating_cast`), ``chunk_rows``
+    rows at a time: the fp32 temporaries are one chunk, never the whole tensor (the 90-226 M-value
+    positional-embedding table would otherwise need ~3x its fp32 size).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown weight granularity {granularity!r}; use one of {GRANULARITIES}")
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D Linear weight, got shape {tuple(w.shape)}")
-    wf = w.detach().float()
-    if not bool(torch.isfinite(wf).all()):
-        raise ValueError("weight holds NaN/Inf values; the checkpoint is damaged")
-    if granularity == "per_tensor":
-        amax = wf.abs().amax()
-    else:
-        amax = wf.abs().amax(dim=1)
-    scale = (amax / fp8_max(dtype)).clamp_min(MIN_SCALE)
-    s = scale if granularity == "per_tensor" else scale[:, None]
-    return saturating_cast(wf, s, dtype), scale.to(torch.float32)
+    w = w.detach()
+    per_tensor = granularity == "per_tensor"
+    if scale is None:
+        amaxes = []
+        for c in w.split(chunk_rows):
+            cf = c.float()
+            if not bool(torch.isfinite(cf).all()):
+                raise ValueError("weight holds NaN/Inf values; the checkpoint is damaged")
+            amaxes.append(cf.abs().amax() if per_tensor else cf.abs().amax(dim=1))
+        amax = torch.stack(amaxes).amax() if per_tensor else torch.cat(amaxes)
+        scale = (amax / fp8_max(dtype)).clamp_min(MIN_SCALE)
+    scale = scale.to(device=w.device, dtype=torch.float32)
+    scale = scale.reshape(()) if per_tensor else scale.reshape(-1)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    for r0 in range(0, w.shape[0], chunk_rows):
+        rows = slice(r0, r0 + chunk_rows)
+        out[rows] = quantize_to_scale(w[rows], scale if per_tensor else scale[rows], dtype=dtype)
+    return out, scale
 
 
 def dequantize_weight(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -56,24 +68,3 @@ def quantize_to_scale(w: torch.Tensor, scale: torch.Tensor, seed: int | None = N
         v = torch.nan_to_num(v, nan=0.0, posinf=m, neginf=-m)
     return saturating_cast(v, 1.0, dtype)
 
-
-def quantize_per_tensor_chunked(w: torch.Tensor, scale: torch.Tensor | None = None, chunk_rows: int = 4096,
-                                dtype: torch.dtype = E4M3):
-    """``quantize_weight(w, "per_tensor")`` (or, given ``scale``, ``quantize_to_scale``) for a large
-    2-D table, ``chunk_rows`` rows at a time: same result, but the fp32 temporaries are one chunk, not
-    the table (the 90-226 M-value positional embedding would otherwise need ~3x its fp32 size)."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D tensor, got shape {tuple(w.shape)}")
-    if scale is None:
-        amax = torch.zeros((), dtype=torch.float32, device=w.device)
-        for c in w.split(chunk_rows):
-            cf = c.float()
-            if not bool(torch.isfinite(cf).all()):
-                raise ValueError("weight holds NaN/Inf values; the checkpoint is damaged")
-            amax = torch.maximum(amax, cf.abs().amax())
-        scale = (amax / fp8_max(dtype)).clamp_min(MIN_SCALE)
-    scale = scale.float().reshape(()).to(w.device)
-    out = torch.empty(w.shape, dtype=dtype, device=w.device)
-    for i, c in enumerate(w.split(chunk_rows)):
-        out[i * chunk_rows:i * chunk_rows + c.shape[0]] = quantize_to_scale(c, scale, dtype=dtype)
-    return out, scale

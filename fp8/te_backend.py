@@ -22,8 +22,8 @@ INSTALL_HINT = ("install it with `pip install --no-build-isolation transformer-e
                 "with FP8 tensor cores: Ada sm_89, Hopper sm_90, Blackwell; CUDA toolkit matching your torch)")
 SCALINGS = ("delayed", "current")
 BACKENDS = ("auto", "torch", "transformer_engine")
-# The faster backend per GPU class (compute capability), as measured by bench/te_bench.py; classes
-# not measured get our torch path. See bench/results/ for the runs behind each entry.
+# The faster backend per GPU class (compute capability), as measured by bench/sd35_bench.py's TE rows
+# (bench/results/2026-11-22_h100_sd35_te_backend.md); classes not measured get our torch path.
 MEASURED_FASTER = {(9, 0): "torch"}
 
 

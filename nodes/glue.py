@@ -28,13 +28,13 @@ import comfy.utils
 import folder_paths
 
 from ..fp8 import (CalibrationSession, CheckpointError, DelayedScaling, FP8LinearMixin, QuantPolicy,
-                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, report,
+                   bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, inspect_checkpoint, quantize_weight, report,
                    weight_bytes)
 from ..fp8.checkpoint import DIFFUSION_PREFIX
 from ..fp8.files import MappedSafetensors, file_metadata, fp8_layer_tensors, hybrid_state_dict, write_safetensors
 from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
-from ..fp8.quant import quantize_per_tensor_chunked, quantize_to_scale
+from ..fp8.quant import dequantize_weight, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 from ..fp8.te_backend import set_te, te_autocast, te_recipe
 
@@ -120,11 +120,10 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
         def convert_weight(self, weight, inplace=False, **kwargs):
             if not self.fp8_quantized:
                 return weight
-            s = self.weight_scale.to(weight.device, torch.float32)
-            s = s[:, None] if s.dim() == 1 else s
             if inplace and weight.dtype == torch.float32:
-                return weight.mul_(s)
-            return weight.float() * s
+                s = self.weight_scale.to(weight.device, torch.float32)
+                return weight.mul_(s[:, None] if s.dim() == 1 else s)
+            return dequantize_weight(weight, self.weight_scale, torch.float32)
 
         def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
             if not self.fp8_quantized:
@@ -382,7 +381,7 @@ def quantize_pos_embed(dm: torch.nn.Module, scale: torch.Tensor | None = None) -
     if not isinstance(pe, torch.Tensor) or pe.dtype == torch.float8_e4m3fn or not hasattr(dm, "cropped_pos_embed"):
         return
     shape = pe.shape
-    w8, scale = quantize_per_tensor_chunked(pe.data.reshape(-1, shape[-1]), scale)
+    w8, scale = quantize_weight(pe.data.reshape(-1, shape[-1]), "per_tensor", scale=scale)
     del pe
     dm.pos_embed = torch.nn.Parameter(w8.reshape(shape), requires_grad=False)
     dm.register_buffer("pos_embed_scale", scale.to(w8.device))

@@ -253,3 +253,25 @@ def test_bf16_load_never_materialises_high_precision_weights_of_fp8_layers(env):
         assert l.weight.dtype == torch.float8_e4m3fn
         tensors = [t for t in list(l.parameters()) + list(l.buffers()) if t is not None]
         assert sum(t.numel() * t.element_size() for t in tensors) < l.weight.numel() * 1.1 + 4096, name
+
+
+def test_writer_streams_materialized_tensors_and_never_leaves_a_partial_file(tmp_path):
+    from fp8.files import MappedSafetensors, write_safetensors
+    shapes = {"a": torch.empty(3, 4, device="meta", dtype=torch.bfloat16),
+              "b": torch.empty(5, device="meta", dtype=torch.float8_e4m3fn)}
+    data = {"a": torch.randn(3, 4).bfloat16(), "b": torch.randn(5).to(torch.float8_e4m3fn)}
+    path = str(tmp_path / "x.safetensors")
+    write_safetensors(path, shapes, {"k": "v"}, materialize=lambda name, t: data[name])
+    got = load_file(path)
+    assert all(torch.equal(got[k].float(), data[k].float()) for k in data)
+    src = MappedSafetensors(path)
+    assert src.metadata == {"k": "v"} and torch.equal(src.tensor("a"), data["a"])
+
+    def broken(name, t):
+        if name == "b":
+            raise RuntimeError("disk full")
+        return data[name]
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_safetensors(path, shapes, overwrite=True, materialize=broken)
+    assert torch.equal(load_file(path)["a"], data["a"])  # the old file is intact
+    assert os.listdir(tmp_path) == ["x.safetensors"]

@@ -67,15 +67,16 @@ def test_scale_from_amax_rejects_nonfinite_and_applies_margin():
         scale_from_amax(float("inf"))
 
 
-def test_chunked_per_tensor_quantization_equals_the_whole_table():
-    from fp8.quant import quantize_per_tensor_chunked
+def test_chunked_quantization_equals_the_whole_table():
     w = torch.randn(1000, 48) * 0.3
     w[123, 7] = 9.0  # the amax sits in one chunk only
-    w8, s = fp8.quantize_weight(w, "per_tensor")
-    c8, cs = quantize_per_tensor_chunked(w, chunk_rows=64)
-    assert torch.equal(cs, s) and torch.equal(c8, w8)
-    g8, gs = quantize_per_tensor_chunked(w.bfloat16(), scale=s, chunk_rows=100)
-    assert torch.equal(gs, s) and torch.equal(g8, fp8.quantize_weight(w.bfloat16(), "per_tensor")[0])
+    s = w.abs().amax() / E4M3_MAX
+    w8, ws = quantize_weight(w, "per_tensor", chunk_rows=64)
+    assert torch.equal(ws, s) and torch.equal(w8, saturating_cast(w, s))
+    c8, cs = quantize_weight(w, "per_channel", chunk_rows=64)
+    assert torch.equal(cs, w.abs().amax(dim=1) / E4M3_MAX) and torch.equal(c8, saturating_cast(w, cs[:, None]))
+    g8, gs = quantize_weight(w.bfloat16(), "per_tensor", scale=s, chunk_rows=100)  # a given scale is kept
+    assert torch.equal(gs, s) and torch.equal(g8, quantize_weight(w.bfloat16(), "per_tensor")[0])
     w[5, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
-        quantize_per_tensor_chunked(w, chunk_rows=64)
+        quantize_weight(w, chunk_rows=64)
