@@ -157,12 +157,14 @@ def main():
         if "te" not in skip and not te_ok:
             notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
         elif "te" not in skip:
-            for scaling in ("delayed", "current"):
+            for scaling, graphs in (("delayed", False), ("current", False), ("delayed", True), ("current", True)):
                 te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
-                                                             scaling=scaling))
-                measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling)", te, ref)
+                                                             scaling=scaling, cudagraphs=graphs))
+                measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling"
+                                 + (", CUDA graphs)" if graphs else ")"), te, ref)
                 del te
             glue.set_te(cal.model.diffusion_model, None)
+            glue.drop_graphs(cal.model.diffusion_model)
         full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
         if "no_cudagraphs" not in skip:
             measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)

@@ -36,13 +36,15 @@ from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
 from ..fp8.quant import dequantize_weight, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
-from ..fp8.te_backend import set_te, te_autocast, te_recipe
+from ..fp8.graphs import GraphedModule
+from ..fp8.te_backend import set_te, te_autocast, te_recipe, te_step
 
 log = logging.getLogger("sd35fp8")
 KEY = "sd35fp8"
 AUTOCAST_KEY = "sd35fp8_autocast"
 CALIBRATE_KEY = "sd35fp8_calibrate"
 COMPILE_KEY = "sd35fp8_compile"
+TE_KEY = "sd35fp8_te"
 # The runtime every speed feature on (the SD35FP8Autocast defaults): static scales, fused casts,
 # torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
@@ -416,6 +418,8 @@ def prepare_run(patcher):
     rt = cfg.get("runtime") or {}
     te = enabled and rt.get("backend") == "transformer_engine"
     set_te(dm, None)
+    if not (te and rt.get("cudagraphs")):
+        drop_graphs(dm)
     if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
@@ -506,9 +510,42 @@ def apply_runtime_options(m, rt: dict) -> None:
     if backend != "auto" and "optimized_attention_override" not in to:
         to["optimized_attention_override"] = attention_override(backend)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY)
-    if rt.get("compile") and rt.get("backend", "torch") == "torch":  # TE modules run eager
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TE_KEY)
+    if rt.get("backend", "torch") == "transformer_engine":  # TE modules run eager (no torch.compile)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, TE_KEY,
+                               te_wrapper(bool(rt.get("cudagraphs"))))
+    elif rt.get("compile"):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
                                compile_wrapper("reduce-overhead" if rt.get("cudagraphs") else None))
+
+
+def drop_graphs(dm: torch.nn.Module) -> None:
+    """Free the TE backend's captured CUDA graphs (and their memory pools) of this diffusion model."""
+    dm.__dict__.pop("_sd35fp8_graphed", None)
+
+
+def te_wrapper(graphs: bool):
+    """APPLY_MODEL wrapper for the TransformerEngine backend: TE's delayed-scaling update after every
+    denoiser call (``te_step``) and, with ``graphs``, the whole diffusion model replayed as CUDA graphs,
+    one per resolution/batch (``fp8.graphs``; TE modules cannot go through torch.compile, and eager
+    they spend ~150 µs of host time per Linear call). Graphs are re-captured when ComfyUI replaces
+    weights (LoRA merge, offload/reload); a model that cannot be captured runs eager with a warning."""
+    def wrapper(executor, *args, **kwargs):
+        base = executor.class_obj
+        dm = base.diffusion_model
+        if not graphs or not torch.cuda.is_available() or next(dm.parameters()).device.type != "cuda":
+            out = executor(*args, **kwargs)
+            te_step()
+            return out
+        runner = dm.__dict__.get("_sd35fp8_graphed")
+        if runner is None:
+            runner = dm.__dict__["_sd35fp8_graphed"] = GraphedModule(dm, after=te_step)
+        base.diffusion_model = runner
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            base.diffusion_model = dm
+    return wrapper
 
 
 _compile_broken: set[str] = set()

@@ -138,11 +138,14 @@ class SD35FP8Autocast(io.ComfyNode):
                                tooltip="SDPA backend for the MMDiT attention; auto = cuDNN on NVIDIA GPUs "
                                        "(fastest on Hopper at SD3.5 shapes), else ComfyUI's choice"),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                                 tooltip="with compile: replay the whole denoiser as CUDA graphs (removes "
-                                         "launch gaps; holds a private memory pool per resolution/batch)"),
+                                 tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
+                                         "(removes launch gaps; holds a private memory pool per shape). torch "
+                                         "backend: with compile (reduce-overhead); transformer_engine: removes "
+                                         "TE's per-layer host overhead"),
                 io.Combo.Input("scaling", options=list(SCALINGS), default="delayed", optional=True,
-                               tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling, seeded "
-                                       "with the calibrated amax) or current scaling (per-call amax)"),
+                               tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling: history "
+                                       "seeded with the calibrated amax, updated after every denoiser call) or "
+                                       "current scaling (per-call amax)"),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
         )
@@ -173,7 +176,8 @@ class SD35FP8Autocast(io.ComfyNode):
             raise ValueError(f"unknown attention backend {attention!r}; use one of {ATTENTION_BACKENDS}")
         recipe = DelayedScaling(fp8_format=fp8_format, amax_history_len=amax_history_len, margin=margin)
         runtime = dict(glue.DEFAULT_RUNTIME, compile=bool(compile), attention=attention,
-                       cudagraphs=bool(compile and cuda_graphs), backend=backend, scaling=scaling)
+                       cudagraphs=bool(cuda_graphs and (compile or backend == "transformer_engine")),
+                       backend=backend, scaling=scaling)
         return io.NodeOutput(glue.set_autocast(model, enabled, recipe, runtime))
 
 

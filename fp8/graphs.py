@@ -1,0 +1,160 @@
+"""Whole-forward CUDA graphs for models that cannot go through ``torch.compile`` (TransformerEngine
+modules run eager, with ~150 µs of host time per Linear call): capture the forward once per input
+signature, then replay it, so a denoiser call costs one graph launch instead of hundreds of kernel
+launches from Python.
+
+``GraphedModule(module, after=...)`` stands in for ``module`` (attribute reads fall through to it).
+Per call it flattens the arguments; the signature is every tensor's shape/dtype/device plus the
+plain values (numbers, strings, callables by identity) that can steer Python control flow. A new
+signature runs ``warmup`` eager calls (lazy module builds, workspaces, library handles), then is
+captured into a private memory pool shared by this module's graphs; later calls copy their tensors
+into the captured inputs and replay. The output is cloned (the next replay overwrites the graph's).
+``after`` (e.g. TE's delayed-scaling amax/scale update) runs after the forward, inside the graph.
+A graph holds raw pointers to every weight: ``version`` (default :func:`state_version`) is checked at
+every call, and when a parameter or buffer was replaced (a LoRA merge, offloading and reloading) or
+a TE module rebuilt, all graphs are dropped and re-captured. In-place weight updates need nothing.
+
+Anything that cannot be captured (a host sync, a CPU tensor, a data-dependent branch) makes the
+capture fail: that signature then runs eager for good, with one warning, and results are unchanged.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger("sd35fp8")
+PLAIN = (int, float, bool, str, bytes, type(None))
+
+
+def signature(args: tuple, kwargs: dict):
+    """Hashable description of a call: tensors by shape/dtype/device, plain values by value, other
+    objects by type (callables by identity), plus the argument structure."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            sig.append(("T", tuple(v.shape), v.dtype, v.device, v.requires_grad))
+        elif isinstance(v, PLAIN):
+            sig.append(("V", v))
+        elif callable(v):
+            sig.append(("F", id(v)))
+        else:
+            sig.append(("O", type(v).__qualname__))
+    return str(spec), tuple(sig)
+
+
+def state_version(module: torch.nn.Module):
+    """A cheap fingerprint of where ``module``'s tensors live: every parameter's and buffer's storage
+    address, and the identity of per-layer TE modules (``_fp8_te_modules``). The module list is cached
+    (modules are not replaced; their tensors are)."""
+    mods = module.__dict__.get("_sd35fp8_modules")
+    if mods is None:
+        mods = module.__dict__["_sd35fp8_modules"] = list(module.modules())
+    out = []
+    for m in mods:
+        for t in m._parameters.values():
+            out.append(0 if t is None else t.data_ptr())
+        for t in m._buffers.values():
+            out.append(0 if t is None else t.data_ptr())
+        te = m.__dict__.get("_fp8_te_modules")
+        if te:
+            out.extend(id(v) for v in te.values())
+    return tuple(out)
+
+
+class _Graph:
+    __slots__ = ("graph", "inputs", "spec", "output", "calls")
+
+    def __init__(self):
+        self.graph, self.inputs, self.spec, self.output, self.calls = None, None, None, None, 0
+
+
+class GraphedModule(torch.nn.Module):
+    """Replays ``module``'s forward as CUDA graphs, one per call signature (at most ``max_graphs``,
+    least recently used dropped). Not registered as a child: parameters stay ``module``'s own."""
+
+    def __init__(self, module: torch.nn.Module, after=None, warmup: int = 2, max_graphs: int = 4,
+                 version=state_version):
+        super().__init__()
+        self.__dict__["module"] = module
+        self.__dict__["after"] = after
+        self.__dict__["version"] = version
+        self.__dict__["seen_version"] = None
+        self.__dict__["warmup"] = max(1, int(warmup))
+        self.__dict__["max_graphs"] = max(1, int(max_graphs))
+        self.__dict__["graphs"] = collections.OrderedDict()
+        self.__dict__["failed"] = set()
+        self.__dict__["pool"] = None
+        self.__dict__["replays"] = 0
+
+    def __getattr__(self, name):  # dtype, config, ... of the wrapped model
+        return getattr(self.__dict__["module"], name)
+
+    def _eager(self, args, kwargs):
+        out = self.module(*args, **kwargs)
+        if self.after is not None:
+            self.after()
+        return out
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory pool)."""
+        self.graphs.clear()
+        self.__dict__["pool"] = None
+
+    def forward(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves):
+            return self._eager(args, kwargs)
+        v = self.version(self.module) if self.version is not None else None
+        if v != self.seen_version:
+            self.reset()
+            self.__dict__["seen_version"] = v
+        key = signature(args, kwargs)
+        if key in self.failed:
+            return self._eager(args, kwargs)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = _Graph()
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        if g.graph is None:
+            g.calls += 1
+            if g.calls <= self.warmup:
+                return self._eager(args, kwargs)
+            try:
+                self._capture(g, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - whatever broke the capture, eager still works
+                self.graphs.pop(key, None)
+                self.failed.add(key)
+                torch.cuda.synchronize()
+                log.warning("sd35fp8: this model cannot be captured as a CUDA graph (%s: %s); running it eager "
+                            "for this input shape (same results, slower)", type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else "")
+                return self._eager(args, kwargs)
+        for dst, src in zip(g.inputs, pytree.tree_leaves((args, kwargs))):
+            if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        g.graph.replay()
+        self.__dict__["replays"] += 1
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, g.output)
+
+    def _capture(self, g: _Graph, args, kwargs) -> None:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        static = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+        s_args, s_kwargs = pytree.tree_unflatten(static, spec)
+        if self.pool is None:
+            self.__dict__["pool"] = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()  # capture needs a warmed-up side stream (torch.cuda.graphs docs)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the forward only: ``after`` must run once per call, as eager
+            self.module(*s_args, **s_kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        s_args, s_kwargs = pytree.tree_unflatten(static, spec)  # fresh containers (forward may mutate dicts)
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._eager(s_args, s_kwargs)
+        g.graph, g.inputs, g.spec, g.output = graph, static, spec, out

@@ -1,0 +1,141 @@
+"""fp8.graphs: whole-forward CUDA graph replay (used by the TransformerEngine backend). The keying,
+versioning and eager paths run on the CPU; capture and replay run on the GPU machine."""
+import logging
+
+import pytest
+import torch
+
+from fp8.graphs import GraphedModule, signature, state_version
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class Net(torch.nn.Module):
+    """Shaped like ComfyUI's diffusion-model call: tensors plus a transformer_options dict."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.a = torch.nn.Linear(d, 4 * d)
+        self.b = torch.nn.Linear(4 * d, d)
+        self.register_buffer("scale", torch.tensor(0.5))
+        self.calls = 0
+
+    @property
+    def dtype(self):
+        return self.a.weight.dtype
+
+    def forward(self, x, t, context=None, transformer_options=None):
+        self.calls += 1
+        transformer_options["block_index"] = 0  # ComfyUI's blocks write into the options dict
+        h = torch.nn.functional.gelu(self.a(x + t[:, None, None] + context.mean(1, keepdim=True)))
+        out = self.b(h) * self.scale
+        return -out if transformer_options.get("flip") else out
+
+
+def args(b=2, s=16, d=64, device="cpu", seed=0, flip=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, s, d, generator=g).to(device)
+    t = torch.rand(b, generator=g).to(device)
+    ctx = torch.randn(b, 5, d, generator=g).to(device)
+    return (x, t), {"context": ctx, "transformer_options": {"cond_or_uncond": [1, 0], "flip": flip}}
+
+
+def test_signature_keys_on_shapes_dtypes_and_plain_values_not_tensor_values():
+    a, k = args()
+    a2, k2 = args(seed=1)
+    assert signature(a, k) == signature(a2, k2)  # same shapes, other values: one graph
+    assert signature(*args(b=4)) != signature(a, k)  # batch
+    assert signature(*args(s=8)) != signature(a, k)  # resolution
+    assert signature(*args(flip=True)) != signature(a, k)  # a plain value that steers control flow
+    a3 = (a[0].to(torch.bfloat16), a[1])
+    assert signature(a3, k) != signature(a, k)  # dtype
+    f, g = (lambda: 0), (lambda: 0)
+    k_f, k_g = dict(k, fn=f), dict(k, fn=g)
+    assert signature(a, k_f) == signature(a, dict(k, fn=f)) and signature(a, k_f) != signature(a, k_g)
+
+
+def test_state_version_sees_replaced_tensors_not_in_place_updates():
+    net = Net()
+    v0 = state_version(net)
+    with torch.no_grad():
+        net.a.weight.add_(1.0)  # in place: a captured graph reads the new values by itself
+    assert state_version(net) == v0
+    net.a.weight = torch.nn.Parameter(net.a.weight.detach().clone())  # what a LoRA merge / offload does
+    v1 = state_version(net)
+    assert v1 != v0
+    net.scale = torch.tensor(2.0)
+    assert state_version(net) != v1
+    net.a.__dict__["_fp8_te_modules"] = {torch.bfloat16: object()}  # a (re)built TE module
+    assert state_version(net) != state_version(Net())
+
+
+def test_cpu_calls_run_eager_with_after_once_per_call_and_attributes_fall_through():
+    net = Net()
+    seen = []
+    gm = GraphedModule(net, after=lambda: seen.append(1))
+    a, k = args()
+    ref = net(*a, **args()[1])
+    net.calls = 0
+    for _ in range(4):
+        assert torch.equal(gm(*a, **k), ref)
+    assert net.calls == 4 and len(seen) == 4 and gm.replays == 0 and not gm.graphs
+    assert gm.dtype == torch.float32 and gm.scale is net.scale  # read through to the wrapped model
+    assert not list(gm.parameters())  # not a child module: the weights stay the wrapped model's own
+
+
+@cuda
+def test_replay_matches_eager_per_shape_and_outputs_are_not_aliased():
+    torch.manual_seed(0)
+    net = Net().cuda()
+    counter = torch.zeros((), device="cuda")
+    gm = GraphedModule(net, after=lambda: counter.add_(1), warmup=2)
+    runs = [args(seed=i, device="cuda") for i in range(6)]
+    with torch.no_grad():
+        refs = [net(*a, **k) for a, k in runs]
+        counter.zero_()
+        net.calls = 0
+        outs = [gm(*a, **k) for a, k in runs]
+    torch.cuda.synchronize()
+    for o, r in zip(outs, refs):
+        assert torch.allclose(o, r, rtol=1e-5, atol=1e-6)  # earlier outputs survive later replays
+    assert gm.replays == 4 and len(gm.graphs) == 1
+    assert net.calls == 4  # 2 eager warm-ups, the side-stream warm-up, the capture itself; then replays only
+    assert float(counter) == 6  # ``after`` ran once per call, captured in the graph
+    with torch.no_grad():  # another batch size: its own graph; the first one is kept
+        a, k = args(b=4, device="cuda", seed=9)
+        ref4 = net(*a, **k)
+        out4 = [gm(*a, **k) for _ in range(4)][-1]
+        assert torch.allclose(out4, ref4, rtol=1e-5, atol=1e-6) and len(gm.graphs) == 2
+        a, k = runs[0]
+        assert torch.allclose(gm(*a, **k), refs[0], rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_replaced_weights_are_recaptured_and_uncapturable_models_run_eager(caplog):
+    torch.manual_seed(0)
+    net = Net().cuda()
+    gm = GraphedModule(net, warmup=1)
+    a, k = args(device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            gm(*a, **k)
+        assert gm.replays >= 1
+        net.b.weight = torch.nn.Parameter(net.b.weight * 3)  # new storage: the old graph would read freed memory
+        ref = net(*a, **k)
+        assert torch.allclose(gm(*a, **k), ref, rtol=1e-5, atol=1e-6)
+        for _ in range(3):
+            assert torch.allclose(gm(*a, **k), ref, rtol=1e-5, atol=1e-6)
+
+    class Syncs(Net):
+        def forward(self, x, t, context=None, transformer_options=None):
+            out = super().forward(x, t, context, transformer_options)
+            return out * float(out.abs().max())  # host sync: not capturable
+
+    bad = Syncs().cuda()
+    gb = GraphedModule(bad, warmup=1)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="sd35fp8"):
+        ref = bad(*a, **k)
+        outs = [gb(*a, **k) for _ in range(4)]
+    assert all(torch.allclose(o, ref, rtol=1e-5, atol=1e-6) for o in outs)
+    assert gb.replays == 0 and len(gb.failed) == 1
+    assert sum("cannot be captured as a CUDA graph" in r.message for r in caplog.records) == 1
