@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .model import fp8_layers
 
 ADALN = re.compile(r"adaLN_modulation")
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+# "fp8": our FP8 attention kernel (fp8/attention.py); the others are SDPA backends
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +82,20 @@ def sdpa_context(backend: str = "auto"):
         raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
     if backend == "auto":
         return contextlib.nullcontext()
+    if backend == "fp8":  # where our FP8 kernel cannot run, callers fall back to SDPA's best (cuDNN first)
+        backend = "cudnn"
     from torch.nn.attention import sdpa_kernel
     return sdpa_kernel(_backends(backend), set_priority=True)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Non-causal attention over [B, H, S, D] tensors with the chosen SDPA backend."""
+    """Non-causal attention over [B, H, S, D] tensors with the chosen backend (``fp8``: our FP8 kernel
+    where it runs, else SDPA with cuDNN first)."""
+    if backend == "fp8":
+        from .attention import fp8_attention, supported
+        b, h, s, d = q.shape
+        flat = [t.transpose(1, 2).reshape(b, s, h * d) for t in (q, k, v)]
+        if supported(flat[0], h) and k.shape == q.shape and v.shape == q.shape:
+            return fp8_attention(*flat, h).view(b, s, h, d).transpose(1, 2)
     with sdpa_context(backend):
         return F.scaled_dot_product_attention(q, k, v)

@@ -135,8 +135,11 @@ class SD35FP8Autocast(io.ComfyNode):
                                          "compiles (about a minute for Large); falls back to eager where "
                                          "compilation is unavailable"),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto", optional=True,
-                               tooltip="SDPA backend for the MMDiT attention; auto = cuDNN on NVIDIA GPUs "
-                                       "(fastest on Hopper at SD3.5 shapes), else ComfyUI's choice"),
+                               tooltip="attention of the MMDiT: an SDPA backend (auto = cuDNN on NVIDIA GPUs, "
+                                       "fastest BF16 attention on Hopper at SD3.5 shapes, else ComfyUI's choice), "
+                                       "or fp8: our FP8 attention kernel (Q·Kᵀ and P·V on FP8 tensor cores with "
+                                       "per-token/per-block scales found at run time; faster, adds some error; "
+                                       "GPUs with FP8, else cuDNN)"),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
                                  tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
                                          "(removes launch gaps; holds a private memory pool per shape). torch "

@@ -1,0 +1,178 @@
+"""FP8 attention (Hopper/Ada): non-causal softmax(Q Kᵀ/√d) V with both matmuls on FP8 tensor cores.
+
+Scales are found in the kernels, so nothing needs calibrating and nothing can overflow:
+- Q: one scale per token and head (amax over the head dimension), taken in the attention kernel from
+  the BF16 rows it loads once per program;
+- K and V: one scale per (batch, head, block of ``BLOCK_N`` keys), taken by one pass that reads K and
+  V in BF16 and writes them as E4M3 (K as [B, H, S, D], V transposed to [B, H, D, S] so that both are
+  K-major operands of the FP8 MMA) — the only extra memory traffic;
+- P (softmax probabilities, ≤ 1 after the running-max shift) is scaled by 448 into E4M3's range.
+Accumulation is fp32; the output is BF16/FP16 in ComfyUI's [B, S, H·D] layout, written directly.
+
+``fp8_attention(q, k, v, heads)`` takes ComfyUI's layout ([B, S, H·D], the head dimension
+contiguous). It is a ``torch.library`` custom op, so torch.compile treats it as one call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001
+    triton = None
+
+from .formats import E4M3
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel, per head dim; see bench/attn_bench.py
+ATTN_CONFIG = {64: (128, 128, 8, 3), 128: (128, 64, 8, 3)}
+HEAD_DIMS = (64, 128)
+
+
+def supported(q: torch.Tensor, heads: int) -> bool:
+    """Whether :func:`fp8_attention` runs its FP8 kernels for these inputs (else callers use SDPA)."""
+    if triton is None or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or q.dim() != 3:
+        return False
+    d = q.shape[-1] // heads
+    return d in HEAD_DIMS and torch.cuda.get_device_capability(q.device) >= (8, 9)
+
+
+if triton is not None:
+    @triton.jit
+    def _quant_kv(k_ptr, v_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, S, S_PAD, H, NB,
+                  stride_kb, stride_ks, stride_vb, stride_vs,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, V_FP8: tl.constexpr):
+        nb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        rd = tl.arange(0, D)
+        mask = rn[:, None] < S
+        k = tl.load(k_ptr + b * stride_kb + rn[:, None] * stride_ks + h * D + rd[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + rn[:, None] * stride_vs + h * D + rd[None, :], mask=mask, other=0.0)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        ka = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-12)
+        tl.store(ks_ptr + bh * NB + nb, ka / 448.0)
+        k8 = tl.clamp(k * (448.0 / ka), -448.0, 448.0).to(k8_ptr.dtype.element_ty)
+        if V_FP8:
+            va = tl.maximum(tl.max(tl.max(tl.abs(v), 1), 0), 1e-12)
+            tl.store(vs_ptr + bh * NB + nb, va / 448.0)
+            v8 = tl.clamp(v * (448.0 / va), -448.0, 448.0).to(vt8_ptr.dtype.element_ty)
+        else:  # V (and P) stay 16-bit: the P·V matmul runs in BF16/FP16
+            tl.store(vs_ptr + bh * NB + nb, 1.0)
+            v8 = v.to(vt8_ptr.dtype.element_ty)
+        tl.store(k8_ptr + bh * S_PAD * D + rn[:, None] * D + rd[None, :], k8)
+        tl.store(vt8_ptr + bh * D * S_PAD + rd[None, :] * S_PAD + rn[:, None], v8)
+
+    @triton.jit
+    def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, S, S_PAD, H, NB, qk_scale,
+                  stride_qb, stride_qs, stride_ob, stride_os,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pm = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rd = tl.arange(0, D)
+        rn = tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + b * stride_qb + rm[:, None] * stride_qs + h * D + rd[None, :], mask=rm[:, None] < S,
+                    other=0.0).to(tl.float32)
+        qa = tl.maximum(tl.max(tl.abs(q), 1), 1e-12)  # per-row scale
+        q8 = tl.clamp(q * (448.0 / qa)[:, None], -448.0, 448.0).to(k8_ptr.dtype.element_ty)
+        row_scale = qa * (qk_scale / 448.0)  # log2(e)/sqrt(d) folded in
+        m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        k_base = k8_ptr + bh * S_PAD * D
+        v_base = vt8_ptr + bh * D * S_PAD
+        s_base = bh * NB
+        n_full = S // BLOCK_N
+        for j in tl.range(0, n_full):
+            k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
+            ks = tl.load(ks_ptr + s_base + j)
+            s = tl.dot(q8, tl.trans(k8)) * (row_scale * ks)[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
+            vs = tl.load(vs_ptr + s_base + j)
+            pv = tl.dot((p * 448.0).to(vt8_ptr.dtype.element_ty), tl.trans(vt8))
+            acc = acc * alpha[:, None] + pv * (vs / 448.0)
+            m_i = m_new
+        if n_full * BLOCK_N < S:  # the tail block: padded keys are masked out
+            j = n_full
+            k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
+            ks = tl.load(ks_ptr + s_base + j)
+            s = tl.dot(q8, tl.trans(k8)) * (row_scale * ks)[:, None]
+            s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
+            vs = tl.load(vs_ptr + s_base + j)
+            pv = tl.dot((p * 448.0).to(vt8_ptr.dtype.element_ty), tl.trans(vt8))
+            acc = acc * alpha[:, None] + pv * (vs / 448.0)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + rm[:, None] * stride_os + h * D + rd[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
+
+
+def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> torch.Tensor:
+    """Quantize K/V (one pass) and run the FP8 attention kernel with ``config`` (default: ATTN_CONFIG).
+    ``pv_fp8=False`` keeps P and V 16-bit (only Q·Kᵀ in FP8)."""
+    B, S, HD = q.shape
+    D = HD // heads
+    bm, bn, warps, stages = config or ATTN_CONFIG[D]
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("fp8_attention needs the head dimension contiguous")
+    nb = triton.cdiv(S, bn)
+    s_pad = nb * bn
+    k8 = torch.empty((B, heads, s_pad, D), device=q.device, dtype=E4M3)
+    vt8 = torch.empty((B, heads, D, s_pad), device=q.device, dtype=E4M3 if pv_fp8 else q.dtype)
+    ks = torch.empty((B, heads, nb), device=q.device, dtype=torch.float32)
+    vs = torch.empty_like(ks)
+    _quant_kv[(nb, B * heads)](k, v, k8, vt8, ks, vs, S, s_pad, heads, nb, k.stride(0), k.stride(1),
+                               v.stride(0), v.stride(1), D=D, BLOCK_N=bn, V_FP8=pv_fp8, num_warps=4)
+    o = torch.empty((B, S, HD), device=q.device, dtype=q.dtype)
+    qk_scale = 1.4426950408889634 / math.sqrt(D)
+    _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, s_pad, heads, nb, qk_scale,
+                                                q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+                                                D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return o
+
+
+def reference_attention(q, k, v, heads: int) -> torch.Tensor:
+    """SDPA in ComfyUI's layout (what :func:`fp8_attention` approximates, and its fallback)."""
+    B, S, HD = q.shape
+    D = HD // heads
+    q, k, v = (t.view(B, -1, heads, D).transpose(1, 2) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, HD)
+
+
+@torch.library.custom_op("sd35fp8::fp8_attention", mutates_args=())
+def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    if not supported(q, heads):
+        return reference_attention(q, k, v, heads)
+    return attention_launch(q, k, v, heads)
+
+
+@_fp8_attention.register_fake
+def _(q, k, v, heads):
+    return q.new_empty(q.shape)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors, in FP8 where :func:`supported` (else SDPA)."""
+    if k.shape != q.shape or v.shape != q.shape:
+        return reference_attention(q, k, v, heads)
+    return _fp8_attention(q, k.contiguous() if k.stride(-1) != 1 else k,
+                          v.contiguous() if v.stride(-1) != 1 else v, heads)
+

@@ -1,0 +1,65 @@
+"""FP8 attention (fp8/attention.py): the SDPA fallback on the CPU; on an FP8 GPU the Triton kernels
+against an fp32 reference (error bounds, sequence tails, no NaN/Inf however large the inputs)."""
+import pytest
+import torch
+
+import fp8
+from fp8.attention import attention_launch, fp8_attention, reference_attention, supported
+from fp8.runtime import ATTENTION_BACKENDS, attention
+
+fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8.device_supports_fp8_matmul("cuda")),
+                             reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def qkv(b, s, h, d=64, device="cpu", seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, s, h * d, generator=g).to(device, dtype) for _ in range(3))
+    return q, k, v
+
+
+def test_cpu_and_unsupported_shapes_fall_back_to_sdpa_exactly():
+    q, k, v = qkv(2, 37, 3)
+    assert "fp8" in ATTENTION_BACKENDS and not supported(q, 3)
+    ref = reference_attention(q, k, v, 3)
+    assert torch.equal(fp8_attention(q, k, v, 3), ref)
+    assert not supported(qkv(1, 8, 2, d=48)[0], 2)  # head dim 48: no kernel
+    b, s, h, d = 2, 37, 3, 64
+    q4, k4, v4 = (t.view(b, s, h, d).transpose(1, 2) for t in (q, k, v))
+    assert torch.equal(attention(q4, k4, v4, "fp8"), attention(q4, k4, v4, "auto"))
+
+
+@fp8_gpu
+@pytest.mark.parametrize("s", [333, 4250, 128])
+@pytest.mark.parametrize("pv_fp8", [True, False])
+def test_fp8_attention_matches_fp32_reference_within_fp8_error(s, pv_fp8):
+    q, k, v = qkv(2, s, 4, device="cuda", seed=s)
+    ref = reference_attention(q.float(), k.float(), v.float(), 4)
+    bf16 = rel(reference_attention(q, k, v, 4), ref)
+    out = attention_launch(q, k, v, 4, pv_fp8=pv_fp8)
+    err = rel(out, ref)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and torch.isfinite(out).all()
+    assert err < (0.08 if pv_fp8 else 0.05), err  # E4M3: 3 mantissa bits on Q, K (and P, V)
+    assert err > bf16  # it is FP8: not secretly the BF16 path
+    if s == 4250:  # tail keys (4250 = 33 x 128 + 26) are masked, not attended as zeros
+        q2, k2, v2 = q[:, :4200], k[:, :4200], v[:, :4200]
+        ref2 = reference_attention(q2.float(), k2.float(), v2.float(), 4)
+        assert rel(attention_launch(q2, k2, v2, 4, pv_fp8=pv_fp8), ref2) < 0.08
+
+
+@fp8_gpu
+def test_fp8_attention_never_overflows_and_follows_each_token_scale():
+    q, k, v = qkv(1, 300, 2, device="cuda", seed=3)
+    big = fp8_attention(q * 1e4, k * 3e4, v * 5e4, 2)  # far past E4M3's 448: scales are found at run time
+    assert torch.isfinite(big).all()
+    assert float(big.float().abs().max()) <= 1.02 * float((v * 5e4).float().abs().max())  # a convex combination
+    qs = q * torch.logspace(-2, 1, 300, device="cuda", dtype=torch.bfloat16)[None, :, None]  # per-token ranges
+    ref = reference_attention(qs.float(), k.float(), v.float(), 2)
+    out = fp8_attention(qs, k, v, 2)
+    assert rel(out, ref) < 0.08
+    # compiled, as the runtime calls it: one opaque op, same result
+    f = torch.compile(lambda a, b, c: fp8_attention(a * 1.0, b, c, 2), dynamic=False)
+    assert torch.allclose(f(qs, k, v).float(), out.float(), rtol=1e-2, atol=1e-2 * float(out.abs().max()))
