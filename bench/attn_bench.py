@@ -54,6 +54,7 @@ def bshd_sdpa(q, k, v, h, backend):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-shapes", default="Large joint, b2", help="';'-separated shape names to sweep")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     rows = []
@@ -64,15 +65,16 @@ def main():
         r = {"shape": name}
         for label, fn in (("cudnn bf16", lambda: bshd_sdpa(q, k, v, h, "cudnn")),
                           ("flash bf16", lambda: bshd_sdpa(q, k, v, h, "flash")),
-                          ("fp8 (ours, with K/V quant)", lambda: fp8_attention(q, k, v, h))):
+                          ("fp8 (ours, with K/V quant)", lambda: fp8_attention(q, k, v, h)),
+                          ("fp8 QK only", lambda: attention_launch(q, k, v, h, pv_fp8=False))):
             out = fn()
             ms = triton.testing.do_bench(fn, warmup=25, rep=200)
             r[label] = (ms, flops / ms / 1e9, rel(out, ref), bool(torch.isfinite(out).all()))
             print(f"{name:28s} {label:28s} {ms * 1e3:8.1f} us {flops / ms / 1e9:7.1f} TF/s err {rel(out, ref):.4f}",
                   flush=True)
-        if a.sweep:
+        if a.sweep and name in a.sweep_shapes.split(";"):
             best = None
-            for cfg in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
+            for cfg in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
                 try:
                     out = attention_launch(q, k, v, h, cfg)
                     ms = triton.testing.do_bench(lambda: attention_launch(q, k, v, h, cfg), warmup=10, rep=60)
@@ -85,12 +87,14 @@ def main():
             r["best"] = best
             print(f"  best {best[0]} {best[1] * 1e3:.1f} us (current {ATTN_CONFIG[D]})", flush=True)
         rows.append(r)
-    print("\n| shape | cuDNN BF16 µs (TF/s, err) | flash BF16 µs | FP8 ours µs (TF/s, err) | FP8 / cuDNN |")
-    print("|---|---|---|---|---|")
+    print("\n| shape | cuDNN BF16 µs (TF/s, err) | flash BF16 µs | FP8 ours µs (TF/s, err) | FP8 / cuDNN "
+          "| FP8 QK only µs (err) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        c, f, o = r["cudnn bf16"], r["flash bf16"], r["fp8 (ours, with K/V quant)"]
+        c, f, o, h = r["cudnn bf16"], r["flash bf16"], r["fp8 (ours, with K/V quant)"], r["fp8 QK only"]
         print(f"| {r['shape']} | {c[0] * 1e3:.0f} ({c[1]:.0f}, {c[2]:.4f}) | {f[0] * 1e3:.0f} | "
-              f"{o[0] * 1e3:.0f} ({o[1]:.0f}, {o[2]:.4f}{'' if o[3] else ', NaN!'}) | {o[0] / c[0]:.2f} |")
+              f"{o[0] * 1e3:.0f} ({o[1]:.0f}, {o[2]:.4f}{'' if o[3] else ', NaN!'}) | {o[0] / c[0]:.2f} "
+              f"| {h[0] * 1e3:.0f} ({h[2]:.4f}) |")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,11 @@ def main():
             cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
             measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
             del cg
+        if "fp8_attention" not in skip:
+            torch._dynamo.reset()
+            fa = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention="fp8"))
+            measure(variant, "ours FP8, all speed features with FP8 attention (attention=fp8)", fa, ref)
+            del fa
         del ours, cal, eager, full
         drop()
         os.remove(path)
