@@ -74,7 +74,7 @@ def main():
                   flush=True)
         if a.sweep and name in a.sweep_shapes.split(";"):
             best = None
-            for cfg in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
+            for cfg in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4), (False, True)):
                 try:
                     out = attention_launch(q, k, v, h, cfg)
                     ms = triton.testing.do_bench(lambda: attention_launch(q, k, v, h, cfg), warmup=10, rep=60)

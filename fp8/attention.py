@@ -26,7 +26,7 @@ except Exception:  # noqa: BLE001
 
 from .formats import E4M3
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel, per head dim; see bench/attn_bench.py
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) of the attention kernel, per head dim; see bench/attn_bench.py
 ATTN_CONFIG = {64: (64, 128, 4, 3), 128: (64, 64, 4, 3)}
 HEAD_DIMS = (64, 128)
 
@@ -69,9 +69,28 @@ if triton is not None:
         tl.store(vt8_ptr + bh * D * S_PAD + rd[None, :] * S_PAD + rn[:, None], v8)
 
     @triton.jit
+    def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
+                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+        k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
+        c = row_scale * tl.load(ks_ptr + j)  # > 0: the max commutes with it, and it folds into one FMA
+        s = tl.dot(q8, tl.trans(k8))
+        if MASK:  # the tail block: padded keys get no weight
+            s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        p = tl.math.exp2(s * c[:, None] - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
+        vs = tl.load(vs_ptr + j)
+        # acc is kept in units of the current V block's scale, so the MMA accumulates in place
+        acc = acc * (alpha * (vs_prev / vs))[:, None]
+        acc = tl.dot((p * 448.0).to(vt8.dtype), tl.trans(vt8), acc)
+        return m_new, l_i, acc, vs
+
+    @triton.jit
     def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, S, S_PAD, H, NB, qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
-                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr):
         pm = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -87,40 +106,19 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
+        vs = 1.0
         k_base = k8_ptr + bh * S_PAD * D
         v_base = vt8_ptr + bh * D * S_PAD
-        s_base = bh * NB
+        ks_base = ks_ptr + bh * NB
+        vs_base = vs_ptr + bh * NB
         n_full = S // BLOCK_N
-        for j in tl.range(0, n_full):
-            k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
-            ks = tl.load(ks_ptr + s_base + j)
-            c = row_scale * ks  # > 0: the max commutes with the scaling, which folds into one FMA
-            s = tl.dot(q8, tl.trans(k8))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-            p = tl.math.exp2(s * c[:, None] - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
-            vs = tl.load(vs_ptr + s_base + j)
-            pv = tl.dot((p * 448.0).to(vt8_ptr.dtype.element_ty), tl.trans(vt8))
-            acc = acc * alpha[:, None] + pv * (vs / 448.0)
-            m_i = m_new
-        if n_full * BLOCK_N < S:  # the tail block: padded keys are masked out
-            j = n_full
-            k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
-            ks = tl.load(ks_ptr + s_base + j)
-            s = tl.dot(q8, tl.trans(k8)) * (row_scale * ks)[:, None]
-            s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
-            vs = tl.load(vs_ptr + s_base + j)
-            pv = tl.dot((p * 448.0).to(vt8_ptr.dtype.element_ty), tl.trans(vt8))
-            acc = acc * alpha[:, None] + pv * (vs / 448.0)
-            m_i = m_new
-        out = acc / l_i[:, None]
+        for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
+            m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False)
+        if n_full * BLOCK_N < S:
+            m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True)
+        out = acc * (vs / 448.0) / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + rm[:, None] * stride_os + h * D + rd[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
 
@@ -130,7 +128,7 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     ``pv_fp8=False`` keeps P and V 16-bit (only Q·Kᵀ in FP8)."""
     B, S, HD = q.shape
     D = HD // heads
-    bm, bn, warps, stages = config or ATTN_CONFIG[D]
+    bm, bn, warps, stages, *ws = config or ATTN_CONFIG[D]
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("fp8_attention needs the head dimension contiguous")
@@ -146,7 +144,8 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     qk_scale = 1.4426950408889634 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, s_pad, heads, nb, qk_scale,
                                                 q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-                                                D=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                                                D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws and ws[0]),
+                                                num_warps=warps, num_stages=stages)
     return o
 
 
