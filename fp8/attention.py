@@ -27,7 +27,7 @@ except Exception:  # noqa: BLE001
 from .formats import E4M3
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) of the attention kernel, per head dim; see bench/attn_bench.py
-ATTN_CONFIG = {64: (64, 128, 4, 3), 128: (64, 64, 4, 3)}
+ATTN_CONFIG = {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 3, False)}
 HEAD_DIMS = (64, 128)
 
 
