@@ -15,7 +15,8 @@ every call, and when a parameter or buffer was replaced (a LoRA merge, offloadin
 a TE module rebuilt, all graphs are dropped and re-captured. In-place weight updates need nothing.
 
 Anything that cannot be captured (a host sync, a CPU tensor, a data-dependent branch) makes the
-capture fail: that signature then runs eager for good, with one warning, and results are unchanged.
+capture fail: that signature then runs eager for good, with one warning, and results are unchanged
+(the device's RNG, which a failed capture leaves in capture mode, is given back a clean state).
 """
 from __future__ import annotations
 
@@ -125,11 +126,17 @@ class GraphedModule(torch.nn.Module):
             g.calls += 1
             if g.calls <= self.warmup:
                 return self._eager(args, kwargs)
+            dev = next(t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_cuda)
+            gen = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+            rng = gen.clone_state()
             try:
                 self._capture(g, args, kwargs)
             except Exception as e:  # noqa: BLE001 - whatever broke the capture, eager still works
                 self.graphs.pop(key, None)
                 self.failed.add(key)
+                # a failed capture leaves the device's RNG in capture mode (torch skips its epilogue): every
+                # later random op would fail ("Offset increment outside graph capture"); give it a clean state
+                gen.graphsafe_set_state(rng)
                 torch.cuda.synchronize()
                 log.warning("sd35fp8: this model cannot be captured as a CUDA graph (%s: %s); running it eager "
                             "for this input shape (same results, slower)", type(e).__name__,

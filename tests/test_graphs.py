@@ -139,3 +139,7 @@ def test_replaced_weights_are_recaptured_and_uncapturable_models_run_eager(caplo
     assert all(torch.allclose(o, ref, rtol=1e-5, atol=1e-6) for o in outs)
     assert gb.replays == 0 and len(gb.failed) == 1
     assert sum("cannot be captured as a CUDA graph" in r.message for r in caplog.records) == 1
+    torch.manual_seed(1)  # the failed capture must not leave the device unusable: RNG and kernels still work
+    a = torch.randn(64, 64, device="cuda")
+    torch.nn.init.normal_(torch.empty(8, device="cuda"))
+    assert torch.isfinite(a @ a).all()
