@@ -41,20 +41,28 @@ def supported(q: torch.Tensor, heads: int) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _program_rows(BLOCK: tl.constexpr, H):
+        """This program's block of sequence rows, and its batch*head index, batch and head."""
+        bh = tl.program_id(1)
+        return tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), bh, bh // H, bh % H
+
+    @triton.jit
+    def _head_rows(ptr, b, h, rows, stride_b, stride_s, S, D: tl.constexpr):
+        """Rows ``rows`` of head ``h`` of batch ``b`` from a [B, S, H*D] tensor, as fp32 (zeros past S)."""
+        rd = tl.arange(0, D)
+        t = tl.load(ptr + b * stride_b + rows[:, None] * stride_s + h * D + rd[None, :], mask=rows[:, None] < S,
+                    other=0.0)
+        return t.to(tl.float32)
+
+    @triton.jit
     def _quant_kv(k_ptr, v_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, S, S_PAD, H, NB,
                   stride_kb, stride_ks, stride_vb, stride_vs,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, V_FP8: tl.constexpr):
         nb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn, bh, b, h = _program_rows(BLOCK_N, H)
         rd = tl.arange(0, D)
-        mask = rn[:, None] < S
-        k = tl.load(k_ptr + b * stride_kb + rn[:, None] * stride_ks + h * D + rd[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + rn[:, None] * stride_vs + h * D + rd[None, :], mask=mask, other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        k = _head_rows(k_ptr, b, h, rn, stride_kb, stride_ks, S, D)
+        v = _head_rows(v_ptr, b, h, rn, stride_vb, stride_vs, S, D)
         ka = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-12)
         tl.store(ks_ptr + bh * NB + nb, ka / 448.0)
         k8 = tl.clamp(k * (448.0 / ka), -448.0, 448.0).to(k8_ptr.dtype.element_ty)
@@ -91,15 +99,10 @@ if triton is not None:
     def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, S, S_PAD, H, NB, qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr):
-        pm = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
-        q = tl.load(q_ptr + b * stride_qb + rm[:, None] * stride_qs + h * D + rd[None, :], mask=rm[:, None] < S,
-                    other=0.0).to(tl.float32)
+        q = _head_rows(q_ptr, b, h, rm, stride_qb, stride_qs, S, D)
         qa = tl.maximum(tl.max(tl.abs(q), 1), 1e-12)  # per-row scale
         q8 = tl.clamp(q * (448.0 / qa)[:, None], -448.0, 448.0).to(k8_ptr.dtype.element_ty)
         row_scale = qa * (qk_scale / 448.0)  # log2(e)/sqrt(d) folded in

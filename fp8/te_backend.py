@@ -26,7 +26,8 @@ INSTALL_HINT = ("install it with `pip install --no-build-isolation transformer-e
 SCALINGS = ("delayed", "current")
 BACKENDS = ("auto", "torch", "transformer_engine")
 # The faster backend per GPU class (compute capability), as measured by bench/sd35_bench.py's TE rows
-# (bench/results/2026-11-22_h100_sd35_te_backend.md); classes not measured get our torch path.
+# (H100: bench/results/2026-11-22_h100_sd35_te_backend.md; H200, TE with CUDA graphs too:
+# bench/results/2026-11-27_h200_sd35_bench_large.md); classes not measured get our torch path.
 MEASURED_FASTER = {(9, 0): "torch"}
 
 

@@ -115,6 +115,9 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
                                                                          "scaling"]
     assert object_info["SD35FP8Autocast"]["input"]["required"]["backend"][1]["options"] == ["auto", "torch",
                                                                                   "transformer_engine"]
+    # options are only ever appended: saved workflows keep their choice
+    assert object_info["SD35FP8Autocast"]["input"]["optional"]["attention"][1]["options"] == [
+        "auto", "cudnn", "flash", "efficient", "math", "fp8"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
     assert list(object_info["SD35FP8SaveCheckpoint"]["input"]["optional"]) == ["clip", "vae"]
@@ -373,3 +376,14 @@ def test_transformer_engine_backend_is_refused_at_queue_time_without_te(server):
     assert [x["extra_info"]["input_name"] for x in errs] == ["backend"]
     g["4"]["inputs"]["backend"] = "auto"
     assert len(server.output_images(server.run(g))) == 2
+
+
+def test_fp8_attention_and_cuda_graph_options_queue_and_fall_back_without_an_fp8_gpu(server):
+    """attention=fp8 and cuda_graphs are accepted by /prompt; without an FP8 GPU (CI's CPU) the attention falls
+    back to SDPA and nothing is graphed, so the latent is the one attention=auto gives."""
+    a = add_save_latent(graph(seed=9, prefix="attn"), "attn_auto")
+    b = add_save_latent(graph(seed=9, prefix="attn"), "attn_fp8")
+    b["4"]["inputs"]["attention"] = "fp8"
+    b["4"]["inputs"]["cuda_graphs"] = True
+    la, lb = saved_latent(server, server.run(a)), saved_latent(server, server.run(b))
+    assert torch.isfinite(lb).all() and torch.equal(la, lb)
