@@ -152,18 +152,19 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     return o
 
 
-def reference_attention(q, k, v, heads: int) -> torch.Tensor:
-    """SDPA in ComfyUI's layout (what :func:`fp8_attention` approximates, and its fallback)."""
+def reference_attention(q, k, v, heads: int, backend: str = "auto") -> torch.Tensor:
+    """SDPA in ComfyUI's layout (what :func:`fp8_attention` approximates; its fallback with cuDNN first)."""
+    from .runtime import sdpa_context
     B, S, HD = q.shape
     D = HD // heads
     q, k, v = (t.view(B, -1, heads, D).transpose(1, 2) for t in (q, k, v))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, HD)
+    with sdpa_context(backend):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, S, HD)
 
 
 @torch.library.custom_op("sd35fp8::fp8_attention", mutates_args=())
 def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    if not supported(q, heads):
-        return reference_attention(q, k, v, heads)
     return attention_launch(q, k, v, heads)
 
 
@@ -173,9 +174,9 @@ def _(q, k, v, heads):
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors, in FP8 where :func:`supported` (else SDPA)."""
-    if k.shape != q.shape or v.shape != q.shape:
-        return reference_attention(q, k, v, heads)
-    return _fp8_attention(q, k.contiguous() if k.stride(-1) != 1 else k,
-                          v.contiguous() if v.stride(-1) != 1 else v, heads)
+    """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors, in FP8 where :func:`supported` and Q, K, V
+    have one shape; else SDPA with cuDNN first (the runtime's default attention)."""
+    if k.shape != q.shape or v.shape != q.shape or not supported(q, heads):
+        return reference_attention(q, k, v, heads, "cudnn")
+    return _fp8_attention(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), heads)
 

@@ -33,7 +33,10 @@ PLAIN = (int, float, bool, str, bytes, type(None))
 def signature(args: tuple, kwargs: dict):
     """Hashable description of a call: tensors by shape/dtype/device, plain values by value, other
     objects by type (callables by identity), plus the argument structure."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return _signature(*pytree.tree_flatten((args, kwargs)))
+
+
+def _signature(leaves: list, spec):
     sig = []
     for v in leaves:
         if isinstance(v, torch.Tensor):
@@ -49,11 +52,11 @@ def signature(args: tuple, kwargs: dict):
 
 def state_version(module: torch.nn.Module):
     """A cheap fingerprint of where ``module``'s tensors live: every parameter's and buffer's storage
-    address, and the identity of per-layer TE modules (``_fp8_te_modules``). The module list is cached
-    (modules are not replaced; their tensors are)."""
+    address, and the identity of per-layer TE modules (``_fp8_te_modules``). It runs on every call, so the
+    list of modules that hold tensors is cached (modules are not replaced; their tensors are)."""
     mods = module.__dict__.get("_sd35fp8_modules")
     if mods is None:
-        mods = module.__dict__["_sd35fp8_modules"] = list(module.modules())
+        mods = module.__dict__["_sd35fp8_modules"] = [m for m in module.modules() if m._parameters or m._buffers]
     out = []
     for m in mods:
         for t in m._parameters.values():
@@ -67,10 +70,10 @@ def state_version(module: torch.nn.Module):
 
 
 class _Graph:
-    __slots__ = ("graph", "inputs", "spec", "output", "calls")
+    __slots__ = ("graph", "inputs", "output", "calls")
 
     def __init__(self):
-        self.graph, self.inputs, self.spec, self.output, self.calls = None, None, None, None, 0
+        self.graph, self.inputs, self.output, self.calls = None, None, None, 0
 
 
 class GraphedModule(torch.nn.Module):
@@ -106,14 +109,15 @@ class GraphedModule(torch.nn.Module):
         self.__dict__["pool"] = None
 
     def forward(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        dev = next((t.device for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda), None)
+        if dev is None:
             return self._eager(args, kwargs)
         v = self.version(self.module) if self.version is not None else None
         if v != self.seen_version:
             self.reset()
             self.__dict__["seen_version"] = v
-        key = signature(args, kwargs)
+        key = _signature(leaves, spec)
         if key in self.failed:
             return self._eager(args, kwargs)
         g = self.graphs.get(key)
@@ -126,11 +130,10 @@ class GraphedModule(torch.nn.Module):
             g.calls += 1
             if g.calls <= self.warmup:
                 return self._eager(args, kwargs)
-            dev = next(t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_cuda)
             gen = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
             rng = gen.clone_state()
             try:
-                self._capture(g, args, kwargs)
+                self._capture(g, leaves, spec)
             except Exception as e:  # noqa: BLE001 - whatever broke the capture, eager still works
                 self.graphs.pop(key, None)
                 self.failed.add(key)
@@ -142,15 +145,14 @@ class GraphedModule(torch.nn.Module):
                             "for this input shape (same results, slower)", type(e).__name__,
                             str(e).splitlines()[0][:300] if str(e) else "")
                 return self._eager(args, kwargs)
-        for dst, src in zip(g.inputs, pytree.tree_leaves((args, kwargs))):
+        for dst, src in zip(g.inputs, leaves):
             if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         g.graph.replay()
         self.__dict__["replays"] += 1
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, g.output)
 
-    def _capture(self, g: _Graph, args, kwargs) -> None:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
+    def _capture(self, g: _Graph, leaves: list, spec) -> None:
         static = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]
         s_args, s_kwargs = pytree.tree_unflatten(static, spec)
         if self.pool is None:
@@ -164,4 +166,4 @@ class GraphedModule(torch.nn.Module):
         s_args, s_kwargs = pytree.tree_unflatten(static, spec)  # fresh containers (forward may mutate dicts)
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._eager(s_args, s_kwargs)
-        g.graph, g.inputs, g.spec, g.output = graph, static, spec, out
+        g.graph, g.inputs, g.output = graph, static, out

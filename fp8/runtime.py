@@ -91,11 +91,10 @@ def sdpa_context(backend: str = "auto"):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over [B, H, S, D] tensors with the chosen backend (``fp8``: our FP8 kernel
     where it runs, else SDPA with cuDNN first)."""
-    if backend == "fp8":
-        from .attention import fp8_attention, supported
+    if backend == "fp8" and k.shape == q.shape and v.shape == q.shape:
+        from .attention import fp8_attention
         b, h, s, d = q.shape
-        flat = [t.transpose(1, 2).reshape(b, s, h * d) for t in (q, k, v)]
-        if supported(flat[0], h) and k.shape == q.shape and v.shape == q.shape:
-            return fp8_attention(*flat, h).view(b, s, h, d).transpose(1, 2)
+        return fp8_attention(*(t.transpose(1, 2).reshape(b, s, h * d) for t in (q, k, v)), h).view(
+            b, s, h, d).transpose(1, 2)
     with sdpa_context(backend):
         return F.scaled_dot_product_attention(q, k, v)

@@ -37,7 +37,6 @@ from ..fp8.policy import LayerDecision
 from ..fp8.quant import dequantize_weight, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
 from ..fp8.attention import fp8_attention
-from ..fp8.attention import supported as fp8_attention_supported
 from ..fp8.graphs import GraphedModule
 from ..fp8.te_backend import set_te, te_autocast, te_recipe, te_step
 
@@ -493,8 +492,8 @@ def attention_override(backend: str):
         if mask is not None or skip_reshape or skip_output_reshape or q.dim() != 3 or q.device.type != "cuda":
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
-        if backend == "fp8" and fp8_attention_supported(q, heads) and k.shape == q.shape and v.shape == q.shape:
-            return fp8_attention(q, k, v, heads)  # ComfyUI's [B, S, H*D] layout in and out, no transposes
+        if backend == "fp8":  # ComfyUI's [B, S, H*D] layout in and out; cuDNN SDPA where FP8 cannot run
+            return fp8_attention(q, k, v, heads)
         b, _, hd = q.shape
         d = hd // heads
         q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
