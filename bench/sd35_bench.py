@@ -75,7 +75,10 @@ def main():
         torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
+    attn_calls = sys.modules["sd35pack.fp8.attention"].CALLS
+
     def measure(variant, name, p, ref=None):
+        calls0 = attn_calls.copy()
         mm.load_models_gpu([p], force_full_load=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -93,6 +96,14 @@ def main():
                "denoiser err": common.rel(d, ref[0]) if ref else 0.0,
                "final latent err": common.rel(x, ref[1]) if ref else 0.0, "NaN/Inf": bad}
         rows.append(row)
+        # what really ran: the FP8 attention path (traced / launched from the host) and the CUDA graphs
+        runner = p.model.diffusion_model.__dict__.get("_sd35fp8_compiled", {}).get(glue.GRAPHS)
+        te_runner = p.model.diffusion_model.__dict__.get("_sd35fp8_graphed")
+        used = {k: v - calls0.get(k, 0) for k, v in attn_calls.items() if v - calls0.get(k, 0)}
+        if name.startswith("ours"):
+            notes.append(f"{variant}: {name}: fp8_attention calls {used or 'none'}; " + "; ".join(
+                f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
+                for what, r in (("compiled", runner), ("TE", te_runner)) if r is not None))
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
 

@@ -14,6 +14,7 @@ contiguous). It is a ``torch.library`` custom op, so torch.compile treats it as 
 """
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
@@ -163,8 +164,14 @@ def reference_attention(q, k, v, heads: int, backend: str = "auto") -> torch.Ten
     return out.transpose(1, 2).reshape(B, S, HD)
 
 
+# which path fp8_attention took ("fp8" / "sdpa": per Python call, so once per trace under torch.compile) and
+# how often the FP8 kernels were launched from the host ("kernel": CUDA-graph replays do not count)
+CALLS: collections.Counter = collections.Counter()
+
+
 @torch.library.custom_op("sd35fp8::fp8_attention", mutates_args=())
 def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    CALLS["kernel"] += 1
     return attention_launch(q, k, v, heads)
 
 
@@ -177,6 +184,8 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int)
     """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors, in FP8 where :func:`supported` and Q, K, V
     have one shape; else SDPA with cuDNN first (the runtime's default attention)."""
     if k.shape != q.shape or v.shape != q.shape or not supported(q, heads):
+        CALLS["sdpa"] += 1
         return reference_attention(q, k, v, heads, "cudnn")
+    CALLS["fp8"] += 1
     return _fp8_attention(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), heads)
 

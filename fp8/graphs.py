@@ -32,7 +32,7 @@ PLAIN = (int, float, bool, str, bytes, type(None))
 
 def signature(args: tuple, kwargs: dict):
     """Hashable description of a call: tensors by shape/dtype/device, plain values by value, other
-    objects by type (callables by identity), plus the argument structure."""
+    objects by type (callables by identity: the key keeps them alive), plus the argument structure."""
     return _signature(*pytree.tree_flatten((args, kwargs)))
 
 
@@ -43,8 +43,11 @@ def _signature(leaves: list, spec):
             sig.append(("T", tuple(v.shape), v.dtype, v.device, v.requires_grad))
         elif isinstance(v, PLAIN):
             sig.append(("V", v))
-        elif callable(v):
-            sig.append(("F", id(v)))
+        elif callable(v):  # by identity, holding it: a freed function's id could come back as another's
+            try:
+                sig.append(("F", v, hash(v)))
+            except TypeError:
+                sig.append(("F", id(v)))
         else:
             sig.append(("O", type(v).__qualname__))
     return str(spec), tuple(sig)
@@ -52,20 +55,23 @@ def _signature(leaves: list, spec):
 
 def state_version(module: torch.nn.Module):
     """A cheap fingerprint of where ``module``'s tensors live: every parameter's and buffer's storage
-    address, and the identity of per-layer TE modules (``_fp8_te_modules``). It runs on every call, so the
-    list of modules that hold tensors is cached (modules are not replaced; their tensors are)."""
-    mods = module.__dict__.get("_sd35fp8_modules")
-    if mods is None:
-        mods = module.__dict__["_sd35fp8_modules"] = [m for m in module.modules() if m._parameters or m._buffers]
-    out = []
-    for m in mods:
-        for t in m._parameters.values():
-            out.append(0 if t is None else t.data_ptr())
-        for t in m._buffers.values():
-            out.append(0 if t is None else t.data_ptr())
-        te = m.__dict__.get("_fp8_te_modules")
+    address, the identity of per-layer TE modules (``_fp8_te_modules``), and the static FP8 runtime's
+    configuration (``_sd35fp8_static_key``, set by ``fp8.runtime.set_static``: plain attributes such as
+    fast accumulation steer the captured code without changing any tensor). It runs on every call, so
+    the parameter/buffer dicts of the modules that hold tensors are cached (modules are not replaced;
+    their tensors are)."""
+    cache = module.__dict__.get("_sd35fp8_modules")
+    if cache is None:
+        mods = [m for m in module.modules() if m._parameters or m._buffers or "_fp8_te_modules" in m.__dict__]
+        cache = module.__dict__["_sd35fp8_modules"] = (
+            [d for m in mods for d in (m._parameters, m._buffers) if d], [m.__dict__ for m in mods])
+    dicts, attrs = cache
+    out = [0 if t is None else t.data_ptr() for d in dicts for t in d.values()]
+    for a in attrs:
+        te = a.get("_fp8_te_modules")
         if te:
             out.extend(id(v) for v in te.values())
+    out.append(getattr(module, "_sd35fp8_static_key", None))
     return tuple(out)
 
 

@@ -56,12 +56,16 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     for name, m in layers.items():
         mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
+    # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
+    # again (every sampling run sets it) keeps captured graphs; another one re-captures them
+    model.__dict__["_sd35fp8_static_key"] = dataclasses.astuple(cfg)
     return len(layers)
 
 
 def clear_static(model: torch.nn.Module) -> None:
     for m in fp8_layers(model).values():
         m.fp8_set_static(None)
+    model.__dict__.pop("_sd35fp8_static_key", None)
 
 
 def is_static(model: torch.nn.Module) -> bool:

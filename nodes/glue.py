@@ -419,8 +419,9 @@ def prepare_run(patcher):
     rt = cfg.get("runtime") or {}
     te = enabled and rt.get("backend") == "transformer_engine"
     set_te(dm, None)
-    if not (te and rt.get("cudagraphs")):
-        drop_graphs(dm)
+    graphs = bool(rt.get("cudagraphs")) and enabled
+    # graphs this run will not replay hold a memory pool each: free them
+    drop_graphs(dm, te=not (te and graphs), compiled=not (not te and graphs and rt.get("compile")))
     if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
@@ -519,12 +520,16 @@ def apply_runtime_options(m, rt: dict) -> None:
                                te_wrapper(bool(rt.get("cudagraphs"))))
     elif rt.get("compile"):
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COMPILE_KEY,
-                               compile_wrapper("reduce-overhead" if rt.get("cudagraphs") else None))
+                               compile_wrapper(bool(rt.get("cudagraphs"))))
 
 
-def drop_graphs(dm: torch.nn.Module) -> None:
-    """Free the TE backend's captured CUDA graphs (and their memory pools) of this diffusion model."""
-    dm.__dict__.pop("_sd35fp8_graphed", None)
+def drop_graphs(dm: torch.nn.Module, te: bool = True, compiled: bool = True) -> None:
+    """Free captured CUDA graphs (and their memory pools) of this diffusion model: the TE backend's
+    and/or those of the compiled torch runtime."""
+    if te:
+        dm.__dict__.pop("_sd35fp8_graphed", None)
+    if compiled:
+        dm.__dict__.get("_sd35fp8_compiled", {}).pop(GRAPHS, None)
 
 
 def te_wrapper(graphs: bool):
@@ -552,16 +557,20 @@ def te_wrapper(graphs: bool):
 
 
 _compile_broken: set[str] = set()
+GRAPHS = "cuda_graphs"  # key of the graphed compiled model in a diffusion model's compile cache
 
 
-def compile_wrapper(mode: str | None):
+def compile_wrapper(graphs: bool):
     """APPLY_MODEL wrapper running the diffusion model through ``torch.compile`` (as ComfyUI's
     TorchCompileModel does: the compiled module is swapped in only for the call, so ComfyUI's
-    loading/offloading always sees the plain module). One compiled module per diffusion model and
-    mode, specialised per shape (``dynamic=False``: each resolution/batch compiles once). If
-    compilation is impossible here (no Triton, no C compiler, an unsupported GPU), it warns once and
-    runs eager: same results, slower."""
-    key = f"mode={mode}"
+    loading/offloading always sees the plain module). One compiled module per diffusion model,
+    specialised per shape (``dynamic=False``: each resolution/batch compiles once). With ``graphs``
+    and the static FP8 runtime (calibrated scales, no run-time state on the host), the compiled model is replayed whole as CUDA graphs (``fp8.graphs.GraphedModule``, one per
+    resolution/batch): a denoiser call is then one graph launch, with no guard checks and no
+    per-kernel launches on the host (cheaper than torch.compile's reduce-overhead mode: see
+    bench/results). If compilation is impossible here (no Triton, no C compiler, an unsupported GPU),
+    it warns once and runs eager: same results, slower."""
+    key = "mode=None"
 
     def wrapper(executor, *args, **kwargs):
         base = executor.class_obj
@@ -571,7 +580,12 @@ def compile_wrapper(mode: str | None):
         cache = dm.__dict__.setdefault("_sd35fp8_compiled", {})
         compiled = cache.get(key)
         if compiled is None:
-            compiled = cache[key] = torch.compile(dm, mode=mode, dynamic=False)
+            compiled = cache[key] = torch.compile(dm, dynamic=False)
+        if graphs and dm.__dict__.get("_sd35fp8_static_key") is not None:  # static FP8 runtime only
+            runner = cache.get(GRAPHS)
+            if runner is None:
+                runner = cache[GRAPHS] = GraphedModule(compiled)
+            compiled = runner
         base.diffusion_model = compiled
         try:
             return executor(*args, **kwargs)
@@ -581,6 +595,7 @@ def compile_wrapper(mode: str | None):
                                   ImportError, OSError)) and "triton" not in str(e).lower():
                 raise
             _compile_broken.add(key)
+            cache.pop(GRAPHS, None)
             log.warning("sd35fp8: torch.compile is not usable here (%s: %s); running the FP8 model eager "
                         "(same results, slower)", type(e).__name__, str(e).splitlines()[0][:300])
         finally:

@@ -142,9 +142,9 @@ class SD35FP8Autocast(io.ComfyNode):
                                        "GPUs with FP8, else cuDNN)"),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
                                  tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
-                                         "(removes launch gaps; holds a private memory pool per shape). torch "
-                                         "backend: with compile (reduce-overhead); transformer_engine: removes "
-                                         "TE's per-layer host overhead"),
+                                         "(removes launch gaps and host overhead; holds a private memory pool per "
+                                         "shape). torch backend: the compiled, calibrated model, captured "
+                                         "whole; transformer_engine: removes TE's per-layer host overhead"),
                 io.Combo.Input("scaling", options=list(SCALINGS), default="delayed", optional=True,
                                tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling: history "
                                        "seeded with the calibrated amax, updated after every denoiser call) or "

@@ -143,3 +143,51 @@ def test_replaced_weights_are_recaptured_and_uncapturable_models_run_eager(caplo
     a = torch.randn(64, 64, device="cuda")
     torch.nn.init.normal_(torch.empty(8, device="cuda"))
     assert torch.isfinite(a @ a).all()
+
+
+def test_state_version_follows_the_static_fp8_runtime_config():
+    """Plain attributes (fast accumulation, adaLN mode) steer the captured code without changing a tensor:
+    the static runtime's config is part of the version; the same config again (every run sets it) is not
+    a change, even when a new calibration updated the scales in place."""
+    from fp8.runtime import RuntimeConfig, clear_static, set_static
+    from test_runtime import quantized_block
+    b, _, x, c = quantized_block()
+    set_static(b, RuntimeConfig(fast_accum=True))
+    v0 = state_version(b)
+    set_static(b, RuntimeConfig(fast_accum=True))
+    assert state_version(b) == v0
+    set_static(b, RuntimeConfig(fast_accum=False))
+    v1 = state_version(b)
+    assert v1 != v0
+    set_static(b, RuntimeConfig(fast_accum=False, adaln="fp8"))
+    assert state_version(b) != v1
+    clear_static(b)
+    assert state_version(b) not in (v0, v1)
+
+
+@cuda
+def test_compiled_static_fp8_model_replays_whole_and_recaptures_on_a_new_runtime_config():
+    """What ``cuda_graphs`` does on the torch backend: torch.compile's module (static FP8 runtime) captured
+    by GraphedModule; replays match the compiled eager calls; a changed runtime config re-captures."""
+    from fp8.runtime import RuntimeConfig, set_static
+    from test_runtime import quantized_block
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores")
+    b, _, x, c = quantized_block()
+    b = b.cuda().to(torch.bfloat16)
+    x, c = x.cuda().bfloat16(), c.cuda().bfloat16()
+    set_static(b, RuntimeConfig(fast_accum=True))
+    compiled = torch.compile(b, dynamic=False)
+    gm = GraphedModule(compiled, warmup=2)
+    with torch.no_grad():
+        ref = compiled(x, c)
+        outs = [gm(x, c) for _ in range(5)]
+        assert gm.replays == 3 and len(gm.graphs) == 1
+        assert all(torch.equal(o, ref) for o in outs)
+        x2 = x * 2  # new values, same shapes: copied into the captured input
+        assert torch.equal(gm(x2, c), compiled(x2, c))
+        set_static(b, RuntimeConfig(fast_accum=False))  # another config: re-captured, not replayed stale
+        ref_exact = compiled(x, c)
+        outs = [gm(x, c) for _ in range(4)]
+        assert all(torch.equal(o, ref_exact) for o in outs)
+        assert gm.replays == 6 and torch.isfinite(ref_exact).all()

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Where the time of our compiled FP8 model goes, and what Inductor options buy (GPU).
+
+    python3 bench/compiled_profile.py [--variant large] [--depth 6] [--variants default,autotune,...]
+
+Builds the first ``depth - 1`` blocks + the last block of the real SD3.5 shapes through ComfyUI's
+model code (random weights), calibrates ours quickly (apply_model at 7 sigmas, max), then per
+variant: first-call (compile) seconds, ms per denoiser call (CUDA graphs, median of 20), the error
+vs BF16 on the same inputs, and a kernel profile (compiled, no graphs) grouped into GEMM /
+attention / fused Triton elementwise+reductions / adaLN GEMV / other, plus the top kernels.
+Not the benchmark of record (bench/sd35_bench.py); it picks what goes into it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+GROUPS = (("fused triton (pointwise/reduction)", re.compile(r"^triton_(poi|red|per)", re.I)),
+          ("attention", re.compile(r"cudnn|flash|fmha|attn|sdpa", re.I)),
+          ("gemv (adaLN)", re.compile(r"gemv", re.I)),
+          ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90", re.I)))
+
+# variant: (Inductor config patch, attention backend[, "graphed": compiled without cudagraph trees,
+# replayed whole by fp8.graphs.GraphedModule])
+VARIANTS = {
+    "graphed": ({}, "cudnn", "graphed"),
+    "default": ({}, "cudnn"),
+    "autotune": ({"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}, "cudnn"),
+    "autotune_fp8attn": ({"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}, "fp8"),
+    "coord": ({"coordinate_descent_tuning": True}, "cudnn"),
+    "fp8attn": ({}, "fp8"),
+}
+
+
+def profile_groups(fn, top: int):
+    """Kernel time by group and the top kernels of one call; plus the call's timeline: host time until
+    the call returns (no sync), wall time to the end of its GPU work, GPU span and kernel busy time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kev = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    span = (max(e.time_range.end for e in kev) - min(e.time_range.start for e in kev)) / 1000 if kev else 0.0
+    busy = sum(e.time_range.elapsed_us() for e in kev) / 1000
+    walls, hosts = [], []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        hosts.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    timeline = (f"  timeline: wall {1000 * min(walls):.2f} ms, host until return {1000 * min(hosts):.2f} ms, GPU span "
+                f"{span:.2f} ms, kernels busy {busy:.2f} ms ({len(kev)} kernels)")
+    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    tot, groups, kern = 0.0, {}, []
+    for e in ev:
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if not t:
+            continue
+        tot += t
+        g = next((n for n, rx in GROUPS if rx.search(e.key)), "other")
+        groups[g] = groups.get(g, 0.0) + t
+        kern.append((t, e.count, e.key))
+    kern.sort(reverse=True)
+    lines = [f"  GPU time {tot / 1000:.2f} ms: " + ", ".join(f"{g} {t / 1000:.2f} ms ({100 * t / tot:.0f}%)"
+                                                             for g, t in sorted(groups.items(), key=lambda x: -x[1]))]
+    lines.append(timeline)
+    lines += [f"    {t / 1000:7.3f} ms  x{c:<4d} {k[:110]}" for t, c, k in kern[:top]]
+    return "\n".join(lines)
+
+
+def main():
+    ap = common.arg_parser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--variants", default="default,autotune")
+    ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--stock", action="store_true", help="also stock BF16 and fp8_e4m3fn_fast + compile")
+    ap.add_argument("--profile-graphs", action="store_true", help="also profile the CUDA-graph runs")
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype (the benchmark of record uses bfloat16)")
+    a = ap.parse_args()
+    glue = common.import_glue(a.comfy)
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    fp8 = sys.modules["sd35pack.fp8"]
+    from sd35pack.fp8.graphs import GraphedModule
+    from sd35pack.fp8 import runtime as rtm
+
+    dev = mm.get_torch_device()
+    sd = common.state_dict(a.variant, "cuda")
+    k = a.depth or common.SHAPES[a.variant][0]
+    dt = getattr(torch, a.dtype)
+    stock = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dt})
+    ours = comfy.sd.load_diffusion_model_state_dict(
+        dict(sd), model_options={"custom_operations": glue.make_ops(fp8.QuantPolicy(), dev), "dtype": dt})
+    fast = comfy.sd.load_diffusion_model_state_dict(
+        dict(sd), model_options={"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}) if a.stock else None
+    del sd
+    mm.load_models_gpu([p for p in (stock, ours, fast) if p is not None], force_full_load=True)
+    dm = ours.model.diffusion_model
+    x, sigma, ctx, y = common.denoiser_inputs(a.batch, a.size, dev)
+    session = fp8.CalibrationSession("max")
+    with torch.no_grad(), fp8.fp8_autocast(enabled=False, calibrating=session):
+        for s in (1.0, 0.9, 0.75, 0.6, 0.4, 0.2, 0.05):
+            common.call(ours, x, torch.full_like(sigma, s), ctx, y)
+    glue.install_scales(dm, fp8.calibrated_amax(session, dm))
+    rtm.set_static(dm, rtm.RuntimeConfig(fast_accum=True))
+    for p in (stock, ours, fast):
+        if p is not None:
+            m = p.model.diffusion_model
+            if k < len(m.joint_blocks):
+                m.joint_blocks = torch.nn.ModuleList(list(m.joint_blocks[:k - 1]) + [m.joint_blocks[-1]])
+    torch.cuda.empty_cache()
+    rows, profiles = [], []
+    with torch.no_grad():
+        ref = common.call(stock, x, sigma, ctx, y).float()
+
+        def run(name, p, patch, graphs_too=True):
+            import torch._inductor.config as icfg
+            out = {}
+            graphed = len(patch) > 2
+            for graphs in ((True,) if graphed else (False, True) if graphs_too else (False,)):
+                torch._dynamo.reset()
+                q = p.clone()
+                if name.startswith("stock"):
+                    set_torch_compile_wrapper(model=q, backend="inductor")
+                else:
+                    glue.apply_runtime_options(q, {"attention": patch[1], "compile": True,
+                                                   "cudagraphs": graphs and not graphed})
+                    if graphs and graphed:  # warm the plain compiled module, then hand it to GraphedModule
+                        common.call(q, x, sigma, ctx, y)
+                        cache = q.model.diffusion_model.__dict__["_sd35fp8_compiled"]
+                        cache["mode=None"] = GraphedModule(cache["mode=None"])
+                with icfg.patch(patch[0]):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    o = common.call(q, x, sigma, ctx, y)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - t0
+                    ms, o = common.time_cuda(lambda: common.call(q, x, sigma, ctx, y), n=20, warmup=3)
+                    if not graphs or a.profile_graphs:
+                        profiles.append(f"{name}{' + graphs' if graphs else ''}:\n" + profile_groups(lambda: common.call(q, x, sigma, ctx, y), a.top))
+                        print(profiles[-1], flush=True)
+                out[graphs] = (ms, first)
+                err = common.rel(o, ref)
+                fin = bool(torch.isfinite(o).all())
+                del q
+            rows.append((name, out[False][0], out.get(True, (float("nan"),))[0],
+                         " / ".join(f"{v[1]:.0f}" for v in out.values()), err, fin))
+            print(rows[-1], flush=True)
+
+        if a.stock:
+            run("stock BF16 + compile", stock, ({}, None), graphs_too=False)
+            run("stock fp8_e4m3fn_fast + compile", fast, ({}, None), graphs_too=False)
+        for v in a.variants.split(","):
+            try:
+                run(f"ours {v}", ours, VARIANTS[v])
+            except Exception as e:  # noqa: BLE001
+                print(f"ours {v} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                rows.append((f"ours {v} (failed: {type(e).__name__})", float("nan"), float("nan"), "-", float("nan"),
+                             False))
+
+    print(f"\nGPU {torch.cuda.get_device_name()}, torch {torch.__version__}, {a.variant} first {k - 1} blocks + "
+          f"last, {a.size}², batch {a.batch}; command: python3 bench/compiled_profile.py {' '.join(sys.argv[1:])}")
+    print("\n".join(profiles))
+    print("| variant | ms compiled | ms compiled + CUDA graphs | first call s (no graphs / graphs) | err vs BF16 | "
+          "finite |\n|---|---|---|---|---|---|")
+    for n, m1, m2, f, e, ok in rows:
+        print(f"| {n} | {m1:.2f} | {m2:.2f} | {f} | {e:.4f} | {ok} |")
+
+
+if __name__ == "__main__":
+    main()
