@@ -164,8 +164,8 @@ def reference_attention(q, k, v, heads: int, backend: str = "auto") -> torch.Ten
     return out.transpose(1, 2).reshape(B, S, HD)
 
 
-# which path fp8_attention took ("fp8" / "sdpa": per Python call, so once per trace under torch.compile) and
-# how often the FP8 kernels were launched from the host ("kernel": CUDA-graph replays do not count)
+# how often fp8_attention fell back to SDPA ("sdpa") and launched the FP8 kernels from the host ("kernel"),
+# in eager calls (traced code under torch.compile and CUDA-graph replays do not count)
 CALLS: collections.Counter = collections.Counter()
 
 
@@ -180,12 +180,21 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape)
 
 
-def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors, in FP8 where :func:`supported` and Q, K, V
-    have one shape; else SDPA with cuDNN first (the runtime's default attention)."""
-    if k.shape != q.shape or v.shape != q.shape or not supported(q, heads):
-        CALLS["sdpa"] += 1
-        return reference_attention(q, k, v, heads, "cudnn")
-    CALLS["fp8"] += 1
-    return _fp8_attention(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), heads)
+def _flat_heads(t: torch.Tensor, b: int, hd: int) -> torch.Tensor:
+    """[B, S, H, D] → [B, S, H·D] (a view). ComfyUI's attention reads any q/k/v as [B, S, H, D]
+    (``view(b, -1, heads, dim_head)``), and SD3's MMDiT passes v unflattened: [B, S, H, D]."""
+    if t.dim() == 4 and t.shape[0] == b and t.shape[2] * t.shape[3] == hd:
+        return t.flatten(2)
+    return t
 
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v over ComfyUI's [B, S, H·D] tensors (k and v may also come as [B, S, H, D]), in FP8
+    where :func:`supported` and Q, K, V have one shape; else SDPA with cuDNN first (the runtime's default)."""
+    if q.dim() == 3:
+        k, v = (_flat_heads(t, q.shape[0], q.shape[-1]) for t in (k, v))
+    if k.shape != q.shape or v.shape != q.shape or not supported(q, heads):
+        if not torch.compiler.is_compiling():  # no Python side effects in traced code (guards, recompiles)
+            CALLS["sdpa"] += 1
+        return reference_attention(q, k, v, heads, "cudnn")
+    return _fp8_attention(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), heads)

@@ -146,6 +146,14 @@ class GraphedModule(torch.nn.Module):
                 # a failed capture leaves the device's RNG in capture mode (torch skips its epilogue): every
                 # later random op would fail ("Offset increment outside graph capture"); give it a clean state
                 gen.graphsafe_set_state(rng)
+                # ... and the allocator still routing this thread's allocations to the pool: the next capture
+                # would fail ("already recording to mempool_id"). Close it; later captures get a new pool
+                try:
+                    torch._C._cuda_endAllocateToPool(dev.index if dev.index is not None else
+                                                     torch.cuda.current_device(), self.pool)
+                except Exception:  # noqa: BLE001 - it was not recording (the capture failed before that)
+                    pass
+                self.__dict__["pool"] = None
                 torch.cuda.synchronize()
                 log.warning("sd35fp8: this model cannot be captured as a CUDA graph (%s: %s); running it eager "
                             "for this input shape (same results, slower)", type(e).__name__,

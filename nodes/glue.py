@@ -485,12 +485,17 @@ def set_autocast(model, enabled: bool, recipe: DelayedScaling | None, runtime: d
     return m
 
 
+def on_gpu(t: torch.Tensor) -> bool:
+    """Whether the attention override handles this call (on CPU ComfyUI's own attention is as good)."""
+    return t.device.type == "cuda"
+
+
 def attention_override(backend: str):
-    """ComfyUI ``optimized_attention_override``: SDPA with ``backend`` for the plain [B, S, H*D] calls
-    (the MMDiT's joint and MMDiT-X attention); anything else goes to ComfyUI's own function."""
+    """ComfyUI ``optimized_attention_override``: SDPA with ``backend`` (or our FP8 kernel) for the plain
+    [B, S, H*D] calls (the MMDiT's joint attention); anything else goes to ComfyUI's own function."""
     def override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
-        if mask is not None or skip_reshape or skip_output_reshape or q.dim() != 3 or q.device.type != "cuda":
+        if mask is not None or skip_reshape or skip_output_reshape or q.dim() != 3 or not on_gpu(q):
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
         if backend == "fp8":  # ComfyUI's [B, S, H*D] layout in and out; cuDNN SDPA where FP8 cannot run

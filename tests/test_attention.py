@@ -30,6 +30,21 @@ def test_cpu_and_unsupported_shapes_fall_back_to_sdpa_exactly():
     b, s, h, d = 2, 37, 3, 64
     q4, k4, v4 = (t.view(b, s, h, d).transpose(1, 2) for t in (q, k, v))
     assert torch.equal(attention(q4, k4, v4, "fp8"), attention(q4, k4, v4, "auto"))
+    # ComfyUI's convention: k/v may come as [B, S, H, D] (SD3 passes v so)
+    assert torch.equal(fp8_attention(q, k.view(b, s, h, d), v.view(b, s, h, d), 3), ref)
+
+
+def test_fp8_attention_traces_once_under_torch_compile():
+    """No Python side effects in the traced path: a mutated global (a call counter) made Dynamo guard on
+    its value and recompile on every call, which broke CUDA-graph capture of the compiled model."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    f = torch.compile(lambda a, b, c: fp8_attention(a * 1.0, b, c, 3), backend=cnt, dynamic=False)
+    q, k, v = qkv(2, 37, 3)
+    for i in range(4):
+        f(q * (i + 1), k, v)
+    assert cnt.frame_count == 1
 
 
 @fp8_gpu
@@ -66,3 +81,28 @@ def test_fp8_attention_never_overflows_and_follows_each_token_scale():
     # compiled, as the runtime calls it: one opaque op, same result
     f = torch.compile(lambda a, b, c: fp8_attention(a * 1.0, b, c, 2), dynamic=False)
     assert torch.allclose(f(qs, k, v).float(), out.float(), rtol=1e-2, atol=1e-2 * float(out.abs().max()))
+
+
+def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel():
+    """Through ComfyUI's real SD3 model code (tiny Large and Medium, CPU, the two hardware checks set as on
+    an FP8 GPU): with attention=fp8 every joint (and MMDiT-X) attention call reaches the FP8 kernel with
+    Q, K, V as [B, S, H·D] and nothing falls back to SDPA. SD3's MMDiT passes v as [B, S, H, D]: before
+    that was handled, every call silently fell back to cuDNN."""
+    import json
+    import os
+    import subprocess
+    from comfy_harness import comfy_dir, comfy_python
+    if not os.path.isdir(os.path.join(comfy_dir(), "comfy")):
+        pytest.skip("ComfyUI is not set up (scripts/setup_env.sh)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([comfy_python(), os.path.join(here, "comfy_attention_check.py"), comfy_dir()],
+                       capture_output=True, text=True, timeout=600)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    rep = json.loads(line[7:])
+    for variant, expect in (("large", 2), ("medium", 3)):  # 2 joint blocks; Medium's block 0 has attn2 too
+        got = rep[variant]
+        assert got["sdpa_fallbacks"] == 0 and len(got["kernel_calls"]) == expect, got
+        for q, k, v, heads, contiguous_last in got["kernel_calls"]:
+            assert len(q) == 3 and q == k == v and heads == 2 and contiguous_last
+        assert got["max_abs_diff"] < 1e-5 * got["ref_max"]  # the stand-in kernel is exact: same model output

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Which attention calls of ComfyUI's real SD3 MMDiT reach our FP8 attention kernel (run by
+tests/test_attention.py with ComfyUI's Python; CPU is enough).
+
+    python tests/comfy_attention_check.py COMFYUI_DIR
+
+Builds tiny SD3.5 Large and Medium models through ComfyUI's own model code, installs the pack's
+``attention=fp8`` override, and stands in for the FP8 kernel (which needs an FP8 GPU) with a
+recorder that computes exact SDPA: every call that would reach the kernel is recorded with its
+shapes. Prints one JSON line: per variant, the recorded calls, the SDPA fallbacks, the number of
+joint blocks, and the output's difference from ComfyUI's own attention.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+
+def main(comfy_dir: str) -> None:
+    import common
+    glue = common.import_glue(comfy_dir, cpu=True)
+    import torch
+    import comfy.sd
+    import tiny_sd35
+    att = sys.modules["sd35pack.fp8.attention"]
+    seen = []
+
+    def kernel(q, k, v, heads):  # where the Triton kernels would run: check what they would get
+        seen.append([list(t.shape) for t in (q, k, v)] + [heads, all(t.stride(-1) == 1 for t in (q, k, v))])
+        return att.reference_attention(q, k, v, heads, "math")
+
+    # the two hardware checks, as on an FP8 GPU; everything else is the real code path
+    att.supported = lambda q, heads: q.dim() == 3 and q.shape[-1] // heads in att.HEAD_DIMS
+    glue.on_gpu = lambda t: True
+    att._fp8_attention = kernel
+    report = {}
+    for variant, attn2 in (("large", 0), ("medium", 1)):
+        sd = tiny_sd35.mmdit_state_dict(depth=2, variant=variant, attn2_blocks=attn2 or None)
+        m = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 16, 32, 32, generator=g)
+        ctx = torch.randn(2, 20, 4096, generator=g)
+        y = torch.randn(2, 2048, generator=g)
+        sigma = torch.full((2,), 0.7)
+        with torch.no_grad():
+            ref = common.call(m, x, sigma, ctx, y)
+            seen.clear()
+            att.CALLS.clear()
+            glue.apply_runtime_options(m, {"attention": "fp8", "compile": False})
+            out = common.call(m, x, sigma, ctx, y)
+        report[variant] = {"kernel_calls": list(seen), "sdpa_fallbacks": att.CALLS["sdpa"],
+                           "joint_blocks": len(m.model.diffusion_model.joint_blocks),
+                           "max_abs_diff": float((out - ref).abs().max()), "ref_max": float(ref.abs().max())}
+    print("RESULT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
