@@ -53,12 +53,7 @@ def main():
     x, sigma, ctx, y = common.denoiser_inputs(a.batch, a.size, dev)
 
     # quick calibration: apply_model at several sigmas (two conditionings), max method
-    session = fp8.CalibrationSession("max")
-    with torch.no_grad(), fp8.fp8_autocast(enabled=False, calibrating=session):
-        for s in (1.0, 0.9, 0.75, 0.6, 0.4, 0.2, 0.05):
-            common.call(ours, x, torch.full_like(sigma, s), ctx, y)
-    amax = fp8.calibrated_amax(session, dm)
-    glue.install_scales(dm, amax)
+    common.quick_calibrate(glue, ours, (x, sigma, ctx, y))
     rows = []
 
     with torch.no_grad():

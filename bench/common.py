@@ -121,6 +121,22 @@ class Denoiser:
                 return call(p, *inp)
 
 
+def quick_calibrate(glue, patcher, inputs) -> dict:
+    """Calibrate ``patcher``'s FP8 layers from apply_model at 7 sigmas on ``inputs`` (x, sigma, ctx, y), max
+    method, and install the scales; returns the amax table (the benchmarks' stand-in for a sampling run)."""
+    import torch
+    fp8 = sys.modules["sd35pack.fp8"]
+    x, sigma, ctx, y = inputs
+    session = fp8.CalibrationSession("max")
+    with torch.no_grad(), fp8.fp8_autocast(enabled=False, calibrating=session):
+        for s in (1.0, 0.9, 0.75, 0.6, 0.4, 0.2, 0.05):
+            call(patcher, x, torch.full_like(sigma, s), ctx, y)
+    dm = patcher.model.diffusion_model
+    amax = fp8.calibrated_amax(session, dm)
+    glue.install_scales(dm, amax)
+    return amax
+
+
 def time_cuda(fn, n: int = 10, warmup: int = 2):
     """Median ms of ``n`` calls after ``warmup``, CUDA events; returns (median_ms, last_output)."""
     import torch

@@ -110,11 +110,7 @@ def main():
     mm.load_models_gpu([p for p in (stock, ours, fast) if p is not None], force_full_load=True)
     dm = ours.model.diffusion_model
     x, sigma, ctx, y = common.denoiser_inputs(a.batch, a.size, dev)
-    session = fp8.CalibrationSession("max")
-    with torch.no_grad(), fp8.fp8_autocast(enabled=False, calibrating=session):
-        for s in (1.0, 0.9, 0.75, 0.6, 0.4, 0.2, 0.05):
-            common.call(ours, x, torch.full_like(sigma, s), ctx, y)
-    glue.install_scales(dm, fp8.calibrated_amax(session, dm))
+    common.quick_calibrate(glue, ours, (x, sigma, ctx, y))
     rtm.set_static(dm, rtm.RuntimeConfig(fast_accum=True))
     for p in (stock, ours, fast):
         if p is not None:
