@@ -66,6 +66,22 @@ def test_fp8_attention_matches_fp32_reference_within_fp8_error(s, pv_fp8):
 
 
 @fp8_gpu
+def test_fp8_attention_takes_sd3s_layouts_views_into_a_packed_qkv():
+    """What SD3's MMDiT-X attention passes: q/k as [B, S, H·D] and v as a [B, S, H, D] view into the packed
+    qkv projection (row stride 3·H·D): the same result as contiguous copies, on the FP8 path."""
+    b, s, h, d = 2, 333, 4, 64
+    packed = torch.randn(b, s, 3, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = packed.movedim(2, 0)  # [B, S, H, D] views, row stride 3·H·D
+    q3, k3 = q.reshape(b, s, h * d), k.reshape(b, s, h * d)
+    assert v.stride(1) == 3 * h * d
+    out = fp8_attention(q3, k3, v, h)
+    dense = attention_launch(q3.contiguous(), k3.contiguous(), v.reshape(b, s, h * d).contiguous(), h)
+    assert torch.equal(out, dense)
+    ref = reference_attention(q3.float(), k3.float(), v.reshape(b, s, h * d).float(), h)
+    assert rel(out, ref) < 0.08
+
+
+@fp8_gpu
 def test_fp8_attention_never_overflows_and_follows_each_token_scale():
     q, k, v = qkv(1, 300, 2, device="cuda", seed=3)
     big = fp8_attention(q * 1e4, k * 3e4, v * 5e4, 2)  # far past E4M3's 448: scales are found at run time
