@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the time of our compiled FP8 model goes, and what Inductor options buy (GPU).
 
-    python3 bench/compiled_profile.py [--variant large] [--depth 6] [--variants default,autotune,...]
+    python3 bench/compiled_profile.py [--variant large] [--depth 6] [--variants default,tree,autotune,...]
 
 Builds the first ``depth - 1`` blocks + the last block of the real SD3.5 shapes through ComfyUI's
 model code (random weights), calibrates ours quickly (apply_model at 7 sigmas, max), then per
@@ -25,15 +25,17 @@ GROUPS = (("fused triton (pointwise/reduction)", re.compile(r"^triton_(poi|red|p
           ("gemv (adaLN)", re.compile(r"gemv", re.I)),
           ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90", re.I)))
 
-# variant: (Inductor config patch, attention backend[, "graphed": compiled without cudagraph trees,
-# replayed whole by fp8.graphs.GraphedModule])
+AUTOTUNE = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
+# variant: (Inductor config patch, attention backend, graphs). Each variant runs compiled without graphs and
+# with the runtime's CUDA graphs (the whole compiled model replayed by fp8.graphs.GraphedModule); "tree"
+# runs only with torch.compile's reduce-overhead mode (cudagraph trees) instead, for comparison.
 VARIANTS = {
-    "graphed": ({}, "cudnn", "graphed"),
-    "default": ({}, "cudnn"),
-    "autotune": ({"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}, "cudnn"),
-    "autotune_fp8attn": ({"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}, "fp8"),
-    "coord": ({"coordinate_descent_tuning": True}, "cudnn"),
-    "fp8attn": ({}, "fp8"),
+    "default": ({}, "cudnn", "ours"),
+    "tree": ({}, "cudnn", "tree"),
+    "autotune": (AUTOTUNE, "cudnn", "ours"),
+    "autotune_fp8attn": (AUTOTUNE, "fp8", "ours"),
+    "coord": ({"coordinate_descent_tuning": True}, "cudnn", "ours"),
+    "fp8attn": ({}, "fp8", "ours"),
 }
 
 
@@ -94,7 +96,6 @@ def main():
     import comfy.sd
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     fp8 = sys.modules["sd35pack.fp8"]
-    from sd35pack.fp8.graphs import GraphedModule
     from sd35pack.fp8 import runtime as rtm
 
     dev = mm.get_torch_device()
@@ -125,20 +126,18 @@ def main():
         def run(name, p, patch, graphs_too=True):
             import torch._inductor.config as icfg
             out = {}
-            graphed = len(patch) > 2
-            for graphs in ((True,) if graphed else (False, True) if graphs_too else (False,)):
+            inductor, attn, kind = patch
+            for graphs in ((True,) if kind == "tree" else (False, True) if graphs_too else (False,)):
                 torch._dynamo.reset()
                 q = p.clone()
                 if name.startswith("stock"):
                     set_torch_compile_wrapper(model=q, backend="inductor")
+                elif kind == "tree":
+                    glue.apply_runtime_options(q, {"attention": attn, "compile": False})
+                    set_torch_compile_wrapper(model=q, backend="inductor", mode="reduce-overhead")
                 else:
-                    glue.apply_runtime_options(q, {"attention": patch[1], "compile": True,
-                                                   "cudagraphs": graphs and not graphed})
-                    if graphs and graphed:  # warm the plain compiled module, then hand it to GraphedModule
-                        common.call(q, x, sigma, ctx, y)
-                        cache = q.model.diffusion_model.__dict__["_sd35fp8_compiled"]
-                        cache["mode=None"] = GraphedModule(cache["mode=None"])
-                with icfg.patch(patch[0]):
+                    glue.apply_runtime_options(q, {"attention": attn, "compile": True, "cudagraphs": graphs})
+                with icfg.patch(inductor):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     o = common.call(q, x, sigma, ctx, y)
@@ -152,13 +151,14 @@ def main():
                 err = common.rel(o, ref)
                 fin = bool(torch.isfinite(o).all())
                 del q
-            rows.append((name, out[False][0], out.get(True, (float("nan"),))[0],
+            nan = (float("nan"),)
+            rows.append((name, out.get(False, nan)[0], out.get(True, nan)[0],
                          " / ".join(f"{v[1]:.0f}" for v in out.values()), err, fin))
             print(rows[-1], flush=True)
 
         if a.stock:
-            run("stock BF16 + compile", stock, ({}, None), graphs_too=False)
-            run("stock fp8_e4m3fn_fast + compile", fast, ({}, None), graphs_too=False)
+            run("stock BF16 + compile", stock, ({}, None, None), graphs_too=False)
+            run("stock fp8_e4m3fn_fast + compile", fast, ({}, None, None), graphs_too=False)
         for v in a.variants.split(","):
             try:
                 run(f"ours {v}", ours, VARIANTS[v])

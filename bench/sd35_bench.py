@@ -97,13 +97,11 @@ def main():
                "final latent err": common.rel(x, ref[1]) if ref else 0.0, "NaN/Inf": bad}
         rows.append(row)
         # what really ran: the FP8 attention path (traced / launched from the host) and the CUDA graphs
-        runner = p.model.diffusion_model.__dict__.get("_sd35fp8_compiled", {}).get(glue.GRAPHS)
-        te_runner = p.model.diffusion_model.__dict__.get("_sd35fp8_graphed")
         used = {k: v - calls0.get(k, 0) for k, v in attn_calls.items() if v - calls0.get(k, 0)}
         if name.startswith("ours"):
             notes.append(f"{variant}: {name}: fp8_attention calls {used or 'none'}; " + "; ".join(
                 f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
-                for what, r in (("compiled", runner), ("TE", te_runner)) if r is not None))
+                for what, r in glue.graph_runners(p.model.diffusion_model).items()))
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
 

@@ -26,6 +26,8 @@ import logging
 import torch
 from torch.utils import _pytree as pytree
 
+from .runtime import static_key
+
 log = logging.getLogger("sd35fp8")
 PLAIN = (int, float, bool, str, bytes, type(None))
 
@@ -56,8 +58,8 @@ def _signature(leaves: list, spec):
 def state_version(module: torch.nn.Module):
     """A cheap fingerprint of where ``module``'s tensors live: every parameter's and buffer's storage
     address, the identity of per-layer TE modules (``_fp8_te_modules``), and the static FP8 runtime's
-    configuration (``_sd35fp8_static_key``, set by ``fp8.runtime.set_static``: plain attributes such as
-    fast accumulation steer the captured code without changing any tensor). It runs on every call, so
+    configuration (``fp8.runtime.static_key``: plain attributes such as fast accumulation steer the
+    captured code without changing any tensor). It runs on every call, so
     the parameter/buffer dicts of the modules that hold tensors are cached (modules are not replaced;
     their tensors are)."""
     cache = module.__dict__.get("_sd35fp8_modules")
@@ -71,7 +73,7 @@ def state_version(module: torch.nn.Module):
         te = a.get("_fp8_te_modules")
         if te:
             out.extend(id(v) for v in te.values())
-    out.append(getattr(module, "_sd35fp8_static_key", None))
+    out.append(static_key(module))
     return tuple(out)
 
 
@@ -136,7 +138,8 @@ class GraphedModule(torch.nn.Module):
             g.calls += 1
             if g.calls <= self.warmup:
                 return self._eager(args, kwargs)
-            gen = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+            di = dev.index if dev.index is not None else torch.cuda.current_device()
+            gen = torch.cuda.default_generators[di]
             rng = gen.clone_state()
             try:
                 self._capture(g, leaves, spec)
@@ -149,8 +152,7 @@ class GraphedModule(torch.nn.Module):
                 # ... and the allocator still routing this thread's allocations to the pool: the next capture
                 # would fail ("already recording to mempool_id"). Close it; later captures get a new pool
                 try:
-                    torch._C._cuda_endAllocateToPool(dev.index if dev.index is not None else
-                                                     torch.cuda.current_device(), self.pool)
+                    torch._C._cuda_endAllocateToPool(di, self.pool)
                 except Exception:  # noqa: BLE001 - it was not recording (the capture failed before that)
                     pass
                 self.__dict__["pool"] = None

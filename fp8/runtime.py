@@ -24,6 +24,7 @@ from .model import fp8_layers
 ADALN = re.compile(r"adaLN_modulation")
 # "fp8": our FP8 attention kernel (fp8/attention.py); the others are SDPA backends
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fp8")
+STATIC_KEY = "_sd35fp8_static_key"  # set_static's config, kept on the model it was applied to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +59,19 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
-    model.__dict__["_sd35fp8_static_key"] = dataclasses.astuple(cfg)
+    model.__dict__[STATIC_KEY] = dataclasses.astuple(cfg)
     return len(layers)
 
 
 def clear_static(model: torch.nn.Module) -> None:
     for m in fp8_layers(model).values():
         m.fp8_set_static(None)
-    model.__dict__.pop("_sd35fp8_static_key", None)
+    model.__dict__.pop(STATIC_KEY, None)
+
+
+def static_key(model: torch.nn.Module):
+    """The static runtime's config on ``model`` as a tuple (None: not static). O(1): per-call checks use it."""
+    return getattr(model, STATIC_KEY, None)
 
 
 def is_static(model: torch.nn.Module) -> bool:
@@ -95,10 +101,10 @@ def sdpa_context(backend: str = "auto"):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over [B, H, S, D] tensors with the chosen backend (``fp8``: our FP8 kernel
     where it runs, else SDPA with cuDNN first)."""
-    if backend == "fp8" and k.shape == q.shape and v.shape == q.shape:
+    if backend == "fp8":  # fp8_attention decides where its kernel runs (else SDPA, cuDNN first)
         from .attention import fp8_attention
         b, h, s, d = q.shape
-        return fp8_attention(*(t.transpose(1, 2).reshape(b, s, h * d) for t in (q, k, v)), h).view(
+        return fp8_attention(*(t.transpose(1, 2).flatten(2) for t in (q, k, v)), h).view(
             b, s, h, d).transpose(1, 2)
     with sdpa_context(backend):
         return F.scaled_dot_product_attention(q, k, v)

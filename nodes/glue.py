@@ -35,7 +35,7 @@ from ..fp8.files import MappedSafetensors, file_metadata, fp8_layer_tensors, hyb
 from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
 from ..fp8.quant import dequantize_weight, quantize_to_scale
-from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static
+from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static, static_key
 from ..fp8.attention import fp8_attention
 from ..fp8.graphs import GraphedModule
 from ..fp8.te_backend import set_te, te_autocast, te_recipe, te_step
@@ -528,13 +528,41 @@ def apply_runtime_options(m, rt: dict) -> None:
                                compile_wrapper(bool(rt.get("cudagraphs"))))
 
 
+_compile_broken: set[str] = set()
+COMPILED, GRAPHS = "compiled", "cuda_graphs"  # keys of a diffusion model's compile cache
+TE_GRAPHS = "_sd35fp8_graphed"  # the TE backend's GraphedModule, on the diffusion model
+
+
+def graph_runners(dm: torch.nn.Module) -> dict:
+    """This diffusion model's CUDA-graph runners (``fp8.graphs.GraphedModule``) that exist: "compiled"
+    (the torch runtime's) and "TE"."""
+    found = {"compiled": dm.__dict__.get("_sd35fp8_compiled", {}).get(GRAPHS), "TE": dm.__dict__.get(TE_GRAPHS)}
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def drop_graphs(dm: torch.nn.Module, te: bool = True, compiled: bool = True) -> None:
     """Free captured CUDA graphs (and their memory pools) of this diffusion model: the TE backend's
     and/or those of the compiled torch runtime."""
     if te:
-        dm.__dict__.pop("_sd35fp8_graphed", None)
+        dm.__dict__.pop(TE_GRAPHS, None)
     if compiled:
         dm.__dict__.get("_sd35fp8_compiled", {}).pop(GRAPHS, None)
+
+
+@contextlib.contextmanager
+def _swapped(base, module: torch.nn.Module):
+    """ComfyUI's model runs ``module`` as its diffusion model for one call only, so its loading and
+    offloading always see the plain module."""
+    dm = base.diffusion_model
+    base.diffusion_model = module
+    try:
+        yield
+    finally:
+        base.diffusion_model = dm
+
+
+def _on_cuda(dm: torch.nn.Module) -> bool:
+    return torch.cuda.is_available() and next(dm.parameters()).device.type == "cuda"
 
 
 def te_wrapper(graphs: bool):
@@ -544,67 +572,52 @@ def te_wrapper(graphs: bool):
     they spend ~150 µs of host time per Linear call). Graphs are re-captured when ComfyUI replaces
     weights (LoRA merge, offload/reload); a model that cannot be captured runs eager with a warning."""
     def wrapper(executor, *args, **kwargs):
-        base = executor.class_obj
-        dm = base.diffusion_model
-        if not graphs or not torch.cuda.is_available() or next(dm.parameters()).device.type != "cuda":
+        dm = executor.class_obj.diffusion_model
+        if not graphs or not _on_cuda(dm):
             out = executor(*args, **kwargs)
             te_step()
             return out
-        runner = dm.__dict__.get("_sd35fp8_graphed")
+        runner = dm.__dict__.get(TE_GRAPHS)
         if runner is None:
-            runner = dm.__dict__["_sd35fp8_graphed"] = GraphedModule(dm, after=te_step)
-        base.diffusion_model = runner
-        try:
+            runner = dm.__dict__[TE_GRAPHS] = GraphedModule(dm, after=te_step)
+        with _swapped(executor.class_obj, runner):
             return executor(*args, **kwargs)
-        finally:
-            base.diffusion_model = dm
     return wrapper
 
 
-_compile_broken: set[str] = set()
-GRAPHS = "cuda_graphs"  # key of the graphed compiled model in a diffusion model's compile cache
-
-
 def compile_wrapper(graphs: bool):
-    """APPLY_MODEL wrapper running the diffusion model through ``torch.compile`` (as ComfyUI's
-    TorchCompileModel does: the compiled module is swapped in only for the call, so ComfyUI's
-    loading/offloading always sees the plain module). One compiled module per diffusion model,
-    specialised per shape (``dynamic=False``: each resolution/batch compiles once). With ``graphs``
-    and the static FP8 runtime (calibrated scales, no run-time state on the host), the compiled model is replayed whole as CUDA graphs (``fp8.graphs.GraphedModule``, one per
-    resolution/batch): a denoiser call is then one graph launch, with no guard checks and no
-    per-kernel launches on the host (cheaper than torch.compile's reduce-overhead mode: see
-    bench/results). If compilation is impossible here (no Triton, no C compiler, an unsupported GPU),
-    it warns once and runs eager: same results, slower."""
-    key = "mode=None"
-
+    """APPLY_MODEL wrapper running the diffusion model through ``torch.compile`` (swapped in per call, as
+    ComfyUI's TorchCompileModel does). One compiled module per diffusion model, specialised per shape
+    (``dynamic=False``: each resolution/batch compiles once). With ``graphs`` and the static FP8 runtime
+    (calibrated scales, no run-time state on the host), the compiled model is replayed whole as CUDA
+    graphs (``fp8.graphs.GraphedModule``, one per resolution/batch): a denoiser call is then one graph
+    launch, with no guard checks and no per-kernel launches on the host (cheaper than torch.compile's
+    reduce-overhead mode: see bench/results). If compilation is impossible here (no Triton, no C
+    compiler, an unsupported GPU), it warns once and runs eager: same results, slower."""
     def wrapper(executor, *args, **kwargs):
-        base = executor.class_obj
-        dm = base.diffusion_model
-        if key in _compile_broken or not torch.cuda.is_available() or next(dm.parameters()).device.type != "cuda":
+        dm = executor.class_obj.diffusion_model
+        if COMPILED in _compile_broken or not _on_cuda(dm):
             return executor(*args, **kwargs)
         cache = dm.__dict__.setdefault("_sd35fp8_compiled", {})
-        compiled = cache.get(key)
-        if compiled is None:
-            compiled = cache[key] = torch.compile(dm, dynamic=False)
-        if graphs and dm.__dict__.get("_sd35fp8_static_key") is not None:  # static FP8 runtime only
-            runner = cache.get(GRAPHS)
-            if runner is None:
-                runner = cache[GRAPHS] = GraphedModule(compiled)
-            compiled = runner
-        base.diffusion_model = compiled
+        run = cache.get(COMPILED)
+        if run is None:
+            run = cache[COMPILED] = torch.compile(dm, dynamic=False)
+        if graphs and static_key(dm) is not None:  # the static FP8 runtime only
+            if GRAPHS not in cache:
+                cache[GRAPHS] = GraphedModule(run)
+            run = cache[GRAPHS]
         try:
-            return executor(*args, **kwargs)
+            with _swapped(executor.class_obj, run):
+                return executor(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
             import torch._dynamo.exc as dexc
             if not isinstance(e, (dexc.BackendCompilerFailed, dexc.TorchRuntimeError, dexc.Unsupported,
                                   ImportError, OSError)) and "triton" not in str(e).lower():
                 raise
-            _compile_broken.add(key)
+            _compile_broken.add(COMPILED)
             cache.pop(GRAPHS, None)
             log.warning("sd35fp8: torch.compile is not usable here (%s: %s); running the FP8 model eager "
                         "(same results, slower)", type(e).__name__, str(e).splitlines()[0][:300])
-        finally:
-            base.diffusion_model = dm
         return executor(*args, **kwargs)
     return wrapper
 
