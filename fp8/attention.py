@@ -26,6 +26,7 @@ except Exception:  # noqa: BLE001
     triton = None
 
 from .formats import E4M3
+from .kernels import custom_op_once
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) of the attention kernel, per head dim; see bench/attn_bench.py
 ATTN_CONFIG = {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 3, False)}
@@ -164,20 +165,20 @@ def reference_attention(q, k, v, heads: int, backend: str = "auto") -> torch.Ten
     return out.transpose(1, 2).reshape(B, S, HD)
 
 
-# how often fp8_attention fell back to SDPA ("sdpa") and launched the FP8 kernels from the host ("kernel"),
-# in eager calls (traced code under torch.compile and CUDA-graph replays do not count)
-CALLS: collections.Counter = collections.Counter()
+def _fp8_attention_fake(q, k, v, heads):
+    return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("sd35fp8::fp8_attention", mutates_args=())
+@custom_op_once("sd35fp8::fp8_attention", _fp8_attention_fake)
 def _fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     CALLS["kernel"] += 1
     return attention_launch(q, k, v, heads)
 
 
-@_fp8_attention.register_fake
-def _(q, k, v, heads):
-    return q.new_empty(q.shape)
+# how often fp8_attention fell back to SDPA ("sdpa") and launched the FP8 kernels from the host ("kernel"),
+# in eager calls (traced code under torch.compile and CUDA-graph replays do not count). Kept on the op, so
+# every import of this module counts into one table (the op runs the first import's code).
+CALLS: collections.Counter = _fp8_attention.__dict__.setdefault("sd35fp8_calls", collections.Counter())
 
 
 def _flat_heads(t: torch.Tensor, b: int, hd: int) -> torch.Tensor:

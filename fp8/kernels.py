@@ -50,7 +50,30 @@ if triton is not None:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@torch.library.custom_op("sd35fp8::fp8w_linear", mutates_args=())
+def custom_op_once(qualname: str, fake):
+    """``torch.library.custom_op`` (no mutated args, ``fake`` as its fake kernel), defined once per process.
+    Defining a name again destroys the first registration, and every module still holding that op then
+    fails ("doesn't have a schema registered"); that happens when this package is imported twice under
+    two names (ComfyUI's folder name, and ``fp8`` in the tests and benchmarks). A second import reuses the
+    first definition: the same code."""
+    def define(fn):
+        try:
+            from torch._library.custom_ops import OPDEFS
+        except ImportError:  # another torch layout: define as usual
+            OPDEFS = {}
+        op = OPDEFS.get(qualname)
+        if op is None:
+            op = torch.library.custom_op(qualname, mutates_args=())(fn)
+            op.register_fake(fake)
+        return op
+    return define
+
+
+def _fp8w_linear_fake(x, w8, w_scale, bias):
+    return x.new_empty((x.shape[0], w8.shape[0]))
+
+
+@custom_op_once("sd35fp8::fp8w_linear", _fp8w_linear_fake)
 def _fp8w_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, K = x.shape
     N = w8.shape[0]
@@ -77,11 +100,6 @@ def gemv_launch(x, w8, w_scale, bias, config):
                                        HAS_BIAS=bias is not None, BM=max(16, triton.next_power_of_2(M)), BN=bn,
                                        BK=bk, num_warps=warps, num_stages=stages)
     return y
-
-
-@_fp8w_linear.register_fake
-def _(x, w8, w_scale, bias):
-    return x.new_empty((x.shape[0], w8.shape[0]))
 
 
 def fp8_weight_only_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,

@@ -110,3 +110,28 @@ def test_static_layer_on_a_gpu_without_fp8_falls_back_to_weight_only(monkeypatch
         y = b.fc1(x)
     expect = torch.nn.functional.linear(x, b.fc1.fp8_dequantized_weight(torch.float32), b.fc1.bias)
     assert torch.allclose(y, expect, atol=1e-5)
+
+
+def test_importing_the_package_twice_keeps_its_custom_ops_working():
+    """ComfyUI imports the pack under its folder name while tests and benchmarks import ``fp8``: a second
+    definition of our torch.library ops destroyed the first one's, and every later call through the first
+    import failed ("doesn't have a schema registered"). Both imports must keep working and share the op."""
+    import subprocess
+    import sys
+    code = """
+import importlib, sys, types, torch
+import fp8.attention as a1, fp8.kernels as k1
+pkg = types.ModuleType("sd35pack_twice"); pkg.__path__ = ["."]; sys.modules["sd35pack_twice"] = pkg
+a2 = importlib.import_module("sd35pack_twice.fp8.attention")
+k2 = importlib.import_module("sd35pack_twice.fp8.kernels")
+x = torch.randn(3, 8, dtype=torch.bfloat16)
+w, s = torch.randn(4, 8).to(torch.float8_e4m3fn), torch.tensor(0.5)
+ref = k1._dequant_linear(x, w, s, None)
+assert torch.equal(k1._fp8w_linear(x, w, s, None), ref) and torch.equal(k2._fp8w_linear(x, w, s, None), ref)
+assert a1.CALLS is a2.CALLS
+print("OK")
+"""
+    import os
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
