@@ -26,7 +26,7 @@ GROUPS = (("fused triton (pointwise/reduction)", re.compile(r"^triton_(poi|red|p
           ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90", re.I)))
 
 AUTOTUNE = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
-# variant: (Inductor config patch, attention backend, graphs). Each variant runs compiled without graphs and
+# variant: (Inductor config patch, attention backend, graphs[, RuntimeConfig fields]). Each variant runs compiled without graphs and
 # with the runtime's CUDA graphs (the whole compiled model replayed by fp8.graphs.GraphedModule); "tree"
 # runs only with torch.compile's reduce-overhead mode (cudagraph trees) instead, for comparison.
 VARIANTS = {
@@ -36,6 +36,8 @@ VARIANTS = {
     "autotune_fp8attn": (AUTOTUNE, "fp8", "ours"),
     "coord": ({"coordinate_descent_tuning": True}, "cudnn", "ours"),
     "fp8attn": ({}, "fp8", "ours"),
+    "nofuse": ({}, "cudnn", "ours", {"fuse_mlp": False}),
+    "nofuse_fp8attn": ({}, "fp8", "ours", {"fuse_mlp": False}),
 }
 
 
@@ -126,7 +128,9 @@ def main():
         def run(name, p, patch, graphs_too=True):
             import torch._inductor.config as icfg
             out = {}
-            inductor, attn, kind = patch
+            inductor, attn, kind, *rt = patch
+            if not name.startswith("stock"):
+                rtm.set_static(dm, rtm.RuntimeConfig(fast_accum=True, **(rt[0] if rt else {})))
             for graphs in ((True,) if kind == "tree" else (False, True) if graphs_too else (False,)):
                 torch._dynamo.reset()
                 q = p.clone()

@@ -177,25 +177,34 @@ class FP8LinearMixin:
         self.fp8_static = mode
         self.fp8_fast_accum = bool(fast_accum)
 
+    def fp8_static_quantize(self, x2: torch.Tensor) -> torch.Tensor:
+        """[M, K] activations → E4M3 with the static input scale (a pointwise op: compile fuses it into
+        the producer). Clamp before the cast (CUDA turns out-of-range into NaN); NaN stays NaN."""
+        return (x2.float() * self.fp8_in_inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+    def fp8_static_matmul(self, xq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Static FP8 GEMM of already quantized [M, K] activations, bias in the epilogue."""
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        return scaled_mm(xq, self.weight, self.fp8_in_scale, self.weight_scale, bias, out_dtype, self.fp8_fast_accum)
+
     def _fp8_static_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_static == "weight_only":
             return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        x2 = x.reshape(-1, self.in_features)
-        # clamp before the cast (CUDA turns out-of-range into NaN); NaN inputs stay NaN (caught downstream)
-        xq = (x2.float() * self.fp8_in_inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-        bias = None if self.bias is None else self.bias.to(out_dtype)
-        out = scaled_mm(xq, self.weight, self.fp8_in_scale, self.weight_scale, bias, out_dtype, self.fp8_fast_accum)
+        out = self.fp8_static_matmul(self.fp8_static_quantize(x.reshape(-1, self.in_features)), out_dtype)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def fp8_static_ready(self, x: torch.Tensor) -> bool:
+        """Whether the static path runs for ``x``: it needs the weights and scales where x is (ComfyUI may
+        offload) and, for FP8 matmul, FP8 tensor cores; otherwise the autocast path (weight-only fallback)."""
+        return self.fp8_static is not None and self.weight.device == x.device and (
+            self.fp8_in_scale is None or (self.fp8_in_scale.device == x.device and _supports(x.device)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:
             if self.fp8_te is not None and x.is_cuda and self.weight.device == x.device:
                 return te_forward(self, x)
-            # the static path needs the weights and scales where x is (ComfyUI may offload) and, for
-            # FP8 matmul, FP8 tensor cores; otherwise the autocast path (with its weight-only fallback)
-            if self.fp8_static is not None and self.weight.device == x.device and (
-                    self.fp8_in_scale is None or (self.fp8_in_scale.device == x.device and _supports(x.device))):
+            if self.fp8_static_ready(x):
                 return self._fp8_static_forward(x)
             return self.fp8_forward(x)
         return super().forward(x)

@@ -32,12 +32,15 @@ class RuntimeConfig:
     """fast_accum: Hopper's fast FP8 accumulation in ``_scaled_mm`` (no periodic fp32 promotion).
     fp32_accum: layer-name regex that keeps exact accumulation even with fast_accum (e.g. ``mlp\\.fc2``).
     adaln: "weight_only" (BF16 activations x FP8 weights) or "fp8" (FP8 activations too).
-    margin: 2**margin headroom on every static input scale."""
+    margin: 2**margin headroom on every static input scale.
+    fuse_mlp: each MLP's fc1 + GELU + the quantization of fc2's input as one kernel (fp8.gemm), on GPUs
+    where that kernel runs (Hopper); elsewhere the MLP runs as before."""
 
     fast_accum: bool = True
     fp32_accum: str = ""
     adaln: str = "weight_only"
     margin: int = 0
+    fuse_mlp: bool = True
 
     def __post_init__(self):
         if self.adaln not in ("weight_only", "fp8"):
@@ -57,6 +60,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     for name, m in layers.items():
         mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
+    _set_fused_mlps(model, cfg.fuse_mlp)
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     model.__dict__[STATIC_KEY] = dataclasses.astuple(cfg)
@@ -66,7 +70,61 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
 def clear_static(model: torch.nn.Module) -> None:
     for m in fp8_layers(model).values():
         m.fp8_set_static(None)
+    _set_fused_mlps(model, False)
     model.__dict__.pop(STATIC_KEY, None)
+
+
+FUSED_MLP = "_sd35fp8_fused_mlp"  # marks an MLP whose forward set_static replaced
+
+
+def _mlp_parts(mod: torch.nn.Module):
+    """(fc1, act, fc2) of a timm/ComfyUI-style ``Mlp`` (fc1 → GELU → dropout/identity → fc2) with two FP8
+    layers; None for anything else."""
+    from .linear import FP8LinearMixin
+    fc1, act, fc2 = (mod._modules.get(n) for n in ("fc1", "act", "fc2"))
+    if type(mod).__name__ != "Mlp" or not isinstance(act, torch.nn.GELU) or not all(
+            isinstance(f, FP8LinearMixin) and f.fp8_quantized for f in (fc1, fc2)):
+        return None
+    for n in ("drop1", "norm", "drop2"):
+        m = mod._modules.get(n)
+        if not (m is None or isinstance(m, torch.nn.Identity) or (isinstance(m, torch.nn.Dropout) and m.p == 0)):
+            return None
+    return fc1, act, fc2
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``Mlp.forward`` with fc1 + GELU + fc2's input quantization in one kernel (fp8.gemm); the module's
+    own forward wherever the static FP8 path or that kernel does not apply to ``x``."""
+    from .gemm import fp8_linear_gelu, fused_supported
+    fc1, act, fc2 = self.fc1, self.act, self.fc2
+    if not (fc1.fp8_static == "fp8" and fc2.fp8_static == "fp8" and fc1.fp8_static_ready(x)
+            and fc2.fp8_static_ready(x) and fused_supported(fc1.weight, x.device)):
+        return type(self).forward(self, x)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    h8 = fp8_linear_gelu(fc1.fp8_static_quantize(x.reshape(-1, fc1.in_features)), fc1.weight, fc1.fp8_in_scale,
+                         fc1.weight_scale, fc1.bias, fc2.fp8_in_inv, act.approximate)
+    return fc2.fp8_static_matmul(h8, out_dtype).reshape(*x.shape[:-1], fc2.out_features).to(x.dtype)
+
+
+def _set_fused_mlps(model: torch.nn.Module, on: bool) -> int:
+    """Install (or remove) the fused forward on every MLP of ``model`` whose layers are both static FP8."""
+    import types
+    n = 0
+    for mod in model.modules():
+        parts = _mlp_parts(mod)
+        fuse = on and parts is not None and parts[0].fp8_static == "fp8" and parts[2].fp8_static == "fp8"
+        if fuse:
+            mod.forward = types.MethodType(_fused_mlp_forward, mod)
+            mod.__dict__[FUSED_MLP] = True
+            n += 1
+        elif mod.__dict__.pop(FUSED_MLP, False):
+            mod.__dict__.pop("forward", None)
+    return n
+
+
+def fused_mlps(model: torch.nn.Module) -> int:
+    """How many MLPs of ``model`` run the fused forward."""
+    return sum(1 for m in model.modules() if m.__dict__.get(FUSED_MLP))
 
 
 def static_key(model: torch.nn.Module):

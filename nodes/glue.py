@@ -49,7 +49,8 @@ TE_KEY = "sd35fp8_te"
 # The runtime every speed feature on (the SD35FP8Autocast defaults): static scales, fused casts,
 # torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
-                   "adaln": "weight_only", "cudagraphs": False, "backend": "torch", "scaling": "delayed"}
+                   "adaln": "weight_only", "cudagraphs": False, "backend": "torch", "scaling": "delayed",
+                   "fuse_mlp": True}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 PACK_NAME = "ComfyUI-SD35-FP8"
 
@@ -424,7 +425,8 @@ def prepare_run(patcher):
     drop_graphs(dm, te=not (te and graphs), compiled=not (not te and graphs and rt.get("compile")))
     if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
-                                     margin=recipe.margin, fp32_accum=rt.get("fp32_accum", "")))
+                                     margin=recipe.margin, fp32_accum=rt.get("fp32_accum", ""),
+                                     fuse_mlp=rt.get("fuse_mlp", True)))
     else:
         clear_static(dm)
     if te:

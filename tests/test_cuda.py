@@ -151,3 +151,50 @@ def test_static_runtime_eager_and_compiled_agree_and_never_nan():
     assert rel(out, eager) < 1e-2
     big = compiled(x * 1e4)  # far beyond the calibrated range: clamped, not NaN (a raw CUDA cast gives NaN)
     assert torch.isfinite(big).all()
+
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                            reason="the fused FP8 MLP kernel needs a Hopper GPU (TMA)")
+
+
+@hopper
+@pytest.mark.parametrize("gran,bias,approximate,m", [("per_tensor", True, "tanh", 308), ("per_channel", True, "tanh", 1000),
+                                                     ("per_tensor", False, "none", 128)])
+def test_fused_fc1_gelu_kernel_equals_the_unfused_computation(gran, bias, approximate, m):
+    """fp8.gemm's Triton kernel (GEMM + bias + GELU + clamp + E4M3 cast in the epilogue) against the
+    same math unfused; M not a multiple of the tile (the text stream: 2 x 154 tokens), N not of 256."""
+    from fp8.gemm import _launch, fused_supported, reference
+    from fp8.quant import quantize_weight
+    g = torch.Generator(device="cuda").manual_seed(1)
+    k, n = 384, 1552
+    w8, ws = quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.02, gran)
+    x = torch.randn(m, k, device="cuda", generator=g) * 2
+    xs = (x.abs().amax() / 448).reshape(())
+    xq = (x / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).bfloat16() if bias else None
+    inv = torch.tensor(448 / 1.5, device="cuda")
+    assert fused_supported(w8, xq.device)
+    out = _launch(xq, w8, xs, ws, b, inv, approximate)
+    ref = reference(xq, w8, xs, ws, b, inv, approximate)
+    assert out.dtype == torch.float8_e4m3fn and out.shape == (m, n)
+    assert bool(torch.isfinite(out.float()).all())
+    assert rel(out, ref) < 1e-2  # fp32 accumulation order only: a few values one E4M3 step apart
+    # out of range saturates (clamp before the cast), never NaN
+    big = _launch(xq, w8, xs, ws, b, torch.tensor(1e6, device="cuda"), approximate).float()
+    assert bool(torch.isfinite(big).all()) and float(big.abs().max()) == 448.0
+
+
+@hopper
+def test_fused_mlp_on_the_gpu_eager_and_compiled():
+    from test_runtime import calibrated_mlp
+    from fp8.runtime import RuntimeConfig, fused_mlps, set_static
+    m, ref, x = calibrated_mlp()
+    m, ref, x = m.cuda(), ref.cuda(), x.cuda().bfloat16()
+    set_static(m, RuntimeConfig(fuse_mlp=False))
+    unfused = m(x)
+    set_static(m, RuntimeConfig())
+    assert fused_mlps(m) == 1
+    fused = m(x)
+    assert rel(fused, unfused) < 2e-2 and rel(fused, ref(x.float())) < 0.08
+    compiled = torch.compile(m)(x)
+    assert rel(compiled, fused) < 1e-2 and bool(torch.isfinite(compiled).all())

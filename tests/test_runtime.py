@@ -135,3 +135,96 @@ print("OK")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
+
+
+class Mlp(torch.nn.Module):
+    """The shape of ComfyUI's (and timm's) ``Mlp``: fc1 → GELU → dropout/identity → fc2."""
+
+    def __init__(self, d=64, drop=0.0, approximate="tanh"):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d, 4 * d)
+        self.act = torch.nn.GELU(approximate=approximate)
+        self.drop1 = torch.nn.Dropout(drop)
+        self.norm = torch.nn.Identity()
+        self.fc2 = torch.nn.Linear(4 * d, d)
+        self.drop2 = torch.nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+def calibrated_mlp(drop=0.0, approximate="tanh", seed=0):
+    torch.manual_seed(seed)
+    m, ref = Mlp(drop=drop, approximate=approximate), Mlp(drop=drop, approximate=approximate)
+    ref.load_state_dict(m.state_dict())
+    for name in ("fc1", "fc2"):
+        setattr(m, name, fp8.FP8Linear.from_linear(getattr(m, name), name=name))
+    x = torch.randn(2, 24, 64) * 3
+    session = fp8.CalibrationSession("max")
+    with fp8.fp8_autocast(enabled=False, calibrating=session):
+        m(x)
+    fp8.apply_input_scales(m, fp8.calibrated_amax(session, m))
+    return m.eval(), ref.eval(), x
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_fused_mlp_computes_what_the_unfused_static_mlp_computes(monkeypatch, approximate):
+    """set_static installs the fused fc1 + GELU + quantization forward on MLPs (as if on a Hopper GPU: the
+    kernel's own math is checked against fp8.gemm.reference on the GPU); clear_static removes it."""
+    import fp8.gemm as gemm
+    from fp8.runtime import fused_mlps
+    m, ref, x = calibrated_mlp(approximate=approximate)
+    set_static(m, RuntimeConfig(fuse_mlp=False))
+    assert fused_mlps(m) == 0
+    unfused = m(x)
+    calls = []
+    real = gemm._fp8_linear_gelu
+
+    def spy(*a):
+        calls.append(a[-1])
+        return real(*a)
+
+    monkeypatch.setattr(gemm, "fused_supported", lambda w8, device: True)
+    monkeypatch.setattr(gemm, "_fp8_linear_gelu", spy)
+    set_static(m, RuntimeConfig())
+    assert fused_mlps(m) == 1 and "forward" in m.__dict__
+    fused = m(x)
+    assert calls == [approximate]  # the fused op ran, with the module's own GELU mode
+    # the unfused path rounds fc1's output to BF16 before GELU; the fused one quantizes the fp32 value
+    assert float((fused - unfused).norm() / unfused.norm()) < 2e-2
+    high = ref(x)
+    assert float((fused - high).norm() / high.norm()) < 0.08
+    clear_static(m)
+    assert fused_mlps(m) == 0 and "forward" not in m.__dict__
+    with fp8.fp8_autocast(enabled=False):
+        m(x)
+    assert len(calls) == 1
+
+
+def test_fused_mlp_is_not_installed_where_it_would_change_the_result(monkeypatch):
+    import fp8.gemm as gemm
+    from fp8.runtime import fused_mlps
+    monkeypatch.setattr(gemm, "fused_supported", lambda w8, device: True)
+    m, _, _ = calibrated_mlp(drop=0.1)  # a real dropout between GELU and fc2
+    set_static(m)
+    assert fused_mlps(m) == 0
+    m, _, x = calibrated_mlp()
+    set_static(m)
+    assert fused_mlps(m) == 1
+    # fc2 weight-only (e.g. an adaLN-like pattern matched it): the fused path needs both layers static FP8
+    m.fc2.fp8_set_static("weight_only")
+    monkeypatch.setattr(gemm, "_fp8_linear_gelu", lambda *a: pytest.fail("fused op called"))
+    assert m(x).shape == x.shape
+
+
+def test_fused_op_rejects_wrong_inputs_and_saturates():
+    from fp8.gemm import fp8_linear_gelu
+    w8 = torch.randn(32, 16).to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="E4M3"):
+        fp8_linear_gelu(torch.randn(4, 16), w8, one, one, None, one)
+    with pytest.raises(ValueError, match="approximate"):
+        fp8_linear_gelu(torch.randn(4, 16).to(torch.float8_e4m3fn), w8, one, one, None, one, "erf")
+    x8 = torch.full((4, 16), 400.0).to(torch.float8_e4m3fn)
+    out = fp8_linear_gelu(x8, w8.abs(), one, one, None, torch.tensor(1e6))
+    assert out.dtype == torch.float8_e4m3fn and torch.equal(out.float(), torch.full((4, 32), 448.0))

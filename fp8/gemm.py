@@ -1,0 +1,126 @@
+"""The MLP up-projection in one kernel: FP8 GEMM + bias + GELU + FP8 quantization of its output (Hopper).
+
+Unfused, ``fc1`` writes its BF16 output (M x 4·hidden: the largest activation of the block) and a
+second kernel reads it back to apply GELU and quantize it for ``fc2``. Here the GELU and the cast
+with ``fc2``'s static input scale run on the fp32 accumulator in the GEMM's epilogue and only the
+E4M3 result is written: half the bytes out, no second pass. The GEMM is a persistent Triton kernel
+with TMA loads (sm90). ``fp8_linear_gelu`` computes the same thing unfused where that kernel cannot
+run (CPU, pre-Hopper GPUs, odd shapes), so callers get one result either way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # noqa: BLE001
+    triton = None
+
+from .formats import E4M3, E4M3_MAX
+from .kernels import custom_op_once
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bench/int8_gemm.py --triton (H100, fc1 shapes)
+FC1_CONFIG = (128, 256, 128, 8, 8, 3)
+GELU_MODES = ("tanh", "none")
+_SMS: dict[int, int] = {}
+
+
+def fused_supported(w8: torch.Tensor, device: torch.device) -> bool:
+    """Whether the fused kernel runs for the weight ``w8`` [N, K] with activations on ``device``
+    (TMA: Hopper; 16-byte aligned rows)."""
+    if triton is None or device.type != "cuda" or w8.device != device or w8.dim() != 2:
+        return False
+    n, k = w8.shape
+    return torch.cuda.get_device_capability(device)[0] == 9 and k % 16 == 0 and n % 16 == 0
+
+
+if triton is not None:
+    @triton.jit
+    def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
+                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr):
+        npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        k_tiles = tl.cdiv(K, BK)
+        sa = tl.load(sa_ptr)
+        inv = tl.load(inv_ptr)
+        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True):
+            first = (tile // (G * npn)) * G  # grouped order: G row tiles share the B tiles in L2
+            gs = min(npm - first, G)
+            pm = first + (tile % (G * npn)) % gs
+            pn = (tile % (G * npn)) // gs
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for ki in range(k_tiles):
+                a = a_desc.load([pm * BM, ki * BK])
+                b = b_desc.load([pn * BN, ki * BK])
+                acc = tl.dot(a, b.T, acc)
+            rn = pn * BN + tl.arange(0, BN)
+            if PER_CHANNEL:
+                h = acc * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
+            else:
+                h = acc * (sa * tl.load(sb_ptr))
+            if HAS_BIAS:
+                h += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
+                g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+            else:  # exact GELU
+                g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+            # clamp before the cast: out of range becomes NaN on CUDA
+            c_desc.store([pm * BM, pn * BN], tl.clamp(g * inv, -448.0, 448.0).to(c_desc.dtype))
+
+
+def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str):
+    M, K = xq.shape
+    N = w8.shape[0]
+    bm, bn, bk, grp, warps, stages = FC1_CONFIG
+    out = torch.empty((M, N), device=xq.device, dtype=E4M3)
+    dev = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(dev)
+    if sms is None:
+        sms = _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    ws = w_scale.to(torch.float32).contiguous()
+    _fc1_gelu_q[grid](TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
+                      TensorDescriptor.from_tensor(out, [bm, bn]), x_scale.to(torch.float32), ws,
+                      bias if bias is not None else ws, out_inv.to(torch.float32), M, N, K, NUM_SMS=sms,
+                      BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None,
+                      TANH=approximate == "tanh", num_warps=warps, num_stages=stages)
+    return out
+
+
+def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh") -> torch.Tensor:
+    """The unfused computation in fp32 (dequantized GEMM, bias, GELU, clamp, cast): what the kernel must
+    equal up to accumulation order."""
+    from .quant import dequantize_weight
+    h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
+                 None if bias is None else bias.float())
+    g = F.gelu(h, approximate=approximate)
+    return (g * out_inv.float()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):
+    return xq.new_empty((xq.shape[0], w8.shape[0]), dtype=E4M3)
+
+
+@custom_op_once("sd35fp8::fp8_linear_gelu", _fake)
+def _fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str) -> torch.Tensor:
+    if xq.is_cuda and fused_supported(w8, xq.device) and xq.is_contiguous() and w8.is_contiguous():
+        return _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+    return reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+
+
+def fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """E4M3 ``clamp(gelu((xq·x_scale) @ (w8·w_scale)ᵀ + bias) · out_inv)``: an MLP's first layer, its
+    activation and the quantization of the second layer's input in one kernel where
+    :func:`fused_supported`. xq [M, K] E4M3; w8 [N, K] E4M3; x_scale 0-d; w_scale 0-d or [N]."""
+    if approximate not in GELU_MODES:
+        raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
+    if xq.dtype != E4M3 or w8.dtype != E4M3 or xq.dim() != 2 or xq.shape[1] != w8.shape[1]:
+        raise ValueError(f"expected E4M3 [M, K] x [N, K], got {xq.dtype} {tuple(xq.shape)} x {w8.dtype} "
+                         f"{tuple(w8.shape)}")
+    return _fp8_linear_gelu(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+
