@@ -29,6 +29,14 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def shape_data(name, m, k, n):
+    """Gaussian activations (post-GELU for fc2) [m, k] and weights (std 0.02) [n, k], seeded."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    x = torch.randn(m, k, device="cuda", generator=g)
+    return (torch.nn.functional.gelu(x * 2) if "GELU" in name else x), w
+
+
 def fp8_mm(x, w8, sx, sw):
     xq = (x.float() / sx).clamp(-448, 448).to(E4M3)
     return torch._scaled_mm(xq, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
@@ -128,16 +136,13 @@ def triton_mm_tma(a, b, sa, sb, ws=False):
 
 
 def triton_rows():
-    """Triton GEMM with row x column scales, INT8 and FP8 operands (shapes divide every block)."""
+    """Our Triton GEMMs with row x column scales (plain, and persistent with TMA), INT8 and FP8 operands,
+    against cuBLAS FP8 (``_scaled_mm``, fast accumulation)."""
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     print("| layer | cuBLAS FP8 µs | Triton FP8 µs | Triton INT8 µs (err) | config |")
     print("|---|---|---|---|---|")
     for name, m, k, n in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-        x = torch.randn(m, k, device="cuda", generator=g)
-        if "GELU" in name:
-            x = torch.nn.functional.gelu(x * 2)
+        x, w = shape_data(name, m, k, n)
         ref = x @ w.t()
         sw = (w.abs().amax() / 448).reshape(())
         w8 = (w / sw).to(E4M3)
@@ -176,11 +181,7 @@ def main():
           "FP8 weight err | INT8 weight err |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m, k, n in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-        x = torch.randn(m, k, device="cuda", generator=g)
-        if "GELU" in name:
-            x = torch.nn.functional.gelu(x * 2)
+        x, w = shape_data(name, m, k, n)
         xb, wb = x.bfloat16(), w.bfloat16()
         ref = x @ w.t()
         sw = w.abs().amax() / 448
