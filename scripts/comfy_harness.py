@@ -26,7 +26,10 @@ def comfy_dir() -> str:
 
 
 def comfy_python() -> str:
-    return os.environ.get("COMFYUI_PYTHON") or os.path.join(REPO, ".venv", "bin", "python")
+    """``COMFYUI_PYTHON``, else setup_env.sh's ``.venv``, else this interpreter (a machine where ComfyUI's
+    dependencies are installed in the running Python, as on the GPU machines)."""
+    venv = os.path.join(REPO, ".venv", "bin", "python")
+    return os.environ.get("COMFYUI_PYTHON") or (venv if os.path.exists(venv) else sys.executable)
 
 
 def free_port() -> int:
