@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import CheckpointError, read_safetensors_header
 from .formats import E4M3, scale_from_amax
+from .quant import dequantize_weight, quantize_weight
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -157,7 +158,7 @@ def hybrid_state_dict(model: torch.nn.Module, prefix: str = "", input_amax: Mapp
     missing = sorted(set(layers) - set(input_amax))
     if missing:
         raise ValueError(f"no calibrated input scale for {len(missing)} FP8 layer(s), first: {missing[0]}")
-    per_channel = [n for n, m in layers.items() if m.weight_scale.dim() != 0]
+    per_channel = [n for n, m in layers.items() if m.weight_scale.dim() != 0 and not m.fp8_int8]
     if per_channel:
         raise ValueError(f"{len(per_channel)} layer(s) use per-channel weight scales (first: {per_channel[0]}); the "
                          "ComfyUI FP8 file format has one scale per tensor. Load the model with "
@@ -179,9 +180,12 @@ def hybrid_state_dict(model: torch.nn.Module, prefix: str = "", input_amax: Mapp
         out[prefix + k] = t
     for name, m in sorted(layers.items()):
         p = f"{prefix}{name}."
-        ws = m.weight_scale.detach().float().reshape(()).cpu()
+        w8, ws = m.weight.detach(), m.weight_scale.detach()
+        if m.fp8_int8:  # the file format is E4M3 with one scale per tensor: INT8 rows are re-quantized to it
+            w8, ws = quantize_weight(dequantize_weight(w8, ws, torch.float32), "per_tensor")
+        ws = ws.float().reshape(()).cpu()
         xs = scale_from_amax(float(input_amax[name])).reshape(())
-        out[p + "weight"] = m.weight.detach()
+        out[p + "weight"] = w8
         if m.bias is not None:
             out[p + "bias"] = m.bias.detach().to(hp_dtype or (torch.bfloat16 if m.bias.dtype == torch.float32
                                                                else m.bias.dtype))

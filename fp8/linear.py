@@ -74,11 +74,15 @@ class FP8LinearMixin:
 
     # -- state ---------------------------------------------------------------------------
     def fp8_set_weight(self, w8: torch.Tensor, weight_scale: torch.Tensor, name: str | None = None) -> None:
-        if w8.dtype != E4M3:
-            raise TypeError(f"expected a float8_e4m3fn weight, got {w8.dtype}")
+        """Install an 8-bit weight: E4M3 (0-d or [out] scale), or INT8 with an [out] scale (weight-only)."""
+        if w8.dtype not in (E4M3, torch.int8):
+            raise TypeError(f"expected a float8_e4m3fn (or int8) weight, got {w8.dtype}")
         if tuple(w8.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight shape {tuple(w8.shape)} does not match "
                              f"Linear({self.in_features}, {self.out_features})")
+        if w8.dtype == torch.int8 and tuple(weight_scale.shape) != (self.out_features,):
+            raise ValueError(f"an int8 weight needs one scale per output channel ({self.out_features}), got "
+                             f"shape {tuple(weight_scale.shape)}")
         self.weight = torch.nn.Parameter(w8, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale.to(torch.float32).to(w8.device))
         if "input_scale" not in self._buffers:
@@ -138,9 +142,14 @@ class FP8LinearMixin:
                         _on(self.bias, x.device, out_dtype), out_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    @property
+    def fp8_int8(self) -> bool:
+        """INT8 weights: this layer always runs weight-only (BF16 activations)."""
+        return self.weight.dtype == torch.int8
+
     def fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         st = current_state()
-        if st is None:
+        if st is None or (self.fp8_int8 and st.calibrating is None):
             return self._fp8_weight_only(x)
         if st.calibrating is not None:
             st.calibrating.observe(self.fp8_name, x)
@@ -158,6 +167,8 @@ class FP8LinearMixin:
         """Freeze this layer's execution for the static runtime (see ``fp8.runtime``)."""
         if mode not in (None, "fp8", "weight_only"):
             raise ValueError(f"unknown static mode {mode!r}")
+        if mode == "fp8" and self.fp8_int8:  # no INT8 matmul path: INT8 weights run weight-only
+            mode = "weight_only"
         if mode == "fp8" and self.input_scale is None:
             raise ValueError(f"FP8 layer {self.fp8_name or self} has no calibrated input scale; "
                              "the static FP8 runtime needs a calibrated model")

@@ -25,12 +25,13 @@ def quantize_model(model: torch.nn.Module, policy: QuantPolicy | None = None) ->
             continue
         if not policy.decide(name, mod.out_features, mod.in_features):
             continue
+        gran = policy.granularity_for(name)
         if isinstance(mod, FP8LinearMixin):
-            mod.fp8_quantize_(policy.granularity, name=name)
+            mod.fp8_quantize_(gran, name=name)
         else:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, FP8Linear.from_linear(mod, policy.granularity, name=name))
+            setattr(parent, child, FP8Linear.from_linear(mod, gran, name=name))
     return policy
 
 

@@ -9,6 +9,8 @@ import re
 SD3_INCLUDE = (r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2|mlp|adaLN_modulation)\.",)
 # Embedders and the final layer stay in high precision (ModelOpt/TensorRT exclude the same).
 SD3_EXCLUDE = (r"^(x_embedder|t_embedder|y_embedder|context_embedder|final_layer|pos_embed)\b",)
+# The layers that run weight-only by default (one token per sample): INT8 rows are an option for them
+ADALN_LAYERS = r"adaLN_modulation"
 
 
 @dataclasses.dataclass
@@ -26,6 +28,8 @@ class QuantPolicy:
     granularity: str = "per_tensor"
     multiple_of: int = 16
     decisions: list[LayerDecision] = dataclasses.field(default_factory=list)
+    # adaLN modulation weights as INT8 with per-row scales (fp8.quant.INT8_ROWS) instead of E4M3
+    adaln_int8: bool = False
 
     def __post_init__(self):
         from .quant import GRANULARITIES
@@ -33,6 +37,12 @@ class QuantPolicy:
             raise ValueError(f"unknown weight granularity {self.granularity!r}; use one of {GRANULARITIES}")
         self._inc = [re.compile(p) for p in self.include]
         self._exc = [re.compile(p) for p in self.exclude]
+        self._adaln = re.compile(ADALN_LAYERS)
+
+    def granularity_for(self, name: str) -> str:
+        """The weight format of one selected layer: ``granularity``, or INT8 rows for adaLN layers."""
+        from .quant import INT8_ROWS
+        return INT8_ROWS if self.adaln_int8 and self._adaln.search(name) else self.granularity
 
     def decide(self, name: str, out_features: int, in_features: int, record: bool = True) -> bool:
         name = name.rstrip(".")
@@ -42,6 +52,8 @@ class QuantPolicy:
             fp8, why = False, "not in the FP8 layer set"
         elif in_features % self.multiple_of or out_features % self.multiple_of:
             fp8, why = False, f"dims {out_features}x{in_features} not divisible by {self.multiple_of}"
+        elif self.granularity_for(name) != self.granularity:
+            fp8, why = True, "int8 weights, per-channel scales (weight-only: BF16 activations)"
         else:
             fp8, why = True, f"fp8 e4m3, {self.granularity} weight scale"
         if record:
@@ -52,21 +64,25 @@ class QuantPolicy:
     def to_dict(self) -> dict:
         return {
             "include": list(self.include), "exclude": list(self.exclude),
-            "granularity": self.granularity, "multiple_of": self.multiple_of,
+            "granularity": self.granularity, "multiple_of": self.multiple_of, "adaln_int8": self.adaln_int8,
             "layers": [dataclasses.asdict(d) for d in self.decisions],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantPolicy":
         """Inverse of :meth:`to_dict`, decisions included."""
-        p = cls(tuple(d["include"]), tuple(d["exclude"]), d["granularity"], d["multiple_of"])
+        p = cls(tuple(d["include"]), tuple(d["exclude"]), d["granularity"], d["multiple_of"],
+                adaln_int8=bool(d.get("adaln_int8", False)))
         p.decisions = [LayerDecision(x["name"], tuple(x["shape"]), x["fp8"], x["reason"]) for x in d.get("layers", [])]
         return p
 
     def summary(self) -> str:
         fp8 = [d for d in self.decisions if d.fp8]
         kept = [d for d in self.decisions if not d.fp8]
-        lines = [f"FP8 layers: {len(fp8)} ({self.granularity} weight scales); kept high precision: {len(kept)}"]
+        int8 = sum(1 for d in fp8 if d.reason.startswith("int8"))
+        lines = [f"FP8 layers: {len(fp8)} ({self.granularity} weight scales"
+                 + (f"; {int8} adaLN layers with INT8 per-channel weights" if int8 else "")
+                 + f"); kept high precision: {len(kept)}"]
         for d in kept:
             lines.append(f"  kept {d.name} {d.shape[0]}x{d.shape[1]}: {d.reason}")
         return "\n".join(lines)

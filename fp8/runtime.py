@@ -51,7 +51,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     """Switch every FP8 layer of ``model`` to the static runtime. Needs calibrated input scales
     (raises naming the first layer without one). Returns the number of layers switched."""
     layers = fp8_layers(model)
-    missing = [n for n, m in layers.items() if m.input_scale is None
+    missing = [n for n, m in layers.items() if m.input_scale is None and not m.fp8_int8
                and not (cfg.adaln == "weight_only" and ADALN.search(n))]
     if missing:
         raise ValueError(f"{len(missing)} FP8 layer(s) have no calibrated input scale (first: {missing[0]}); "

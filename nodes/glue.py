@@ -34,7 +34,7 @@ from ..fp8.checkpoint import DIFFUSION_PREFIX
 from ..fp8.files import MappedSafetensors, file_metadata, fp8_layer_tensors, hybrid_state_dict, write_safetensors
 from ..fp8.formats import E4M3_MAX
 from ..fp8.policy import LayerDecision
-from ..fp8.quant import dequantize_weight, quantize_to_scale
+from ..fp8.quant import dequantize_weight, qmax, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static, static_key
 from ..fp8.attention import fp8_attention
 from ..fp8.graphs import GraphedModule
@@ -101,7 +101,7 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                 self.weight = torch.nn.Parameter(w.to(dev, self._sd35_dtype, copy=True), requires_grad=False)
                 policy.decisions.append(LayerDecision(name, shape, False, "high precision in the file"))
             elif policy.decide(prefix, *shape):
-                self.fp8_quantize_(policy.granularity, name=name, weight=w.to(quant_device))
+                self.fp8_quantize_(policy.granularity_for(name), name=name, weight=w.to(quant_device))
                 self.weight.data = self.weight.data.to(fdev)
                 self.weight_scale = self.weight_scale.to(fdev)
             else:
@@ -134,12 +134,13 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                 w = weight.to(self.weight.dtype)
             else:
                 s = self.weight_scale.to(weight.device, torch.float32)
-                sat = float((weight.abs() > E4M3_MAX * (s[:, None] if s.dim() == 1 else s)).float().mean())
+                top = qmax(self.weight.dtype) * (s[:, None] if s.dim() == 1 else s)
+                sat = float((weight.abs() > top).float().mean())
                 if sat > 1e-3:
-                    log.warning("sd35fp8: the LoRA pushes %.2f%% of %s's weights past its FP8 range; they saturate "
-                                "(a LoRA that large changes the layer a lot: compare with the BF16 model)",
+                    log.warning("sd35fp8: the LoRA pushes %.2f%% of %s's weights past its 8-bit range; they "
+                                "saturate (a LoRA that large changes the layer a lot: compare with the BF16 model)",
                                 100 * sat, self.fp8_name)
-                w = quantize_to_scale(weight, self.weight_scale, seed=seed)
+                w = quantize_to_scale(weight, self.weight_scale, seed=seed, dtype=self.weight.dtype)
             if return_weight:
                 return w
             if inplace_update:
@@ -184,6 +185,12 @@ def _comfy_load(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+# The loader's weight_scaling options: FP8 weight scales per tensor or per output channel, or per tensor with the
+# adaLN modulation weights as INT8 with per-channel scales (fp8.quant.INT8_ROWS: less weight error, same bytes)
+INT8_ADALN = "per_tensor_int8_adaln"
+WEIGHT_SCALINGS = ("per_tensor", "per_channel", INT8_ADALN)
+
+
 def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     """Load an SD3.5 checkpoint with its MMDiT in FP8. Returns (model, clip, vae, info).
 
@@ -194,7 +201,10 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
     src = MappedSafetensors(path)
     src.stored_fp8 = bool(info.fp8_tensors)
-    policy = QuantPolicy(granularity=granularity)
+    if granularity not in WEIGHT_SCALINGS:
+        raise ValueError(f"unknown weight_scaling {granularity!r}; use one of {', '.join(WEIGHT_SCALINGS)}")
+    policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True) if granularity == INT8_ADALN
+              else QuantPolicy(granularity=granularity))
     qdev = comfy.model_management.get_torch_device()
     place = fp8_placement(src, info, policy, qdev)
     ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place)

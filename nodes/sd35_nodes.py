@@ -11,7 +11,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import ComfyExtension, io, ui
 
-from ..fp8 import GRANULARITIES, METHODS, DelayedScaling, Format
+from ..fp8 import METHODS, DelayedScaling, Format
 from ..fp8.runtime import ATTENTION_BACKENDS
 from ..fp8.te_backend import BACKENDS, SCALINGS, availability, preload, resolve_backend
 from . import glue
@@ -41,8 +41,12 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("ckpt_name", options=glue.model_file_list(),
                                tooltip="SD3.5 .safetensors from models/checkpoints or models/diffusion_models"),
-                io.Combo.Input("weight_scaling", options=list(GRANULARITIES), default="per_tensor",
-                               tooltip="one fp32 scale per weight tensor, or one per output channel"),
+                io.Combo.Input("weight_scaling", options=list(glue.WEIGHT_SCALINGS), default="per_tensor",
+                               tooltip="one fp32 scale per weight tensor, or one per output channel; "
+                                       "per_tensor_int8_adaln: per tensor, and the adaLN modulation weights (a "
+                                       "third of the bytes, run with BF16 activations) as INT8 with one scale per "
+                                       "output channel: less rounding error in the same memory. Applies when "
+                                       "quantizing a BF16/FP16 file; saved FP8 files store E4M3 throughout"),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),

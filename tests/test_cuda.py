@@ -121,7 +121,7 @@ def test_uncalibrated_delayed_scaling_and_device_moves():
 
 # -- the static runtime on the GPU ---------------------------------------------------------------
 @fp8_gpu
-@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel", "int8_per_channel"])
 def test_triton_fp8_weight_gemv_matches_dequantized_linear(gran):
     from fp8.kernels import fp8_weight_only_linear
     torch.manual_seed(0)

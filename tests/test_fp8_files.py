@@ -275,3 +275,45 @@ def test_writer_streams_materialized_tensors_and_never_leaves_a_partial_file(tmp
         write_safetensors(path, shapes, overwrite=True, materialize=broken)
     assert torch.equal(load_file(path)["a"], data["a"])  # the old file is intact
     assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_int8_adaln_option_quantizes_runs_merges_loras_and_saves_as_e4m3(env):
+    """weight_scaling=per_tensor_int8_adaln: the adaLN modulation layers hold INT8 weights with per-channel
+    scales (less rounding error than E4M3, same bytes) and run weight-only; everything else is E4M3 per
+    tensor. Saved files store E4M3 throughout (the format stock ComfyUI reads)."""
+    import tiny_sd35
+    model, _, _, text = env.glue.load_sd35_fp8(env.src, env.glue.INT8_ADALN)
+    dm, base = model.model.diffusion_model, env.model.model.diffusion_model
+    layers = env.fp8.fp8_layers(dm)
+    ada = {n: m for n, m in layers.items() if "adaLN_modulation" in n}
+    assert len(ada) == 4 and len(layers) == 17 and "4 adaLN layers with INT8 per-channel weights" in text
+    assert all(m.weight.dtype == torch.int8 and m.weight_scale.shape == (m.out_features,) for m in ada.values())
+    assert all(m.weight.dtype == torch.float8_e4m3fn for n, m in layers.items() if n not in ada)
+    src = load_file(env.src)
+    for n, m in ada.items():
+        w = src[tiny_sd35.P + n + ".weight"].float()
+        e8 = float((m.fp8_dequantized_weight(torch.float32) - w).norm() / w.norm())
+        e_fp8 = float((base.get_submodule(n).fp8_dequantized_weight(torch.float32) - w).norm() / w.norm())
+        assert e8 < 0.5 * e_fp8, (n, e8, e_fp8)
+    with pytest.raises(ValueError, match="per_tensor_int8_adaln"):
+        env.glue.load_sd35_fp8(env.src, "int8")
+    cal, _ = env.glue.calibrate(model, [common.cond(1)], common.cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64, 0)
+    out, ref = denoise(env, cal), denoise(env, env.cal)
+    assert torch.isfinite(out).all()
+    assert next(iter(ada.values())).fp8_static == "weight_only"  # no INT8 matmul: weight-only in the static path
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.05
+    # a LoRA delta merged by ComfyUI's patch hooks stays INT8 with the layer's scales
+    layer = next(iter(ada.values()))
+    w = layer.convert_weight(layer.weight)
+    merged = layer.set_weight(w + 0.3 * layer.weight_scale[:, None], return_weight=True, seed=1)
+    assert merged.dtype == torch.int8
+    assert float((merged.float() - layer.weight.float()).mean()) == pytest.approx(0.3, abs=0.02)
+    path, _ = env.glue.save_fp8_checkpoint(cal, "tiny_int8_adaln")
+    hdr = load_file(path)
+    for n, m in ada.items():
+        assert hdr[n + ".weight"].dtype == torch.float8_e4m3fn and hdr[n + ".weight_scale"].dim() == 0
+        saved = hdr[n + ".weight"].float() * hdr[n + ".weight_scale"]
+        ours = m.fp8_dequantized_weight(torch.float32)
+        assert float((saved - ours).norm() / ours.norm()) < 0.04
+    stock = env.sd.load_diffusion_model(path)
+    assert torch.isfinite(denoise(env, stock)).all()

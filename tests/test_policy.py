@@ -88,3 +88,18 @@ def test_weight_bytes_fp8_is_about_half_of_bf16():
     assert fp8.bf16_bytes(m) == base  # baseline does not change with quantization
     after = fp8.weight_bytes(m, 2)
     assert after == 2 * 256 * 256 + 2 * 4 + 2 * (2 * 256 + 64 * 256)
+
+
+def test_int8_adaln_policy_names_its_layers_and_round_trips():
+    from fp8 import QuantPolicy
+    from fp8.quant import INT8_ROWS
+    p = QuantPolicy(adaln_int8=True)
+    assert p.decide("joint_blocks.0.x_block.adaLN_modulation.1", 768, 128)
+    assert p.decide("joint_blocks.0.x_block.mlp.fc1", 512, 128)
+    assert p.granularity_for("joint_blocks.0.x_block.adaLN_modulation.1") == INT8_ROWS
+    assert p.granularity_for("joint_blocks.0.x_block.mlp.fc1") == "per_tensor"
+    assert QuantPolicy().granularity_for("joint_blocks.0.x_block.adaLN_modulation.1") == "per_tensor"
+    assert [d.reason.split(",")[0] for d in p.decisions] == ["int8 weights", "fp8 e4m3"]
+    assert "1 adaLN layers with INT8 per-channel weights" in p.summary()
+    q = QuantPolicy.from_dict(p.to_dict())
+    assert q.adaln_int8 and q.decisions == p.decisions

@@ -80,3 +80,22 @@ def test_chunked_quantization_equals_the_whole_table():
     w[5, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf"):
         quantize_weight(w, chunk_rows=64)
+
+
+def test_int8_rows_have_a_fraction_of_e4m3s_error_on_gaussian_weights():
+    from fp8.quant import INT8_ROWS, quantize_to_scale
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.02
+    q, s = quantize_weight(w, INT8_ROWS, chunk_rows=100)
+    assert q.dtype == torch.int8 and s.shape == (256,) and int(q.abs().max()) == 127
+    e_int8 = rel(dequantize_weight(q, s, torch.float32), w)
+    e_fp8 = rel(dequantize_weight(*quantize_weight(w, "per_tensor"), torch.float32), w)
+    assert e_int8 < 0.5 * e_fp8
+    assert torch.equal(quantize_to_scale(w, s, dtype=torch.int8), q)  # same grid as a merge with the scale
+    # stochastic rounding: a delta of 0.25 step on grid values survives on average instead of rounding away
+    shifted = dequantize_weight(q, s, torch.float32) + 0.25 * s[:, None]
+    assert torch.equal(quantize_to_scale(shifted, s, dtype=torch.int8), q)
+    mean = (quantize_to_scale(shifted, s, seed=7, dtype=torch.int8).float() - q.float()).mean()
+    assert float(mean) == pytest.approx(0.25, abs=0.02)
+    big = quantize_to_scale(torch.full((2, 4), 1e9), torch.ones(2), dtype=torch.int8)
+    assert int(big.min()) == 127  # saturates

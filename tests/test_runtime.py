@@ -228,3 +228,21 @@ def test_fused_op_rejects_wrong_inputs_and_saturates():
     x8 = torch.full((4, 16), 400.0).to(torch.float8_e4m3fn)
     out = fp8_linear_gelu(x8, w8.abs(), one, one, None, torch.tensor(1e6))
     assert out.dtype == torch.float8_e4m3fn and torch.equal(out.float(), torch.full((4, 32), 448.0))
+
+
+def test_int8_adaln_layers_run_weight_only_in_every_path():
+    from fp8.quant import INT8_ROWS
+    b, _, x, c = quantized_block()
+    w = b.adaLN_modulation[1]
+    hp = torch.nn.Linear(64, 128)
+    w.fp8_quantize_(INT8_ROWS, weight=hp.weight.detach())
+    assert w.fp8_int8 and w.weight.dtype == torch.int8
+    cc = torch.nn.functional.silu(c)
+    expect = torch.nn.functional.linear(cc, w.fp8_dequantized_weight(torch.float32), w.bias)
+    with fp8.fp8_autocast(enabled=True):  # the autocast path would run FP8 matmuls: INT8 stays weight-only
+        assert torch.allclose(w(cc), expect, atol=1e-5)
+    set_static(b, RuntimeConfig(adaln="fp8"))  # even where adaLN layers would take FP8 activations
+    assert w.fp8_static == "weight_only" and b.fc1.fp8_static == "fp8"
+    assert torch.allclose(w(cc), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        w.fp8_set_weight(w.weight, torch.tensor(1.0))
