@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--variants", default="large,medium")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma list of row keys to skip (see ROWS in the source)")
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
+                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -189,6 +190,16 @@ def main():
             del fa
         del ours, cal, eager, full
         drop()
+        if "int8_adaln" not in skip:  # the adaLN modulation weights as INT8 rows (weight_scaling option)
+            q8, _, _, _ = glue.load_sd35_fp8(path, glue.INT8_ADALN)
+            cal8, _ = glue.calibrate(q8, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform", a.size,
+                                     a.size, 0)
+            torch._dynamo.reset()
+            i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
+            measure(variant, "ours FP8 with INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln), all speed "
+                             "features", i8, ref)
+            del q8, cal8, i8
+            drop()
         os.remove(path)
 
     meta = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; ComfyUI {a.comfy}; "
@@ -218,6 +229,11 @@ def main():
         by = {r["mode"]: r for r in rows if r["variant"] == v}
         fast, bf16 = by.get("stock fp8_e4m3fn_fast"), by.get("stock BF16")
         stock = [r for m, r in by.items() if m.startswith("stock")]
+        for m, r in by.items():  # every row of ours: speed and error against the targets' references
+            if m.startswith("ours") and bf16 and fast:
+                ratios.append(f"{v}: {m}: {r['ms b2'] / bf16['ms b2']:.3f}x stock BF16; error vs fast: denoiser "
+                              f"{r['denoiser err'] / fast['denoiser err']:.2f}x, final latent "
+                              f"{r['final latent err'] / fast['final latent err']:.2f}x")
         for m, r in by.items():
             if "TransformerEngine" in m and bf16 and stock:
                 best_stock = min(stock, key=lambda x: x["ms b2"])
