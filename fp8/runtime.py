@@ -113,9 +113,10 @@ def _set_fused_mlps(model: torch.nn.Module, on: bool) -> int:
     for mod in model.modules():
         parts = _mlp_parts(mod)
         fuse = on and parts is not None and parts[0].fp8_static == "fp8" and parts[2].fp8_static == "fp8"
-        if fuse:
-            mod.forward = types.MethodType(_fused_mlp_forward, mod)
-            mod.__dict__[FUSED_MLP] = True
+        if fuse:  # installed once: every sampling run calls set_static, and a new bound method each time
+            if not mod.__dict__.get(FUSED_MLP):  # would be a new object for torch.compile's guards
+                mod.forward = types.MethodType(_fused_mlp_forward, mod)
+                mod.__dict__[FUSED_MLP] = True
             n += 1
         elif mod.__dict__.pop(FUSED_MLP, False):
             mod.__dict__.pop("forward", None)

@@ -246,3 +246,25 @@ def test_int8_adaln_layers_run_weight_only_in_every_path():
     assert torch.allclose(w(cc), expect, atol=1e-5)
     with pytest.raises(ValueError, match="one scale per output channel"):
         w.fp8_set_weight(w.weight, torch.tensor(1.0))
+
+
+def test_fused_mlp_survives_repeated_set_static_without_recompiling(monkeypatch):
+    """Every sampling run calls set_static: the fused forward must stay the same object, so a compiled model
+    is not traced again (one frame for three runs), and it still computes the fused path."""
+    import fp8.gemm as gemm
+    from torch._dynamo.testing import CompileCounter
+    monkeypatch.setattr(gemm, "fused_supported", lambda w8, device: True)
+    m, _, x = calibrated_mlp()
+    set_static(m)
+    fwd = m.forward
+    cnt = CompileCounter()
+    f = torch.compile(m, backend=cnt)
+    outs = []
+    for _ in range(3):
+        set_static(m)
+        assert m.forward is fwd
+        outs.append(f(x))
+    assert cnt.frame_count == 1
+    assert torch.equal(outs[0], outs[2])
+    set_static(m, RuntimeConfig(fuse_mlp=False))
+    assert "forward" not in m.__dict__
