@@ -21,11 +21,19 @@ except Exception:  # noqa: BLE001
 
 from .formats import E4M3, E4M3_MAX
 from .kernels import custom_op_once
+from .quant import dequantize_weight
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bench/int8_gemm.py --triton (H100, fc1 shapes)
 FC1_CONFIG = (128, 256, 128, 8, 8, 3)
 GELU_MODES = ("tanh", "none")
-_SMS: dict[int, int] = {}
+_SMS: dict[int, int] = {}  # SM count per device; filled inside the custom op only (never in traced code)
+
+
+def _sm_count(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
 
 
 def fused_supported(w8: torch.Tensor, device: torch.device) -> bool:
@@ -76,10 +84,7 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str):
     N = w8.shape[0]
     bm, bn, bk, grp, warps, stages = FC1_CONFIG
     out = torch.empty((M, N), device=xq.device, dtype=E4M3)
-    dev = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
-    sms = _SMS.get(dev)
-    if sms is None:
-        sms = _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = _sm_count(xq.device)
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     ws = w_scale.to(torch.float32).contiguous()
     _fc1_gelu_q[grid](TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
@@ -93,7 +98,6 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str):
 def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh") -> torch.Tensor:
     """The unfused computation in fp32 (dequantized GEMM, bias, GELU, clamp, cast): what the kernel must
     equal up to accumulation order."""
-    from .quant import dequantize_weight
     h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
                  None if bias is None else bias.float())
     g = F.gelu(h, approximate=approximate)

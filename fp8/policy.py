@@ -11,6 +11,7 @@ SD3_INCLUDE = (r"^joint_blocks\.\d+\.(x_block|context_block)\.(attn|attn2|mlp|ad
 SD3_EXCLUDE = (r"^(x_embedder|t_embedder|y_embedder|context_embedder|final_layer|pos_embed)\b",)
 # The layers that run weight-only by default (one token per sample): INT8 rows are an option for them
 ADALN_LAYERS = r"adaLN_modulation"
+INT8_REASON = "int8 weights, per-channel scales (weight-only: BF16 activations)"
 
 
 @dataclasses.dataclass
@@ -53,7 +54,7 @@ class QuantPolicy:
         elif in_features % self.multiple_of or out_features % self.multiple_of:
             fp8, why = False, f"dims {out_features}x{in_features} not divisible by {self.multiple_of}"
         elif self.granularity_for(name) != self.granularity:
-            fp8, why = True, "int8 weights, per-channel scales (weight-only: BF16 activations)"
+            fp8, why = True, INT8_REASON
         else:
             fp8, why = True, f"fp8 e4m3, {self.granularity} weight scale"
         if record:
@@ -79,7 +80,7 @@ class QuantPolicy:
     def summary(self) -> str:
         fp8 = [d for d in self.decisions if d.fp8]
         kept = [d for d in self.decisions if not d.fp8]
-        int8 = sum(1 for d in fp8 if d.reason.startswith("int8"))
+        int8 = sum(1 for d in fp8 if d.reason == INT8_REASON)
         lines = [f"FP8 layers: {len(fp8)} ({self.granularity} weight scales"
                  + (f"; {int8} adaLN layers with INT8 per-channel weights" if int8 else "")
                  + f"); kept high precision: {len(kept)}"]

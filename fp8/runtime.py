@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .model import fp8_layers
+from .policy import ADALN_LAYERS
 
-ADALN = re.compile(r"adaLN_modulation")
+ADALN = re.compile(ADALN_LAYERS)
 # "fp8": our FP8 attention kernel (fp8/attention.py); the others are SDPA backends
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fp8")
 STATIC_KEY = "_sd35fp8_static_key"  # set_static's config, kept on the model it was applied to
@@ -106,10 +107,9 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return fc2.fp8_static_matmul(h8, out_dtype).reshape(*x.shape[:-1], fc2.out_features).to(x.dtype)
 
 
-def _set_fused_mlps(model: torch.nn.Module, on: bool) -> int:
+def _set_fused_mlps(model: torch.nn.Module, on: bool) -> None:
     """Install (or remove) the fused forward on every MLP of ``model`` whose layers are both static FP8."""
     import types
-    n = 0
     for mod in model.modules():
         parts = _mlp_parts(mod)
         fuse = on and parts is not None and parts[0].fp8_static == "fp8" and parts[2].fp8_static == "fp8"
@@ -117,10 +117,8 @@ def _set_fused_mlps(model: torch.nn.Module, on: bool) -> int:
             if not mod.__dict__.get(FUSED_MLP):  # would be a new object for torch.compile's guards
                 mod.forward = types.MethodType(_fused_mlp_forward, mod)
                 mod.__dict__[FUSED_MLP] = True
-            n += 1
         elif mod.__dict__.pop(FUSED_MLP, False):
             mod.__dict__.pop("forward", None)
-    return n
 
 
 def fused_mlps(model: torch.nn.Module) -> int:

@@ -183,7 +183,7 @@ def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str =
     for name, layer in layers.items():
         if layer.weight.dtype not in (E4M3, torch.int8):
             raise TypeError(f"{layer.fp8_name}: weight is {layer.weight.dtype}, not FP8")
-        if (adaln == "weight_only" and ADALN.search(name)) or layer.weight.dtype == torch.int8:
+        if (adaln == "weight_only" and ADALN.search(name)) or layer.fp8_int8:
             layer.fp8_te = None
             layer.fp8_set_static("weight_only")
             layer._fp8_te_weight_only = True
