@@ -5,7 +5,8 @@
 
 Inputs shaped like the MMDiT's: Q and K after a per-head RMSNorm (unit RMS times a learned weight),
 V random normal; error = relative L2 vs an fp32 reference. ``--sweep`` times every tile/pipelining
-config of the attention kernel and prints the best per shape (to set ATTN_CONFIG).
+config (tiles, warps, warp specialization, exp2 mode) of the attention kernel and prints the best per shape
+(to set ATTN_CONFIG).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from fp8.attention import ATTN_CONFIG, attention_launch, fp8_attention, reference_attention  # noqa: E402
+from fp8.attention import ATTN_CONFIG, EXP_MODES, attention_launch, fp8_attention, reference_attention  # noqa: E402
 from fp8.runtime import attention as sdpa  # noqa: E402
 
 SHAPES = [("Large joint, b2", 2, 38, 4250), ("Large joint, b8", 8, 38, 4250),
@@ -74,7 +75,7 @@ def main():
                   flush=True)
         if a.sweep and name in a.sweep_shapes.split(";"):
             best = None
-            for cfg in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4), (False, True)):
+            for cfg in itertools.product((64, 128), (64, 128), (4, 8), (3,), (False, True), EXP_MODES):
                 try:
                     out = attention_launch(q, k, v, h, cfg)
                     ms = triton.testing.do_bench(lambda: attention_launch(q, k, v, h, cfg), warmup=10, rep=60)

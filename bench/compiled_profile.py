@@ -36,6 +36,10 @@ VARIANTS = {
     "autotune_fp8attn": (AUTOTUNE, "fp8", "ours"),
     "coord": ({"coordinate_descent_tuning": True}, "cudnn", "ours"),
     "fp8attn": ({}, "fp8", "ours"),
+    "coord_fp8attn": ({"coordinate_descent_tuning": True}, "fp8", "ours"),
+    # multi_kernel 2: force persistent reductions (the LayerNorm over 1536/2432 channels reads each row once)
+    "persist_fp8attn": ({"triton.multi_kernel": 2}, "fp8", "ours"),
+    "multik_fp8attn": ({"triton.multi_kernel": 1}, "fp8", "ours"),
     "nofuse": ({}, "cudnn", "ours", {"fuse_mlp": False}),
     "nofuse_fp8attn": ({}, "fp8", "ours", {"fuse_mlp": False}),
 }

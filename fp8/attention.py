@@ -28,9 +28,14 @@ except Exception:  # noqa: BLE001
 from .formats import E4M3
 from .kernels import custom_op_once
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize]) of the attention kernel, per head dim; see bench/attn_bench.py
-ATTN_CONFIG = {64: (64, 64, 4, 3, False), 128: (64, 64, 4, 3, False)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize, exp mode) of the attention kernel, per head dim;
+# see bench/attn_bench.py. Exp modes (how the softmax's exp2 runs): 0 ``tl.math.exp2``; 1 ``ex2.approx.ftz``
+# (one MUFU instruction, no denormal fix-up: probabilities below 2^-126 become 0, far under E4M3's smallest
+# step). A third mode, half of the exponentials as an FMA-unit polynomial, was measured slower (the kernel is
+# not bound by the MUFU unit): bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md.
+ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
+EXP_MODES = (0, 1)
 
 
 def supported(q: torch.Tensor, heads: int) -> bool:
@@ -79,15 +84,23 @@ if triton is not None:
         tl.store(vt8_ptr + bh * D * S_PAD + rd[None, :] * S_PAD + rn[:, None], v8)
 
     @triton.jit
+    def _exp2(x, MODE: tl.constexpr):
+        if MODE == 1:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.math.exp2(x)
+
+    @triton.jit
     def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
-                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr):
         k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
         c = row_scale * tl.load(ks_ptr + j)  # > 0: the max commutes with it, and it folds into one FMA
         s = tl.dot(q8, tl.trans(k8))
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = tl.math.exp2(s * c[:, None] - m_new[:, None])
+        p = _exp2(s * c[:, None] - m_new[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
@@ -100,7 +113,8 @@ if triton is not None:
     @triton.jit
     def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, S, S_PAD, H, NB, qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
-                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr):
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+                  EXP: tl.constexpr):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
@@ -119,10 +133,10 @@ if triton is not None:
         n_full = S // BLOCK_N
         for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
-                                           S, S_PAD, rn, rd, D, BLOCK_N, False)
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP)
         if n_full * BLOCK_N < S:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
-                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True)
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP)
         out = acc * (vs / 448.0) / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + rm[:, None] * stride_os + h * D + rd[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
@@ -133,7 +147,7 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     ``pv_fp8=False`` keeps P and V 16-bit (only Q·Kᵀ in FP8)."""
     B, S, HD = q.shape
     D = HD // heads
-    bm, bn, warps, stages, *ws = config or ATTN_CONFIG[D]
+    bm, bn, warps, stages, ws, exp = config or ATTN_CONFIG[D]
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("fp8_attention needs the head dimension contiguous")
@@ -149,7 +163,7 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     qk_scale = 1.4426950408889634 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, s_pad, heads, nb, qk_scale,
                                                 q.stride(0), q.stride(1), o.stride(0), o.stride(1),
-                                                D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws and ws[0]),
+                                                D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
                                                 num_warps=warps, num_stages=stages)
     return o
 

@@ -79,10 +79,10 @@ if triton is not None:
             c_desc.store([pm * BM, pn * BN], tl.clamp(g * inv, -448.0, 448.0).to(c_desc.dtype))
 
 
-def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str):
+def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
     M, K = xq.shape
     N = w8.shape[0]
-    bm, bn, bk, grp, warps, stages = FC1_CONFIG
+    bm, bn, bk, grp, warps, stages = config or FC1_CONFIG
     out = torch.empty((M, N), device=xq.device, dtype=E4M3)
     sms = _sm_count(xq.device)
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
