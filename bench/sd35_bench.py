@@ -100,11 +100,21 @@ def main():
         # what really ran: the FP8 attention path (traced / launched from the host) and the CUDA graphs
         used = {k: v - calls0.get(k, 0) for k, v in attn_calls.items() if v - calls0.get(k, 0)}
         if name.startswith("ours"):
+            notes.append(f"{variant}: {name}: weights " + weight_census(p))
             notes.append(f"{variant}: {name}: fp8_attention calls {used or 'none'}; " + "; ".join(
                 f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
                 for what, r in glue.graph_runners(p.model.diffusion_model).items()))
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
+
+    def weight_census(p):
+        """What the weights column counts: ComfyUI's (cached) model_size, the state dict now, and its largest
+        non-FP8 tensors (on the H200 ours counted ~pos_embed's size more than on the H100: this finds why)."""
+        sd = p.model.state_dict()
+        big = sorted(((t.numel() * t.element_size(), k, str(t.dtype).replace("torch.", ""))
+                      for k, t in sd.items() if t.element_size() > 1), reverse=True)[:4]
+        return (f"model_size {p.model_size() / 2**30:.3f} GiB, state dict {mm.module_size(p.model) / 2**30:.3f} GiB; "
+                "largest non-FP8: " + ", ".join(f"{k} {d} {n / 2**20:.0f} MiB" for n, k, d in big))
 
     def drop():
         """Free the GPU after the caller has deleted its references to the models."""
