@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 GROUPS = (("fused triton (pointwise/reduction)", re.compile(r"^triton_(poi|red|per)", re.I)),
-          ("attention", re.compile(r"cudnn|flash|fmha|attn|sdpa", re.I)),
+          ("attention", re.compile(r"cudnn|flash|fmha|attn|sdpa|quant_kv", re.I)),
           ("gemv (adaLN)", re.compile(r"gemv", re.I)),
-          ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90", re.I)))
+          ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90|fc1_gelu", re.I)))
 
 AUTOTUNE = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "TRITON,ATEN"}
 # variant: (Inductor config patch, attention backend, graphs[, RuntimeConfig fields]). Each variant runs compiled without graphs and
