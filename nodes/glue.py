@@ -243,6 +243,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         raise CheckpointError(f"{name}: {len(unloaded)} Linear layer(s) have no weight in the file (first: "
                               f"{unloaded[0]}): the checkpoint is incomplete")
     quantize_pos_embed(dm, pe_scale)
+    if getattr(model, "size", 0):  # a size ComfyUI cached before the table became FP8 would overstate the model
+        model.size = 0  # (its memory planning and the benchmark's weights column read model_size())
     layers = fp8_layers(dm)
     if not layers:
         raise CheckpointError(f"{name}: no Linear layer was quantized (unexpected layout)")

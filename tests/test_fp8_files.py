@@ -194,6 +194,23 @@ def damaged(env, name, edit):
     return path
 
 
+def test_loaded_model_reports_its_fp8_size_even_if_comfyui_sized_it_while_loading(env, monkeypatch):
+    """ComfyUI caches ModelPatcher.model_size() (its memory planning reads it). A version or code path that
+    sizes the patcher as it builds it would cache the BF16 pos_embed table; the loader makes the size follow
+    the FP8 table it installs afterwards."""
+    import comfy.model_patcher as mp
+    init = mp.ModelPatcher.__init__
+
+    def eager_init(self, *a, **k):
+        init(self, *a, **k)
+        self.model_size()
+    monkeypatch.setattr(mp.ModelPatcher, "__init__", eager_init)
+    model, _, _, _ = env.glue.load_sd35_fp8(env.src)
+    dm = model.model.diffusion_model
+    assert dm.pos_embed.dtype == torch.float8_e4m3fn
+    assert model.model_size() == env.mm.module_size(model.model)  # the FP8 table, at 1 byte a value
+
+
 def test_truncated_foreign_and_mismatched_fp8_files_fail_clearly(env):
     CheckpointError = env.fp8.CheckpointError
     trunc = str(env.dir / "diffusion_models" / "trunc_fp8.safetensors")
