@@ -36,20 +36,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-E4M3_MAX = 448.0
 
 
-def fq_e4m3(t, scale=None):
-    import torch
-    if scale is None:
-        return t.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(t.dtype)
-    return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(t.dtype) * scale
+def fq_e4m3(t, scale=1.0):
+    """E4M3 rounding at ``scale`` (1: stock fast's unscaled cast), back to t's dtype: fp8.formats' saturating cast."""
+    from sd35pack.fp8.formats import saturating_cast
+    return saturating_cast(t, scale).to(t.dtype) * scale
 
 
 def fq_int8_rows(t):
-    """INT8 with one scale per row (per output channel for weights, per token for activations)."""
-    s = t.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-    return (t / s).round().clamp(-127, 127) * s
+    """INT8 with one scale per row (per output channel for weights, per token for activations): fp8.quant's."""
+    from sd35pack.fp8.quant import INT8_ROWS, dequantize_weight, quantize_weight
+    return dequantize_weight(*quantize_weight(t.reshape(-1, t.shape[-1]), INT8_ROWS), t.dtype).reshape(t.shape)
+
+
+def fq_int8_static(t, scale):
+    """INT8 per tensor at a fixed (calibrated) ``scale``."""
+    import torch
+    from sd35pack.fp8.quant import quantize_to_scale
+    return quantize_to_scale(t.reshape(-1, t.shape[-1]), scale, dtype=torch.int8).to(t.dtype).reshape(t.shape) * scale
 
 
 def fmt_for(name: str, config: str) -> tuple[str, str]:
@@ -87,7 +92,9 @@ def main():
     import torch.nn.functional as F
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    from sd35pack.fp8.formats import E4M3_MAX
     from sd35pack.fp8.policy import QuantPolicy
+    from sd35pack.fp8.quant import dequantize_weight, quantize_weight
     dev = torch.device(a.device)
     depth, attn2, pos = common.SHAPES[a.variant]
     hidden = 64 * depth
@@ -141,9 +148,9 @@ def main():
         for name, m in lins.items():
             wf, xf = fmt_for(name, config) if name in ours_layers or config == "stock fast" else ("none", "none")
             w = m.weight.detach()
-            wq = {"e4m3_unscaled": lambda: fq_e4m3(w), "e4m3": lambda: fq_e4m3(w, w.abs().amax() / E4M3_MAX),
-                  "int8_rows": lambda: fq_int8_rows(w), "none": lambda: w}[wf]()
-            xs = amax[name] / E4M3_MAX
+            wq = {"e4m3_unscaled": lambda: fq_e4m3(w), "int8_rows": lambda: fq_int8_rows(w), "none": lambda: w,
+                  "e4m3": lambda: dequantize_weight(*quantize_weight(w, "per_tensor"), w.dtype)}[wf]()
+            xs = torch.tensor(amax[name] / E4M3_MAX, device=dev)
 
             def fwd(x, m=m, wq=wq, xf=xf, xs=xs):
                 if xf == "e4m3_unscaled":
@@ -153,7 +160,7 @@ def main():
                 elif xf == "int8_rows":
                     x = fq_int8_rows(x)
                 elif xf == "int8_static":
-                    x = (x / (xs * E4M3_MAX / 127.0)).round().clamp(-127, 127) * (xs * E4M3_MAX / 127.0)
+                    x = fq_int8_static(x, xs * (E4M3_MAX / 127.0))
                 return F.linear(x, wq, m.bias)
             m.forward = fwd
 

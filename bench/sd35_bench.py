@@ -110,11 +110,11 @@ def main():
     def weight_census(p):
         """What the weights column counts: ComfyUI's (cached) model_size, the state dict now, and its largest
         non-FP8 tensors (on the H200 ours counted ~pos_embed's size more than on the H100: this finds why)."""
-        sd = p.model.state_dict()
-        big = sorted(((t.numel() * t.element_size(), k, str(t.dtype).replace("torch.", ""))
-                      for k, t in sd.items() if t.element_size() > 1), reverse=True)[:4]
-        return (f"model_size {p.model_size() / 2**30:.3f} GiB, state dict {mm.module_size(p.model) / 2**30:.3f} GiB; "
-                "largest non-FP8: " + ", ".join(f"{k} {d} {n / 2**20:.0f} MiB" for n, k, d in big))
+        sizes = [(t.numel() * t.element_size(), k, t) for k, t in p.model.state_dict().items()]
+        big = sorted(((n, k, str(t.dtype).replace("torch.", "")) for n, k, t in sizes if t.element_size() > 1),
+                     reverse=True)[:4]
+        return (f"model_size {p.model_size() / 2**30:.3f} GiB, state dict {sum(n for n, _, _ in sizes) / 2**30:.3f} "
+                "GiB; largest non-FP8: " + ", ".join(f"{k} {d} {n / 2**20:.0f} MiB" for n, k, d in big))
 
     def drop():
         """Free the GPU after the caller has deleted its references to the models."""
