@@ -56,8 +56,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-shapes", default="Large joint, b2", help="';'-separated shape names to sweep")
+    ap.add_argument("--joint", action="store_true", help="only the fused joint prologue (fp8/joint.py) vs "
+                    "ComfyUI's split + RMSNorm + concat (compiled) before the same attention")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if a.joint:
+        return joint_table()
     rows = []
     for name, b, h, s in SHAPES:
         q, k, v = inputs(b, h, s)
@@ -96,6 +100,33 @@ def main():
         print(f"| {r['shape']} | {c[0] * 1e3:.0f} ({c[1]:.0f}, {c[2]:.4f}) | {f[0] * 1e3:.0f} | "
               f"{o[0] * 1e3:.0f} ({o[1]:.0f}, {o[2]:.4f}{'' if o[3] else ', NaN!'}) | {o[0] / c[0]:.2f} "
               f"| {h[0] * 1e3:.0f} ({h[2]:.4f}) |")
+
+
+def joint_table():
+    """The joint block's attention from the two streams' packed qkv projections: ComfyUI's prologue (split, q/k
+    RMSNorm per stream, concat; torch.compile'd as in the runtime) + our K/V quantization + FP8 attention, vs
+    fp8.joint's one-pass prologue + the same attention kernel; and the q/k/v prologue alone (for SDPA)."""
+    from fp8.attention import attention_launch as launch
+    from fp8.joint import joint_fp8_attention, joint_qkv, joint_qkv_reference
+    print("| shape | prologue: compiled torch µs | fused µs | prologue + FP8 attention: unfused µs | fused µs "
+          "| err unfused / fused |\n|---|---|---|---|---|---|")
+    for name, b, h, lx in (("Large b2", 2, 38, 4096), ("Large b8", 8, 38, 4096), ("Medium b2", 2, 24, 4096),
+                           ("Medium attn2 b2", 2, 24, 4096)):
+        lc = 0 if "attn2" in name else 154
+        g = torch.Generator(device="cuda").manual_seed(0)
+        c = h * D
+        ctx, x = (torch.randn(b, n, 3 * c, device="cuda", generator=g).to(torch.bfloat16) for n in (lc, lx))
+        ws = [(1 + 0.5 * torch.randn(D, device="cuda", generator=g)).to(torch.bfloat16) for _ in range(4)]
+        ref_pro = torch.compile(lambda a_, b_: joint_qkv_reference(a_, b_, *ws, 1e-6, h), dynamic=False)
+        t_ref = triton.testing.do_bench(lambda: ref_pro(ctx, x), warmup=10, rep=60)
+        t_fused = triton.testing.do_bench(lambda: joint_qkv(ctx, x, *ws, 1e-6, h), warmup=10, rep=60)
+        t_ref_att = triton.testing.do_bench(lambda: launch(*ref_pro(ctx, x), h), warmup=10, rep=60)
+        t_fused_att = triton.testing.do_bench(lambda: joint_fp8_attention(ctx, x, *ws, 1e-6, h), warmup=10, rep=60)
+        exact = reference_attention(*(t.float() for t in joint_qkv_reference(ctx, x, *ws, 1e-6, h)), h)
+        e1 = rel(launch(*ref_pro(ctx, x), h), exact)
+        e2 = rel(joint_fp8_attention(ctx, x, *ws, 1e-6, h), exact)
+        print(f"| {name} | {t_ref * 1e3:.1f} | {t_fused * 1e3:.1f} | {t_ref_att * 1e3:.1f} | {t_fused_att * 1e3:.1f} "
+              f"| {e1:.4f} / {e2:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

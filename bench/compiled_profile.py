@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 GROUPS = (("fused triton (pointwise/reduction)", re.compile(r"^triton_(poi|red|per)", re.I)),
-          ("attention", re.compile(r"cudnn|flash|fmha|attn|sdpa|quant_kv", re.I)),
+          ("attention", re.compile(r"cudnn|flash|fmha|attn|sdpa|quant_kv|joint_prologue", re.I)),
           ("gemv (adaLN)", re.compile(r"gemv", re.I)),
           ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|triton_tem|scaled_mm|_mm_|matmul|sm90|fc1_gelu", re.I)))
 
@@ -42,6 +42,9 @@ VARIANTS = {
     "multik_fp8attn": ({"triton.multi_kernel": 1}, "fp8", "ours"),
     "nofuse": ({}, "cudnn", "ours", {"fuse_mlp": False}),
     "nofuse_fp8attn": ({}, "fp8", "ours", {"fuse_mlp": False}),
+    # without the fused joint-attention prologue (fp8.joint): ComfyUI's q/k RMSNorm + concat (+ K/V quantization)
+    "nojoint": ({}, "cudnn", "ours", {"fuse_attention": False}),
+    "nojoint_fp8attn": ({}, "fp8", "ours", {"fuse_attention": False}),
 }
 
 

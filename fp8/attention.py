@@ -147,21 +147,40 @@ def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> t
     ``pv_fp8=False`` keeps P and V 16-bit (only Q·Kᵀ in FP8)."""
     B, S, HD = q.shape
     D = HD // heads
-    bm, bn, warps, stages, ws, exp = config or ATTN_CONFIG[D]
+    config = config or ATTN_CONFIG[D]
+    bn = config[1]
     for t in (q, k, v):
         if t.stride(-1) != 1:
             raise ValueError("fp8_attention needs the head dimension contiguous")
-    nb = triton.cdiv(S, bn)
-    s_pad = nb * bn
-    k8 = torch.empty((B, heads, s_pad, D), device=q.device, dtype=E4M3)
-    vt8 = torch.empty((B, heads, D, s_pad), device=q.device, dtype=E4M3 if pv_fp8 else q.dtype)
-    ks = torch.empty((B, heads, nb), device=q.device, dtype=torch.float32)
-    vs = torch.empty_like(ks)
-    _quant_kv[(nb, B * heads)](k, v, k8, vt8, ks, vs, S, s_pad, heads, nb, k.stride(0), k.stride(1),
+    k8, vt8, ks, vs = kv_buffers(B, heads, S, D, bn, q.device, E4M3 if pv_fp8 else q.dtype)
+    nb = ks.shape[-1]
+    _quant_kv[(nb, B * heads)](k, v, k8, vt8, ks, vs, S, k8.shape[2], heads, nb, k.stride(0), k.stride(1),
                                v.stride(0), v.stride(1), D=D, BLOCK_N=bn, V_FP8=pv_fp8, num_warps=4)
+    return attend(q, k8, vt8, ks, vs, heads, config)
+
+
+def kv_buffers(B: int, heads: int, S: int, D: int, block_n: int, device, v_dtype=E4M3):
+    """Empty K/V operands of :func:`attend`: K as E4M3 [B, H, S_PAD, D], V transposed [B, H, D, S_PAD] (S_PAD:
+    S rounded up to ``block_n``; padded keys must be written as zeros), one fp32 scale per block of keys."""
+    nb = triton.cdiv(S, block_n)
+    k8 = torch.empty((B, heads, nb * block_n, D), device=device, dtype=E4M3)
+    vt8 = torch.empty((B, heads, D, nb * block_n), device=device, dtype=v_dtype)
+    ks = torch.empty((B, heads, nb), device=device, dtype=torch.float32)
+    return k8, vt8, ks, torch.empty_like(ks)
+
+
+def attend(q, k8, vt8, ks, vs, heads: int, config=None) -> torch.Tensor:
+    """The FP8 attention kernel over BF16/FP16 ``q`` ([B, S, H·D], head dimension contiguous) and K/V already
+    quantized into :func:`kv_buffers` with the same BLOCK_N as ``config``; returns [B, S, H·D] in q's dtype."""
+    B, S, HD = q.shape
+    D = HD // heads
+    bm, bn, warps, stages, ws, exp = config or ATTN_CONFIG[D]
+    nb = ks.shape[-1]
+    if k8.shape[2] != nb * bn:
+        raise ValueError(f"K/V were quantized in blocks of {k8.shape[2] // nb} keys, the kernel takes {bn}")
     o = torch.empty((B, S, HD), device=q.device, dtype=q.dtype)
     qk_scale = 1.4426950408889634 / math.sqrt(D)
-    _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, s_pad, heads, nb, qk_scale,
+    _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, k8.shape[2], heads, nb, qk_scale,
                                                 q.stride(0), q.stride(1), o.stride(0), o.stride(1),
                                                 D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
                                                 num_warps=warps, num_stages=stages)

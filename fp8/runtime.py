@@ -19,6 +19,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .joint import set_joint_blocks
 from .model import fp8_layers
 from .policy import ADALN_LAYERS
 
@@ -35,13 +36,16 @@ class RuntimeConfig:
     adaln: "weight_only" (BF16 activations x FP8 weights) or "fp8" (FP8 activations too).
     margin: 2**margin headroom on every static input scale.
     fuse_mlp: each MLP's fc1 + GELU + the quantization of fc2's input as one kernel (fp8.gemm), on GPUs
-    where that kernel runs (Hopper); elsewhere the MLP runs as before."""
+    where that kernel runs (Hopper); elsewhere the MLP runs as before.
+    fuse_attention: each SD3 joint block's q/k RMSNorm, context+image concat and (with FP8 attention) K/V
+    quantization as one kernel (fp8.joint), where our attention override decides the block's attention."""
 
     fast_accum: bool = True
     fp32_accum: str = ""
     adaln: str = "weight_only"
     margin: int = 0
     fuse_mlp: bool = True
+    fuse_attention: bool = True
 
     def __post_init__(self):
         if self.adaln not in ("weight_only", "fp8"):
@@ -62,6 +66,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
         mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
     _set_fused_mlps(model, cfg.fuse_mlp)
+    set_joint_blocks(model, cfg.fuse_attention)
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     model.__dict__[STATIC_KEY] = dataclasses.astuple(cfg)
@@ -72,6 +77,7 @@ def clear_static(model: torch.nn.Module) -> None:
     for m in fp8_layers(model).values():
         m.fp8_set_static(None)
     _set_fused_mlps(model, False)
+    set_joint_blocks(model, False)
     model.__dict__.pop(STATIC_KEY, None)
 
 

@@ -50,7 +50,7 @@ TE_KEY = "sd35fp8_te"
 # torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
                    "adaln": "weight_only", "cudagraphs": False, "backend": "torch", "scaling": "delayed",
-                   "fuse_mlp": True}
+                   "fuse_mlp": True, "fuse_attention": True}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 PACK_NAME = "ComfyUI-SD35-FP8"
 
@@ -438,7 +438,8 @@ def prepare_run(patcher):
     if rt.get("static") and enabled and not te and cfg.get("input_amax") is not None:
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", ""),
-                                     fuse_mlp=rt.get("fuse_mlp", True)))
+                                     fuse_mlp=rt.get("fuse_mlp", True),
+                                     fuse_attention=rt.get("fuse_attention", True)))
     else:
         clear_static(dm)
     if te:

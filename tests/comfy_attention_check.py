@@ -28,6 +28,7 @@ def main(comfy_dir: str) -> None:
     import comfy.sd
     import tiny_sd35
     att = sys.modules["sd35pack.fp8.attention"]
+    joint = sys.modules["sd35pack.fp8.joint"]
     seen = []
 
     def kernel(q, k, v, heads):  # where the Triton kernels would run: check what they would get
@@ -56,6 +57,28 @@ def main(comfy_dir: str) -> None:
         report[variant] = {"kernel_calls": list(seen), "sdpa_fallbacks": att.CALLS["sdpa"],
                            "joint_blocks": len(m.model.diffusion_model.joint_blocks),
                            "max_abs_diff": float((out - ref).abs().max()), "ref_max": float(ref.abs().max())}
+        # the fused joint-block forward (fp8.joint): on CPU its ops run their torch reference; it must compute
+        # what ComfyUI's _block_mixing computes, for each backend, and be taken for every block
+        dm = m.model.diffusion_model
+        report[variant]["joint_installed"] = joint.set_joint_blocks(dm, True)
+        for backend in ("fp8", "math"):
+            att.CALLS.clear()
+            seen.clear()
+            calls = []
+            real = joint.joint_qkv
+            joint.joint_qkv = lambda *a: calls.append(a[-1]) or real(*a)
+            glue.apply_runtime_options(m, {"attention": backend, "compile": False})
+            with torch.no_grad():
+                out = common.call(m, x, sigma, ctx, y)
+            joint.joint_qkv = real
+            report[variant][f"joint_{backend}"] = {
+                "fp8_calls": att.CALLS["joint_sdpa"] + att.CALLS["joint_kernel"], "qkv_calls": len(calls),
+                "stock_calls": len(seen), "max_abs_diff": float((out - ref).abs().max())}
+        glue.apply_runtime_options(m, {"attention": "auto", "compile": False})  # no override: ComfyUI's own
+        with torch.no_grad():
+            report[variant]["joint_no_override_equal"] = bool(torch.equal(common.call(m, x, sigma, ctx, y), ref))
+        report[variant]["joint_removed"] = joint.set_joint_blocks(dm, False) == 0 and "forward" not in \
+            dm.joint_blocks[0].__dict__
     print("RESULT " + json.dumps(report))
 
 

@@ -118,7 +118,7 @@ def test_fp8_attention_never_overflows_and_follows_each_token_scale():
     assert torch.allclose(f(qs, k, v).float(), out.float(), rtol=1e-2, atol=1e-2 * float(out.abs().max()))
 
 
-def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel():
+def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_joint_forward():
     """Through ComfyUI's real SD3 model code (tiny Large and Medium, CPU, the two hardware checks set as on
     an FP8 GPU): with attention=fp8 every joint (and MMDiT-X) attention call reaches the FP8 kernel with
     Q, K, V as [B, S, H·D] and nothing falls back to SDPA. SD3's MMDiT passes v as [B, S, H, D]: before
@@ -141,3 +141,66 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel():
         for q, k, v, heads, contiguous_last in got["kernel_calls"]:
             assert len(q) == 3 and q == k == v and heads == 2 and contiguous_last
         assert got["max_abs_diff"] < 1e-5 * got["ref_max"]  # the stand-in kernel is exact: same model output
+        # the fused joint-block forward (fp8.joint) is installed on every block and taken for every attention
+        # (FP8: its fused op, nothing through the per-call override; SDPA backends: its fused q/k/v op); on the
+        # CPU its ops run their torch references, so the model's output is ComfyUI's own
+        assert got["joint_installed"] == got["joint_blocks"] and got["joint_removed"], got
+        assert got["joint_fp8"]["fp8_calls"] == expect and got["joint_fp8"]["stock_calls"] == 0, got
+        assert got["joint_math"]["qkv_calls"] == expect and got["joint_math"]["fp8_calls"] == 0, got
+        for backend in ("joint_fp8", "joint_math"):
+            assert got[backend]["max_abs_diff"] < 1e-5 * got["ref_max"], (backend, got)
+        assert got["joint_no_override_equal"]  # no override of ours in transformer_options: ComfyUI's forward
+
+
+def joint_inputs(b, lc, lx, h, d, norm, device, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    c = h * d
+    ctx = (torch.randn(b, lc, 3 * c, generator=g) * 3 * scale).to(device, torch.bfloat16)
+    # the image stream as a strided view (a slice of a wider buffer), as a fused projection could hand it over
+    wide = (torch.randn(b, lx, 3 * c + 64, generator=g) * scale).to(device, torch.bfloat16)
+    ws = [(torch.rand(d, generator=g) * 2 + 0.2).to(device, torch.bfloat16) if norm else None for _ in range(4)]
+    return ctx, wide[..., :3 * c], ws
+
+
+@fp8_gpu
+@pytest.mark.parametrize("lc,lx,d", [(154, 4096, 64), (0, 333, 64), (77, 256, 128)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_joint_prologue_computes_comfyuis_split_norm_concat(lc, lx, d, norm):
+    """fp8.joint's kernel against the torch reference (ComfyUI's split + per-head RMSNorm with each stream's
+    weight + concat): q/k/v for SDPA, and the FP8 attention over them; an empty context (MMDiT-X's image-only
+    attention) included."""
+    from fp8.attention import CALLS
+    from fp8.joint import joint_fp8_attention, joint_qkv, joint_qkv_reference
+    h = 3
+    ctx, x, ws = joint_inputs(2, lc, lx, h, d, norm, "cuda", seed=lc + lx)
+    ref = joint_qkv_reference(ctx, x, *ws, 1e-6, h)
+    got = joint_qkv(ctx, x, *ws, 1e-6, h)
+    for r, t in zip(ref, got):
+        assert t.shape == r.shape and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert torch.equal(got[2], ref[2])  # V is a copy
+    for r, t in zip(ref[:2], got[:2]):  # q, k: fp32 math, one BF16 rounding each
+        assert rel(t, r) < (4e-3 if norm else 1e-7), rel(t, r)
+    before = CALLS["joint_kernel"]
+    out = joint_fp8_attention(ctx, x, *ws, 1e-6, h)
+    assert CALLS["joint_kernel"] == before + 1 and torch.isfinite(out).all()
+    unfused = attention_launch(*ref, h)  # the same kernel after the unfused prologue
+    exact = reference_attention(*(t.float() for t in ref), h)
+    assert rel(out, unfused) < 0.03, rel(out, unfused)  # K is quantized from fp32 here, from BF16 there
+    assert rel(out, exact) < 0.08 and abs(rel(out, exact) - rel(unfused, exact)) < 0.2 * rel(unfused, exact)
+
+
+@fp8_gpu
+def test_fused_joint_attention_never_overflows_and_compiles_once():
+    from torch._dynamo.testing import CompileCounter
+    from fp8.joint import joint_fp8_attention, joint_qkv_reference
+    ctx, x, ws = joint_inputs(1, 20, 300, 2, 64, False, "cuda", seed=9, scale=3e4)  # no norm: far past 448
+    out = joint_fp8_attention(ctx, x, *ws, 1e-6, 2)
+    assert torch.isfinite(out).all()
+    exact = reference_attention(*(t.float() for t in joint_qkv_reference(ctx, x, *ws, 1e-6, 2)), 2)
+    assert rel(out, exact) < 0.08
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    f = torch.compile(lambda a, b: joint_fp8_attention(a * 1.0, b, *ws, 1e-6, 2), backend=cnt, dynamic=False)
+    for i in range(3):
+        f(ctx * (i + 1), x)
+    assert cnt.frame_count == 1
