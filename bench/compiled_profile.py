@@ -48,6 +48,27 @@ VARIANTS = {
 }
 
 
+def host_and_pipelined(fn, n: int = 10):
+    """(median host ms of one call until it returns, GPU idle before it; ms per call of ``n`` calls issued back
+    to back with one sync at the end, as a sampling loop without host syncs runs them)."""
+    import statistics
+    import torch
+    hosts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        hosts.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return statistics.median(hosts), a.elapsed_time(b) / n
+
+
 def profile_groups(fn, top: int):
     """Kernel time by group and the top kernels of one call; plus the call's timeline: host time until
     the call returns (no sync), wall time to the end of its GPU work, GPU span and kernel busy time."""
@@ -155,6 +176,9 @@ def main():
                     torch.cuda.synchronize()
                     first = time.perf_counter() - t0
                     ms, o = common.time_cuda(lambda: common.call(q, x, sigma, ctx, y), n=20, warmup=3)
+                    host, piped = host_and_pipelined(lambda: common.call(q, x, sigma, ctx, y))
+                    print(f"  {name}{' + graphs' if graphs else ''}: {ms:.2f} ms per call (synced), host {host:.2f} ms "
+                          f"until return, {piped:.2f} ms per call back to back", flush=True)
                     if not graphs or a.profile_graphs:
                         profiles.append(f"{name}{' + graphs' if graphs else ''}:\n" + profile_groups(lambda: common.call(q, x, sigma, ctx, y), a.top))
                         print(profiles[-1], flush=True)

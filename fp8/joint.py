@@ -227,11 +227,45 @@ def _modulate(x, shift, scale):
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
+def _plain_ln(norm) -> float | None:
+    """eps of a LayerNorm without affine parameters (SD3's norm1/norm2), else None."""
+    if isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None \
+            and tuple(norm.normalized_shape) == (norm.normalized_shape[0],):
+        return float(norm.eps)
+    return None
+
+
+def _static_fp8(layer, x) -> bool:
+    return getattr(layer, "fp8_static", None) == "fp8" and layer.fp8_static_ready(x)
+
+
 def _pre(d, x, c):
-    """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes)."""
+    """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes). With a
+    static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel (fp8.norm), then the GEMM."""
     mods = d.adaLN_modulation(c).chunk(2 if d.pre_only else 6, dim=1)
-    qkv = d.attn.qkv(_modulate(d.norm1(x), mods[0], mods[1]))
+    eps, qkv_layer = _plain_ln(d.norm1), d.attn.qkv
+    if eps is not None and _static_fp8(qkv_layer, x):
+        from .norm import ln_modulate_quant
+        h8 = ln_modulate_quant(x, mods[0], mods[1], qkv_layer.fp8_in_inv, eps)
+        qkv = qkv_layer.fp8_static_matmul(h8, x.dtype).view(x.shape[0], x.shape[1], -1)
+    else:
+        qkv = qkv_layer(_modulate(d.norm1(x), mods[0], mods[1]))
     return qkv, (None if d.pre_only else (x, *mods[2:]))
+
+
+def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
+    """``DismantledBlock.post_attention``; with a fused static FP8 MLP, the gated residual + LayerNorm +
+    modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
+    from .runtime import fused_mlp_ready, fused_mlp_quantized
+    eps = _plain_ln(d.norm2)
+    if eps is None or not fused_mlp_ready(d.mlp, x):
+        return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+    from .norm import residual_ln_modulate_quant
+    mlp = d.mlp
+    x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn), gate_msa, shift_mlp, scale_mlp,
+                                       mlp.fc1.fp8_in_inv, eps)
+    out = fused_mlp_quantized(mlp, h8, x.dtype).view(x.shape[0], x.shape[1], -1)
+    return x + gate_mlp.unsqueeze(1) * out
 
 
 def _pre_x(d, x, c):
@@ -273,11 +307,11 @@ def joint_block_forward(self, context, x, c=None, transformer_options=None, **kw
         x_qkv, x_rest = _pre(xb, x, c)
     attn = _attention(ctx_qkv, x_qkv, cb.attn, xb.attn, backend)
     lc = context.shape[1]
-    context = None if cb.pre_only else cb.post_attention(attn[:, :lc], *ctx_rest)
+    context = None if cb.pre_only else _post(cb, attn[:, :lc], *ctx_rest)
     if xb.x_block_self_attn:
         attn2 = _attention(x_qkv2[:, :0], x_qkv2, xb.attn2, xb.attn2, backend)
         return context, xb.post_attention_x(attn[:, lc:], attn2, *x_rest)
-    return context, xb.post_attention(attn[:, lc:], *x_rest)
+    return context, _post(xb, attn[:, lc:], *x_rest)
 
 
 def set_joint_blocks(model: torch.nn.Module, on: bool) -> int:

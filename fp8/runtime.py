@@ -99,18 +99,31 @@ def _mlp_parts(mod: torch.nn.Module):
     return fc1, act, fc2
 
 
+def fused_mlp_ready(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``mlp`` (an installed fused MLP) runs its fused kernel for activations ``x``."""
+    from .gemm import fused_supported
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    return bool(mlp.__dict__.get(FUSED_MLP)) and fc1.fp8_static == "fp8" and fc2.fp8_static == "fp8" \
+        and fc1.fp8_static_ready(x) and fc2.fp8_static_ready(x) and fused_supported(fc1.weight, x.device)
+
+
+def fused_mlp_quantized(mlp: torch.nn.Module, h8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """fc2(GELU(fc1(h))) of a fused MLP from fc1's input already quantized with fc1's static scale ([M, K]
+    E4M3): fc1 + GELU + the quantization of fc2's input in one kernel, then fc2; returns [M, out]."""
+    from .gemm import fp8_linear_gelu
+    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
+    h = fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale, fc1.weight_scale, fc1.bias, fc2.fp8_in_inv, act.approximate)
+    return fc2.fp8_static_matmul(h, out_dtype)
+
+
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``Mlp.forward`` with fc1 + GELU + fc2's input quantization in one kernel (fp8.gemm); the module's
     own forward wherever the static FP8 path or that kernel does not apply to ``x``."""
-    from .gemm import fp8_linear_gelu, fused_supported
-    fc1, act, fc2 = self.fc1, self.act, self.fc2
-    if not (fc1.fp8_static == "fp8" and fc2.fp8_static == "fp8" and fc1.fp8_static_ready(x)
-            and fc2.fp8_static_ready(x) and fused_supported(fc1.weight, x.device)):
+    if not fused_mlp_ready(self, x):
         return type(self).forward(self, x)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    h8 = fp8_linear_gelu(fc1.fp8_static_quantize(x.reshape(-1, fc1.in_features)), fc1.weight, fc1.fp8_in_scale,
-                         fc1.weight_scale, fc1.bias, fc2.fp8_in_inv, act.approximate)
-    return fc2.fp8_static_matmul(h8, out_dtype).reshape(*x.shape[:-1], fc2.out_features).to(x.dtype)
+    out = fused_mlp_quantized(self, self.fc1.fp8_static_quantize(x.reshape(-1, self.fc1.in_features)), out_dtype)
+    return out.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
 
 
 def _set_fused_mlps(model: torch.nn.Module, on: bool) -> None:

@@ -74,12 +74,61 @@ def main(comfy_dir: str) -> None:
             report[variant][f"joint_{backend}"] = {
                 "fp8_calls": att.CALLS["joint_sdpa"] + att.CALLS["joint_kernel"], "qkv_calls": len(calls),
                 "stock_calls": len(seen), "max_abs_diff": float((out - ref).abs().max())}
-        glue.apply_runtime_options(m, {"attention": "auto", "compile": False})  # no override: ComfyUI's own
+        glue.apply_runtime_options(m, {"attention": "auto", "compile": False})
+        # no override of ours (here "auto" resolves to none on CPU, to cuDNN on a CUDA machine): ComfyUI's own
+        m.model_options["transformer_options"].pop("optimized_attention_override", None)
         with torch.no_grad():
             report[variant]["joint_no_override_equal"] = bool(torch.equal(common.call(m, x, sigma, ctx, y), ref))
         report[variant]["joint_removed"] = joint.set_joint_blocks(dm, False) == 0 and "forward" not in \
             dm.joint_blocks[0].__dict__
+    report["static"] = static_joint_check(glue, common, tiny_sd35, att, joint)
     print("RESULT " + json.dumps(report))
+
+
+def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
+    """The fused joint forward on a calibrated static-FP8 model (tiny Large, our loader's ops, bf16 on the CPU
+    with the Hopper-only fused-MLP check set as on such a GPU): it must take its LayerNorm+modulation+quant
+    ops and compute what the static runtime computes through ComfyUI's own block code."""
+    import torch
+    import comfy.sd
+    fp8 = sys.modules["sd35pack.fp8"]
+    import importlib
+    gemm, norm, rtm = (importlib.import_module(f"sd35pack.fp8.{n}") for n in ("gemm", "norm", "runtime"))
+    gemm.fused_supported = lambda w8, device: True
+    sd = tiny_sd35.mmdit_state_dict(depth=3, variant="large")
+    ops = glue.make_ops(fp8.QuantPolicy(), torch.device("cpu"))
+    m = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops,
+                                                                    "dtype": torch.bfloat16})
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 32, 32, generator=g)
+    ctx = torch.randn(2, 20, 4096, generator=g)
+    y = torch.randn(2, 2048, generator=g)
+    sigma = torch.full((2,), 0.6)
+    dm = m.model.diffusion_model
+    common.quick_calibrate(glue, m, (x, sigma, ctx, y))
+    glue.apply_runtime_options(m, {"attention": "math", "compile": False})
+    calls = {"ln": 0, "res": 0}
+    real = (norm.ln_modulate_quant, norm.residual_ln_modulate_quant)
+
+    def ln(*a):
+        calls["ln"] += 1
+        return real[0](*a)
+
+    def res(*a):
+        calls["res"] += 1
+        return real[1](*a)
+
+    norm.ln_modulate_quant, norm.residual_ln_modulate_quant = ln, res
+    out = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            rtm.set_static(dm, rtm.RuntimeConfig(fuse_attention=fused))
+            out[fused] = common.call(m, x, sigma, ctx, y).float()
+    norm.ln_modulate_quant, norm.residual_ln_modulate_quant = real
+    n = len(dm.joint_blocks)
+    return {"blocks": n, "ln_calls": calls["ln"], "res_calls": calls["res"],
+            "rel_diff": float((out[True] - out[False]).norm() / out[False].norm()),
+            "finite": bool(torch.isfinite(out[True]).all())}
 
 
 if __name__ == "__main__":
