@@ -100,7 +100,9 @@ if triton is not None:
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = _exp2(s * c[:, None] - m_new[:, None], EXP)
+        # s·c - m_new runs as one FMA with the exact product, m_new holds the rounded one: past 2^32 (scores of
+        # unnormalized huge inputs) the difference reaches +ulp/2 > 128 and exp2 gives inf (then NaN); cap at 0
+        p = _exp2(tl.minimum(s * c[:, None] - m_new[:, None], 0.0), EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])

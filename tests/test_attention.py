@@ -194,18 +194,22 @@ def test_fused_joint_prologue_computes_comfyuis_split_norm_concat(lc, lx, d, nor
     # K is quantized from fp32 here, from BF16 there: P's E4M3 rounding then differs (noise of the size of the
     # FP8 error itself), so the two are compared by their error against the exact attention
     e_fused, e_unfused = rel(out, exact), rel(unfused, exact)
-    assert e_fused < 0.08 and abs(e_fused - e_unfused) < 0.2 * e_unfused, (e_fused, e_unfused, rel(out, unfused))
+    # (bound: 0.12, not the 0.08 of unit-RMS inputs: the context rows are 3x larger and the norm weights reach
+    # 2.2, so scores and P's peaks are larger; measured 0.085-0.094 on an H100, the unfused prologue alike)
+    assert e_fused < 0.12 and abs(e_fused - e_unfused) < 0.2 * e_unfused, (e_fused, e_unfused, rel(out, unfused))
 
 
 @fp8_gpu
 def test_fused_joint_attention_never_overflows_and_compiles_once():
     from torch._dynamo.testing import CompileCounter
     from fp8.joint import joint_fp8_attention, joint_qkv_reference
-    ctx, x, ws = joint_inputs(1, 20, 300, 2, 64, False, "cuda", seed=9, scale=3e4)  # no norm: far past 448
+    # no norm: far past 448, and scores past 2^32 (log2 units), where exp2 of the FMA'd shift used to give inf
+    # for the row's maximum (the product's rounding): NaN in the output, found by this test on an H100
+    ctx, x, ws = joint_inputs(1, 20, 300, 2, 64, False, "cuda", seed=9, scale=3e4)
     out = joint_fp8_attention(ctx, x, *ws, 1e-6, 2)
     assert torch.isfinite(out).all()
     exact = reference_attention(*(t.float() for t in joint_qkv_reference(ctx, x, *ws, 1e-6, 2)), 2)
-    assert rel(out, exact) < 0.08
+    assert rel(out, exact) < 0.12
     torch._dynamo.reset()
     cnt = CompileCounter()
     f = torch.compile(lambda a, b: joint_fp8_attention(a * 1.0, b, *ws, 1e-6, 2), backend=cnt, dynamic=False)
