@@ -99,10 +99,15 @@ if triton is not None:
         s = tl.dot(q8, tl.trans(k8))
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        # s·c - m_new runs as one FMA with the exact product, m_new holds the rounded one: past 2^32 (scores of
-        # unnormalized huge inputs) the difference reaches +ulp/2 > 128 and exp2 gives inf (then NaN); cap at 0
-        p = _exp2(tl.minimum(s * c[:, None] - m_new[:, None], 0.0), EXP)
+        s_max = tl.max(s, 1)
+        m_blk = s_max * c
+        m_new = tl.maximum(m_i, m_blk)
+        # exponent (s - s_max)·c + (m_blk - m_new): exactly 0 for the maximum, never positive. The shorter
+        # s·c - m_new runs as one FMA with the exact product while m_new holds the rounded one: for huge scores
+        # (unnormalized inputs, |s·c| past 2^24) the maximum's exponent was off by up to ulp/2, so exp2 gave inf
+        # (then NaN) or 0 for every key (0/0): NaN in the output (found on an H100 by the joint never-overflows
+        # test). One more FADD per score.
+        p = _exp2((s - s_max[:, None]) * c[:, None] + (m_blk - m_new)[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
