@@ -45,6 +45,9 @@ VARIANTS = {
     # without the fused joint-attention prologue (fp8.joint): ComfyUI's q/k RMSNorm + concat (+ K/V quantization)
     "nojoint": ({}, "cudnn", "ours", {"fuse_attention": False}),
     "nojoint_fp8attn": ({}, "fp8", "ours", {"fuse_attention": False}),
+    # the joint forward without fp8.norm's LayerNorm+modulation+quantization kernels (Inductor's fused ones)
+    "nonorm": ({}, "cudnn", "ours", {"fuse_norm": False}),
+    "nonorm_fp8attn": ({}, "fp8", "ours", {"fuse_norm": False}),
 }
 
 

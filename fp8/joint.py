@@ -196,6 +196,7 @@ def joint_fp8_attention(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps: float, head
 
 # -- the block forward ------------------------------------------------------------------------------------
 JOINT = "_sd35fp8_joint"  # marks a JointBlock whose forward set_joint_blocks replaced
+NORM = "_sd35fp8_joint_norm"  # on such a block: whether it also runs fp8.norm's LayerNorm kernels
 OVERRIDE = "optimized_attention_override"  # the transformer_options key of the host's attention override
 
 
@@ -239,12 +240,13 @@ def _static_fp8(layer, x) -> bool:
     return getattr(layer, "fp8_static", None) == "fp8" and layer.fp8_static_ready(x)
 
 
-def _pre(d, x, c):
-    """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes). With a
-    static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel (fp8.norm), then the GEMM."""
+def _pre(d, x, c, fuse_norm: bool):
+    """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes). With
+    ``fuse_norm`` and a static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel (fp8.norm),
+    then the GEMM."""
     mods = d.adaLN_modulation(c).chunk(2 if d.pre_only else 6, dim=1)
     eps, qkv_layer = _plain_ln(d.norm1), d.attn.qkv
-    if eps is not None and _static_fp8(qkv_layer, x):
+    if fuse_norm and eps is not None and _static_fp8(qkv_layer, x):
         from .norm import ln_modulate_quant
         h8 = ln_modulate_quant(x, mods[0], mods[1], qkv_layer.fp8_in_inv, eps)
         qkv = qkv_layer.fp8_static_matmul(h8, x.dtype).view(x.shape[0], x.shape[1], -1)
@@ -253,12 +255,12 @@ def _pre(d, x, c):
     return qkv, (None if d.pre_only else (x, *mods[2:]))
 
 
-def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp):
-    """``DismantledBlock.post_attention``; with a fused static FP8 MLP, the gated residual + LayerNorm +
-    modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
+def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool):
+    """``DismantledBlock.post_attention``; with ``fuse_norm`` and a fused static FP8 MLP, the gated residual +
+    LayerNorm + modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
     from .runtime import fused_mlp_ready, fused_mlp_quantized
     eps = _plain_ln(d.norm2)
-    if eps is None or not fused_mlp_ready(d.mlp, x):
+    if not fuse_norm or eps is None or not fused_mlp_ready(d.mlp, x):
         return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
     from .norm import residual_ln_modulate_quant
     mlp = d.mlp
@@ -300,31 +302,35 @@ def joint_block_forward(self, context, x, c=None, transformer_options=None, **kw
             kwargs["transformer_options"] = transformer_options
         return type(self).forward(self, context, x, c=c, **kwargs)
     cb, xb = self.context_block, self.x_block
-    ctx_qkv, ctx_rest = _pre(cb, context, c)
+    fuse_norm = bool(self.__dict__.get(NORM, True))
+    ctx_qkv, ctx_rest = _pre(cb, context, c, fuse_norm)
     if xb.x_block_self_attn:
         x_qkv, x_qkv2, x_rest = _pre_x(xb, x, c)
     else:
-        x_qkv, x_rest = _pre(xb, x, c)
+        x_qkv, x_rest = _pre(xb, x, c, fuse_norm)
     attn = _attention(ctx_qkv, x_qkv, cb.attn, xb.attn, backend)
     lc = context.shape[1]
-    context = None if cb.pre_only else _post(cb, attn[:, :lc], *ctx_rest)
+    context = None if cb.pre_only else _post(cb, attn[:, :lc], *ctx_rest, fuse_norm)
     if xb.x_block_self_attn:
         attn2 = _attention(x_qkv2[:, :0], x_qkv2, xb.attn2, xb.attn2, backend)
         return context, xb.post_attention_x(attn[:, lc:], attn2, *x_rest)
-    return context, _post(xb, attn[:, lc:], *x_rest)
+    return context, _post(xb, attn[:, lc:], *x_rest, fuse_norm)
 
 
-def set_joint_blocks(model: torch.nn.Module, on: bool) -> int:
+def set_joint_blocks(model: torch.nn.Module, on: bool, fuse_norm: bool = True) -> int:
     """Install (``on``) or remove the fused-prologue forward on every eligible JointBlock of ``model``; installed
-    once per module (a new bound method each time would be a new object for torch.compile's guards). Returns
-    how many blocks have it."""
+    once per module (a new bound method each time would be a new object for torch.compile's guards).
+    ``fuse_norm``: the blocks also run their LayerNorm + modulation + quantization as fp8.norm kernels (else as
+    the model's own ops, which torch.compile fuses). Returns how many blocks have it."""
     n = 0
     for mod in model.modules():
         if on and _eligible(mod):
             if not mod.__dict__.get(JOINT):
                 mod.forward = types.MethodType(joint_block_forward, mod)
                 mod.__dict__[JOINT] = True
+            mod.__dict__[NORM] = bool(fuse_norm)
             n += 1
         elif mod.__dict__.pop(JOINT, False):
             mod.__dict__.pop("forward", None)
+            mod.__dict__.pop(NORM, None)
     return n

@@ -38,7 +38,11 @@ class RuntimeConfig:
     fuse_mlp: each MLP's fc1 + GELU + the quantization of fc2's input as one kernel (fp8.gemm), on GPUs
     where that kernel runs (Hopper); elsewhere the MLP runs as before.
     fuse_attention: each SD3 joint block's q/k RMSNorm, context+image concat and (with FP8 attention) K/V
-    quantization as one kernel (fp8.joint), where our attention override decides the block's attention."""
+    quantization as one kernel (fp8.joint), where our attention override decides the block's attention.
+    fuse_norm: in those blocks, also each stream's (gated residual +) LayerNorm + modulation + FP8 quantization
+    as one kernel (fp8.norm). Each is a custom-op call from Python, which costs host time on every call unless
+    the model replays as CUDA graphs; that cost is not measured in isolation yet, so the node layer turns this
+    on only with CUDA graphs."""
 
     fast_accum: bool = True
     fp32_accum: str = ""
@@ -46,6 +50,7 @@ class RuntimeConfig:
     margin: int = 0
     fuse_mlp: bool = True
     fuse_attention: bool = True
+    fuse_norm: bool = True
 
     def __post_init__(self):
         if self.adaln not in ("weight_only", "fp8"):
@@ -66,7 +71,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
         mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
     _set_fused_mlps(model, cfg.fuse_mlp)
-    set_joint_blocks(model, cfg.fuse_attention)
+    set_joint_blocks(model, cfg.fuse_attention, cfg.fuse_norm)
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     model.__dict__[STATIC_KEY] = dataclasses.astuple(cfg)

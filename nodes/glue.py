@@ -439,7 +439,10 @@ def prepare_run(patcher):
         set_static(dm, RuntimeConfig(fast_accum=rt.get("fast_accum", True), adaln=rt.get("adaln", "weight_only"),
                                      margin=recipe.margin, fp32_accum=rt.get("fp32_accum", ""),
                                      fuse_mlp=rt.get("fuse_mlp", True),
-                                     fuse_attention=rt.get("fuse_attention", True)))
+                                     fuse_attention=rt.get("fuse_attention", True),
+                                     # fp8.norm's kernels cost a Python custom-op call each: only where the
+                                     # model replays as CUDA graphs (see RuntimeConfig)
+                                     fuse_norm=bool(rt.get("cudagraphs")) and rt.get("fuse_norm", True)))
     else:
         clear_static(dm)
     if te:

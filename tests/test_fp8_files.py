@@ -334,3 +334,21 @@ def test_int8_adaln_option_quantizes_runs_merges_loras_and_saves_as_e4m3(env):
         assert float((saved - ours).norm() / ours.norm()) < 0.04
     stock = env.sd.load_diffusion_model(path)
     assert torch.isfinite(denoise(env, stock)).all()
+
+
+def test_sampling_state_installs_the_joint_forward_and_norm_kernels_only_with_cuda_graphs(env):
+    """prepare_run (what every sampling run calls) puts the fused joint-block forward (fp8.joint) on every block
+    of a calibrated static model; fp8.norm's LayerNorm kernels (a Python custom-op call each) only where the
+    model replays as CUDA graphs; without the static runtime neither."""
+    from sd35pack.fp8.joint import JOINT, NORM
+    dm = env.cal.model.diffusion_model
+    blocks = list(dm.joint_blocks)
+    for graphs in (False, True):
+        p = env.glue.set_autocast(env.cal, True, None, dict(env.glue.DEFAULT_RUNTIME, cudagraphs=graphs))
+        env.glue.prepare_run(p)
+        assert all(b.__dict__.get(JOINT) and b.__dict__[NORM] is graphs for b in blocks)
+    p = env.glue.set_autocast(env.cal, True, None, dict(env.glue.DEFAULT_RUNTIME, static=False))
+    env.glue.prepare_run(p)
+    assert not any(JOINT in b.__dict__ or "forward" in b.__dict__ for b in blocks)
+    out = denoise(env, env.glue.set_autocast(env.cal, True, None))  # and the model still runs after all that
+    assert torch.isfinite(out).all()
