@@ -62,14 +62,7 @@ def host_and_pipelined(fn, n: int = 10):
         t0 = time.perf_counter()
         fn()
         hosts.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return statistics.median(hosts), a.elapsed_time(b) / n
+    return statistics.median(hosts), common.back_to_back_ms(fn, n)
 
 
 def profile_groups(fn, top: int):

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import fp8  # noqa: E402
+import common  # noqa: E402  (bench/, this script's folder)
 from fp8 import te_backend  # noqa: E402
 from fp8.runtime import RuntimeConfig, set_static  # noqa: E402
 
@@ -39,13 +40,7 @@ def host_and_gpu_us(fn, n=200):
         fn()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / n * 1e6
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return wall, a.elapsed_time(b) / n * 1e3
+    return wall, common.back_to_back_ms(fn, n) * 1e3
 
 
 def main():
