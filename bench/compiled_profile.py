@@ -48,6 +48,8 @@ VARIANTS = {
     # the joint forward without fp8.norm's LayerNorm+modulation+quantization kernels (Inductor's fused ones)
     "nonorm": ({}, "cudnn", "ours", {"fuse_norm": False}),
     "nonorm_fp8attn": ({}, "fp8", "ours", {"fuse_norm": False}),
+    # the FP8 attention writes the projections' E4M3 inputs (RuntimeConfig.attention_fp8_out, off by default)
+    "fp8out_fp8attn": ({}, "fp8", "ours", {"attention_fp8_out": True}),
 }
 
 

@@ -118,10 +118,11 @@ if triton is not None:
         return m_new, l_i, acc, vs
 
     @triton.jit
-    def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, S, S_PAD, H, NB, qk_scale,
+    def _attn_fwd(q_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, o_ptr, o2_ptr, inv_ptr, inv2_ptr, LC, S, S_PAD, H, NB,
+                  qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  EXP: tl.constexpr):
+                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
@@ -145,8 +146,18 @@ if triton is not None:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
                                            n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP)
         out = acc * (vs / 448.0) / l_i[:, None]
-        tl.store(o_ptr + b * stride_ob + rm[:, None] * stride_os + h * D + rd[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
+        if SPLIT_FP8:  # rows < LC to o_ptr [B*LC, H*D], the others to o2_ptr [B*(S-LC), H*D]; E4M3, own scales
+            in_c = rm < LC
+            inv = tl.where(in_c, tl.load(inv_ptr), tl.load(inv2_ptr))
+            o8 = tl.clamp(out * inv[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+            o8 = o8.to(o_ptr.dtype.element_ty)
+            col = h * D + rd[None, :]
+            tl.store(o_ptr + (b * LC + rm)[:, None] * (H * D) + col, o8, mask=in_c[:, None])
+            tl.store(o2_ptr + (b * (S - LC) + rm - LC)[:, None] * (H * D) + col, o8,
+                     mask=((rm >= LC) & (rm < S))[:, None])
+        else:
+            tl.store(o_ptr + b * stride_ob + rm[:, None] * stride_os + h * D + rd[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=rm[:, None] < S)
 
 
 def attention_launch(q, k, v, heads: int, config=None, pv_fp8: bool = True) -> torch.Tensor:
@@ -176,22 +187,33 @@ def kv_buffers(B: int, heads: int, S: int, D: int, block_n: int, device, v_dtype
     return k8, vt8, ks, torch.empty_like(ks)
 
 
-def attend(q, k8, vt8, ks, vs, heads: int, config=None) -> torch.Tensor:
+def attend(q, k8, vt8, ks, vs, heads: int, config=None, split_fp8=None):
     """The FP8 attention kernel over BF16/FP16 ``q`` ([B, S, H·D], head dimension contiguous) and K/V already
-    quantized into :func:`kv_buffers` with the same BLOCK_N as ``config``; returns [B, S, H·D] in q's dtype."""
+    quantized into :func:`kv_buffers` with the same BLOCK_N as ``config``; returns [B, S, H·D] in q's dtype.
+    ``split_fp8=(lc, inv_c, inv_x)``: instead, the first ``lc`` tokens of each sample and the others as two E4M3
+    tensors [B·lc, H·D] and [B·(S - lc), H·D], scaled by the 0-d fp32 ``inv_c`` / ``inv_x`` and clamped (NaN
+    kept): the next GEMMs' quantized inputs (the joint block's context and image projections)."""
     B, S, HD = q.shape
     D = HD // heads
     bm, bn, warps, stages, ws, exp = config or ATTN_CONFIG[D]
     nb = ks.shape[-1]
     if k8.shape[2] != nb * bn:
         raise ValueError(f"K/V were quantized in blocks of {k8.shape[2] // nb} keys, the kernel takes {bn}")
-    o = torch.empty((B, S, HD), device=q.device, dtype=q.dtype)
+    if split_fp8 is None:
+        lc, inv_c, inv_x = 0, ks, ks
+        o = o2 = torch.empty((B, S, HD), device=q.device, dtype=q.dtype)
+    else:
+        lc, inv_c, inv_x = int(split_fp8[0]), *(t.to(q.device, torch.float32) for t in split_fp8[1:])
+        if not 0 <= lc <= S:
+            raise ValueError(f"split_fp8 needs 0 <= lc <= {S}, got {lc}")
+        o = torch.empty((B * lc, HD), device=q.device, dtype=E4M3)
+        o2 = torch.empty((B * (S - lc), HD), device=q.device, dtype=E4M3)
     qk_scale = 1.4426950408889634 / math.sqrt(D)
-    _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, S, k8.shape[2], heads, nb, qk_scale,
-                                                q.stride(0), q.stride(1), o.stride(0), o.stride(1),
+    _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, o2, inv_c, inv_x, lc, S, k8.shape[2], heads,
+                                                nb, qk_scale, q.stride(0), q.stride(1), o.stride(0), o.stride(-2),
                                                 D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
-                                                num_warps=warps, num_stages=stages)
-    return o
+                                                SPLIT_FP8=split_fp8 is not None, num_warps=warps, num_stages=stages)
+    return o if split_fp8 is None else (o, o2)
 
 
 def reference_attention(q, k, v, heads: int, backend: str = "auto") -> torch.Tensor:

@@ -181,6 +181,44 @@ def _joint_fp8_attention(ctx_qkv: torch.Tensor, x_qkv: torch.Tensor, wq_c: torch
     return attend(q, k8, vt8, ks, vs, heads, cfg)
 
 
+def _quantize_to(t: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """E4M3 of ``t·inv``: clamped (CUDA turns out-of-range into NaN), NaN kept visible."""
+    h = t.float() * inv.float()
+    return torch.where(torch.isnan(h), h, h.clamp(-448.0, 448.0)).to(E4M3)
+
+
+def _joint_split_fake(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, inv_c, inv_x):
+    B, Lc, C3 = ctx_qkv.shape
+    return (x_qkv.new_empty((B * Lc, C3 // 3), dtype=E4M3),
+            x_qkv.new_empty((B * x_qkv.shape[1], C3 // 3), dtype=E4M3))
+
+
+@custom_op_once("sd35fp8::joint_fp8_attention_split", _joint_split_fake)
+def _joint_fp8_attention_split(ctx_qkv: torch.Tensor, x_qkv: torch.Tensor, wq_c: torch.Tensor | None,
+                               wk_c: torch.Tensor | None, wq_x: torch.Tensor | None, wk_x: torch.Tensor | None,
+                               eps: float, heads: int, inv_c: torch.Tensor,
+                               inv_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from .attention import ATTN_CONFIG, CALLS, attend, reference_attention, supported
+    lc = ctx_qkv.shape[1]
+    if not (_kernel_ok(ctx_qkv, x_qkv, heads) and supported(x_qkv[..., : x_qkv.shape[-1] // 3], heads)):
+        CALLS["joint_sdpa"] += 1
+        o = reference_attention(*joint_qkv_reference(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads), heads,
+                                "cudnn")
+        return (_quantize_to(o[:, :lc].reshape(-1, o.shape[-1]), inv_c),
+                _quantize_to(o[:, lc:].reshape(-1, o.shape[-1]), inv_x))
+    CALLS["joint_kernel"] += 1
+    cfg = ATTN_CONFIG[x_qkv.shape[-1] // 3 // heads]
+    q, k8, vt8, ks, vs = _launch(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, fp8_kv=True, block_n=cfg[1])
+    return attend(q, k8, vt8, ks, vs, heads, cfg, split_fp8=(lc, inv_c, inv_x))
+
+
+def joint_fp8_attention_split(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps: float, heads: int, inv_c, inv_x):
+    """:func:`joint_fp8_attention` whose output is written as the two projections' quantized inputs: the context
+    tokens as E4M3 [B·Lc, H·D] scaled by ``inv_c``, the image tokens as E4M3 [B·Lx, H·D] scaled by ``inv_x``
+    (0-d fp32: 1 / each projection's static input scale)."""
+    return _joint_fp8_attention_split(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, float(eps), int(heads), inv_c, inv_x)
+
+
 def joint_qkv(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps: float, heads: int):
     """Joint q, k, v [B, Lc + Lx, H·D] from the context and image streams' packed qkv projections [B, L, 3·H·D]
     (q and k RMS-normalized per head with each stream's weight; None: no norm): one Triton kernel on CUDA,
@@ -197,6 +235,7 @@ def joint_fp8_attention(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps: float, head
 # -- the block forward ------------------------------------------------------------------------------------
 JOINT = "_sd35fp8_joint"  # marks a JointBlock whose forward set_joint_blocks replaced
 NORM = "_sd35fp8_joint_norm"  # on such a block: whether it also runs fp8.norm's LayerNorm kernels
+FP8_OUT = "_sd35fp8_joint_fp8_out"  # ... and whether its FP8 attention writes the projections' E4M3 inputs
 OVERRIDE = "optimized_attention_override"  # the transformer_options key of the host's attention override
 
 
@@ -236,6 +275,11 @@ def _plain_ln(norm) -> float | None:
     return None
 
 
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The output dtype of our static FP8 GEMMs for activations ``x`` (as the layers' own forward picks it)."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 def _static_fp8(layer, x) -> bool:
     return getattr(layer, "fp8_static", None) == "fp8" and layer.fp8_static_ready(x)
 
@@ -249,7 +293,7 @@ def _pre(d, x, c, fuse_norm: bool):
     if fuse_norm and eps is not None and _static_fp8(qkv_layer, x):
         from .norm import ln_modulate_quant
         h8 = ln_modulate_quant(x, mods[0], mods[1], qkv_layer.fp8_in_inv, eps)
-        qkv = qkv_layer.fp8_static_matmul(h8, x.dtype).view(x.shape[0], x.shape[1], -1)
+        qkv = qkv_layer.fp8_static_matmul(h8, _gemm_dtype(x)).view(x.shape[0], x.shape[1], -1).to(x.dtype)
     else:
         qkv = qkv_layer(_modulate(d.norm1(x), mods[0], mods[1]))
     return qkv, (None if d.pre_only else (x, *mods[2:]))
@@ -260,13 +304,19 @@ def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool)
     LayerNorm + modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
     from .runtime import fused_mlp_ready, fused_mlp_quantized
     eps = _plain_ln(d.norm2)
+    # attn as E4M3 [B·L, C]: the attention already wrote proj's quantized input (see _proj_inv)
+    y = d.attn.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 \
+        else None
     if not fuse_norm or eps is None or not fused_mlp_ready(d.mlp, x):
-        return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        if y is None:
+            return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        x = x + gate_msa.unsqueeze(1) * y  # DismantledBlock.post_attention from here on
+        return x + gate_mlp.unsqueeze(1) * d.mlp(_modulate(d.norm2(x), shift_mlp, scale_mlp))
     from .norm import residual_ln_modulate_quant
     mlp = d.mlp
-    x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn), gate_msa, shift_mlp, scale_mlp,
-                                       mlp.fc1.fp8_in_inv, eps)
-    out = fused_mlp_quantized(mlp, h8, x.dtype).view(x.shape[0], x.shape[1], -1)
+    x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
+                                       scale_mlp, mlp.fc1.fp8_in_inv, eps)
+    out = fused_mlp_quantized(mlp, h8, _gemm_dtype(x)).view(x.shape[0], x.shape[1], -1).to(x.dtype)
     return x + gate_mlp.unsqueeze(1) * out
 
 
@@ -279,11 +329,15 @@ def _pre_x(d, x, c):
     return qkv, qkv2, (x, *mods[2:6], mods[8])
 
 
-def _attention(ctx_qkv, x_qkv, ca, xa, backend: str):
+def _attention(ctx_qkv, x_qkv, ca, xa, backend: str, proj_inv=None):
+    """The joint attention in ComfyUI's [B, S, H·D] layout; with ``proj_inv`` (FP8 only), the context and image
+    parts as their projections' E4M3 inputs instead (see :func:`joint_fp8_attention_split`)."""
     from .runtime import attention
     wq_c, wk_c, eps = _qk_norm(ca)
     wq_x, wk_x, _ = _qk_norm(xa)
     heads = xa.num_heads
+    if proj_inv is not None:
+        return joint_fp8_attention_split(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, *proj_inv)
     if backend == "fp8":
         return joint_fp8_attention(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
     q, k, v = joint_qkv(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
@@ -308,20 +362,42 @@ def joint_block_forward(self, context, x, c=None, transformer_options=None, **kw
         x_qkv, x_qkv2, x_rest = _pre_x(xb, x, c)
     else:
         x_qkv, x_rest = _pre(xb, x, c, fuse_norm)
-    attn = _attention(ctx_qkv, x_qkv, cb.attn, xb.attn, backend)
     lc = context.shape[1]
-    context = None if cb.pre_only else _post(cb, attn[:, :lc], *ctx_rest, fuse_norm)
+    proj_inv = _proj_inv(self, context, x) if backend == "fp8" else None
+    if proj_inv is not None:
+        ctx_attn, x_attn = _attention(ctx_qkv, x_qkv, cb.attn, xb.attn, backend, proj_inv)
+    else:
+        attn = _attention(ctx_qkv, x_qkv, cb.attn, xb.attn, backend)
+        ctx_attn, x_attn = attn[:, :lc], attn[:, lc:]
+    context = None if cb.pre_only else _post(cb, ctx_attn, *ctx_rest, fuse_norm)
     if xb.x_block_self_attn:
         attn2 = _attention(x_qkv2[:, :0], x_qkv2, xb.attn2, xb.attn2, backend)
-        return context, xb.post_attention_x(attn[:, lc:], attn2, *x_rest)
-    return context, _post(xb, attn[:, lc:], *x_rest, fuse_norm)
+        return context, xb.post_attention_x(x_attn, attn2, *x_rest)
+    return context, _post(xb, x_attn, *x_rest, fuse_norm)
 
 
-def set_joint_blocks(model: torch.nn.Module, on: bool, fuse_norm: bool = True) -> int:
+def _proj_inv(block, context, x):
+    """(inv_c, inv_x) for the attention to write both projections' E4M3 inputs, where the block is set to and
+    both projections run static FP8 with no dropout (the last block's context has no projection: its part is
+    written with the image's scale and dropped); else None."""
+    cb, xb = block.context_block, block.x_block
+    if not block.__dict__.get(FP8_OUT) or xb.x_block_self_attn:
+        return None
+    for d, t in ((xb, x),) + (() if cb.pre_only else ((cb, context),)):
+        drop = d.attn._modules.get("proj_drop")
+        if not (_static_fp8(d.attn.proj, t) and (drop is None or isinstance(drop, torch.nn.Identity)
+                                                 or (isinstance(drop, torch.nn.Dropout) and drop.p == 0))):
+            return None
+    inv_x = xb.attn.proj.fp8_in_inv
+    return (inv_x if cb.pre_only else cb.attn.proj.fp8_in_inv), inv_x
+
+
+def set_joint_blocks(model: torch.nn.Module, on: bool, fuse_norm: bool = True, fp8_out: bool = False) -> int:
     """Install (``on``) or remove the fused-prologue forward on every eligible JointBlock of ``model``; installed
     once per module (a new bound method each time would be a new object for torch.compile's guards).
     ``fuse_norm``: the blocks also run their LayerNorm + modulation + quantization as fp8.norm kernels (else as
-    the model's own ops, which torch.compile fuses). Returns how many blocks have it."""
+    the model's own ops, which torch.compile fuses). ``fp8_out``: with FP8 attention, the attention writes the
+    projections' E4M3 inputs (no BF16 output, no separate quantization). Returns how many blocks have it."""
     n = 0
     for mod in model.modules():
         if on and _eligible(mod):
@@ -329,8 +405,9 @@ def set_joint_blocks(model: torch.nn.Module, on: bool, fuse_norm: bool = True) -
                 mod.forward = types.MethodType(joint_block_forward, mod)
                 mod.__dict__[JOINT] = True
             mod.__dict__[NORM] = bool(fuse_norm)
+            mod.__dict__[FP8_OUT] = bool(fp8_out)
             n += 1
         elif mod.__dict__.pop(JOINT, False):
-            mod.__dict__.pop("forward", None)
-            mod.__dict__.pop(NORM, None)
+            for k in ("forward", NORM, FP8_OUT):
+                mod.__dict__.pop(k, None)
     return n

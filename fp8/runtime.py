@@ -42,7 +42,9 @@ class RuntimeConfig:
     fuse_norm: in those blocks, also each stream's (gated residual +) LayerNorm + modulation + FP8 quantization
     as one kernel (fp8.norm). Each is a custom-op call from Python, which costs host time on every call unless
     the model replays as CUDA graphs; that cost is not measured in isolation yet, so the node layer turns this
-    on only with CUDA graphs."""
+    on only with CUDA graphs.
+    attention_fp8_out: with FP8 attention, the joint attention writes the context and image projections' E4M3
+    inputs directly (no BF16 output and no quantization pass). Off by default until measured on a GPU."""
 
     fast_accum: bool = True
     fp32_accum: str = ""
@@ -51,6 +53,7 @@ class RuntimeConfig:
     fuse_mlp: bool = True
     fuse_attention: bool = True
     fuse_norm: bool = True
+    attention_fp8_out: bool = False
 
     def __post_init__(self):
         if self.adaln not in ("weight_only", "fp8"):
@@ -71,7 +74,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
         mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
     _set_fused_mlps(model, cfg.fuse_mlp)
-    set_joint_blocks(model, cfg.fuse_attention, cfg.fuse_norm)
+    set_joint_blocks(model, cfg.fuse_attention, cfg.fuse_norm, cfg.attention_fp8_out)
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     model.__dict__[STATIC_KEY] = dataclasses.astuple(cfg)

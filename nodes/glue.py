@@ -50,7 +50,7 @@ TE_KEY = "sd35fp8_te"
 # torch.compile, cuDNN attention. See fp8/runtime.py and bench/ for what each one buys.
 DEFAULT_RUNTIME = {"static": True, "compile": True, "attention": "auto", "fast_accum": True,
                    "adaln": "weight_only", "cudagraphs": False, "backend": "torch", "scaling": "delayed",
-                   "fuse_mlp": True, "fuse_attention": True}
+                   "fuse_mlp": True, "fuse_attention": True, "attention_fp8_out": False}
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 PACK_NAME = "ComfyUI-SD35-FP8"
 
@@ -442,7 +442,8 @@ def prepare_run(patcher):
                                      fuse_attention=rt.get("fuse_attention", True),
                                      # fp8.norm's kernels cost a Python custom-op call each: only where the
                                      # model replays as CUDA graphs (see RuntimeConfig)
-                                     fuse_norm=bool(rt.get("cudagraphs")) and rt.get("fuse_norm", True)))
+                                     fuse_norm=bool(rt.get("cudagraphs")) and rt.get("fuse_norm", True),
+                                     attention_fp8_out=bool(rt.get("attention_fp8_out", False))))
     else:
         clear_static(dm)
     if te:

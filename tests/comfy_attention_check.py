@@ -125,10 +125,24 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
             rtm.set_static(dm, rtm.RuntimeConfig(fuse_attention=fused))
             out[fused] = common.call(m, x, sigma, ctx, y).float()
     norm.ln_modulate_quant, norm.residual_ln_modulate_quant = real
+    # attention=fp8 with the attention writing the projections' E4M3 inputs (attention_fp8_out): on the CPU the
+    # op's fallback quantizes the reference attention with the same scales as proj's own quantization, so the
+    # model's output must be the very same as without it
+    glue.apply_runtime_options(m, {"attention": "fp8", "compile": False})
+    split_calls = []
+    real_split = joint.joint_fp8_attention_split
+    joint.joint_fp8_attention_split = lambda *a: split_calls.append(a[7]) or real_split(*a)
+    fp8_out = {}
+    with torch.no_grad():
+        for on in (False, True):
+            rtm.set_static(dm, rtm.RuntimeConfig(attention_fp8_out=on))
+            fp8_out[on] = common.call(m, x, sigma, ctx, y).float()
+    joint.joint_fp8_attention_split = real_split
     n = len(dm.joint_blocks)
     return {"blocks": n, "ln_calls": calls["ln"], "res_calls": calls["res"],
             "rel_diff": float((out[True] - out[False]).norm() / out[False].norm()),
-            "finite": bool(torch.isfinite(out[True]).all())}
+            "finite": bool(torch.isfinite(out[True]).all()), "split_calls": len(split_calls),
+            "fp8_out_rel_diff": float((fp8_out[True] - fp8_out[False]).norm() / fp8_out[False].norm())}
 
 
 if __name__ == "__main__":

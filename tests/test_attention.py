@@ -161,6 +161,8 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
     st = rep["static"]
     assert st["ln_calls"] == 2 * st["blocks"] and st["res_calls"] == 2 * st["blocks"] - 1, st
     assert st["finite"] and st["rel_diff"] < 1e-3, st
+    # attention_fp8_out: every block's attention wrote the projections' E4M3 inputs, with the same result
+    assert st["split_calls"] == st["blocks"] and st["fp8_out_rel_diff"] < 1e-6, st
 
 
 def joint_inputs(b, lc, lx, h, d, norm, device, seed=0, scale=1.0):
@@ -221,3 +223,21 @@ def test_fused_joint_attention_never_overflows_and_compiles_once():
     for i in range(3):
         f(ctx * (i + 1), x)
     assert cnt.frame_count == 1
+
+
+@fp8_gpu
+def test_joint_attention_writes_the_projections_e4m3_inputs_like_quantizing_its_output():
+    """attention_fp8_out: the kernel's split E4M3 epilogue (context rows with one scale, image rows with another)
+    against the BF16 output quantized afterwards with the same scales (one BF16 rounding apart); saturates."""
+    from fp8.joint import joint_fp8_attention, joint_fp8_attention_split
+    ctx, x, ws = joint_inputs(2, 154, 333, 3, 64, True, "cuda", seed=4)
+    out = joint_fp8_attention(ctx, x, *ws, 1e-6, 3)
+    inv_c, inv_x = (448.0 / out[:, :154].float().abs().amax(), 448.0 / out[:, 154:].float().abs().amax())
+    c8, x8 = joint_fp8_attention_split(ctx, x, *ws, 1e-6, 3, inv_c, inv_x)
+    assert c8.dtype == x8.dtype == torch.float8_e4m3fn and c8.shape == (2 * 154, 192) and x8.shape == (2 * 333, 192)
+    for got, part, inv in ((c8, out[:, :154], inv_c), (x8, out[:, 154:], inv_x)):
+        want = (part.reshape(-1, 192).float() * inv).clamp(-448, 448)
+        assert (got.float() != want.to(torch.float8_e4m3fn).float()).float().mean() < 0.1
+        assert rel(got.float() / inv, part.reshape(-1, 192)) < 0.04
+    c8, x8 = joint_fp8_attention_split(ctx, x, *ws, 1e-6, 3, inv_c * 1e3, inv_x * 1e3)  # far out of range
+    assert float(c8.float().abs().max()) == 448.0 and torch.isfinite(x8.float()).all()
