@@ -346,12 +346,20 @@ def _attention(ctx_qkv, x_qkv, ca, xa, backend: str, proj_inv=None):
     return attention(q, k, v, backend).transpose(1, 2).reshape(b, s, hd)
 
 
+def runs_here(x: torch.Tensor) -> bool:
+    """Whether the fused forward takes a call with activations ``x``: on CUDA. On the CPU the module's own forward
+    is as fast and stays bit-identical to a run without the override (the CPU checks patch this to test the
+    fused forward's logic there)."""
+    return x.is_cuda
+
+
 def joint_block_forward(self, context, x, c=None, transformer_options=None, **kwargs):
     """``JointBlock.forward`` with the fused prologue, where our attention override decides the attention
     (else, or for any call it does not know, the module's own forward)."""
     backend = getattr((transformer_options or {}).get(OVERRIDE), "sd35fp8_backend", None)
     checkpoint = kwargs.get("use_checkpoint", False) and torch.is_grad_enabled()  # training: ComfyUI's own
-    if backend is None or checkpoint or set(kwargs) - {"use_checkpoint"} or context is None or c is None:
+    if backend is None or checkpoint or set(kwargs) - {"use_checkpoint"} or context is None or c is None \
+            or not runs_here(x):
         if transformer_options is not None:
             kwargs["transformer_options"] = transformer_options
         return type(self).forward(self, context, x, c=c, **kwargs)
