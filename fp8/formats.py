@@ -59,6 +59,12 @@ def saturating_cast(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.d
     return y.clamp_(-m, m).to(dtype)
 
 
+def quantize_inv(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """E4M3 ``clamp(x·inv, ±448)`` with a static inverse scale: clamp before the cast (CUDA turns out-of-range
+    into NaN), NaN stays NaN (``clamp`` propagates it: a NaN activation must stay visible)."""
+    return (x.float() * inv.float()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
 def device_supports_fp8_matmul(device: torch.device | str) -> bool:
     """FP8 tensor-core matmul needs compute capability >= 8.9 (Ada, Hopper, Blackwell).
 

@@ -19,7 +19,7 @@ try:
 except Exception:  # noqa: BLE001
     triton = None
 
-from .formats import E4M3, E4M3_MAX
+from .formats import E4M3, quantize_inv
 from .kernels import custom_op_once
 from .quant import dequantize_weight
 
@@ -101,7 +101,7 @@ def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh"
     h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
                  None if bias is None else bias.float())
     g = F.gelu(h, approximate=approximate)
-    return (g * out_inv.float()).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return quantize_inv(g, out_inv)
 
 
 def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):

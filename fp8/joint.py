@@ -29,7 +29,7 @@ try:
 except Exception:  # noqa: BLE001
     triton = None
 
-from .formats import E4M3
+from .formats import E4M3, quantize_inv
 from .kernels import custom_op_once
 
 HEAD_DIMS = (64, 128)
@@ -181,12 +181,6 @@ def _joint_fp8_attention(ctx_qkv: torch.Tensor, x_qkv: torch.Tensor, wq_c: torch
     return attend(q, k8, vt8, ks, vs, heads, cfg)
 
 
-def _quantize_to(t: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """E4M3 of ``t·inv``: clamped (CUDA turns out-of-range into NaN), NaN kept visible."""
-    h = t.float() * inv.float()
-    return torch.where(torch.isnan(h), h, h.clamp(-448.0, 448.0)).to(E4M3)
-
-
 def _joint_split_fake(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, inv_c, inv_x):
     B, Lc, C3 = ctx_qkv.shape
     return (x_qkv.new_empty((B * Lc, C3 // 3), dtype=E4M3),
@@ -204,8 +198,8 @@ def _joint_fp8_attention_split(ctx_qkv: torch.Tensor, x_qkv: torch.Tensor, wq_c:
         CALLS["joint_sdpa"] += 1
         o = reference_attention(*joint_qkv_reference(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads), heads,
                                 "cudnn")
-        return (_quantize_to(o[:, :lc].reshape(-1, o.shape[-1]), inv_c),
-                _quantize_to(o[:, lc:].reshape(-1, o.shape[-1]), inv_x))
+        return (quantize_inv(o[:, :lc].reshape(-1, o.shape[-1]), inv_c),
+                quantize_inv(o[:, lc:].reshape(-1, o.shape[-1]), inv_x))
     CALLS["joint_kernel"] += 1
     cfg = ATTN_CONFIG[x_qkv.shape[-1] // 3 // heads]
     q, k8, vt8, ks, vs = _launch(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, fp8_kv=True, block_n=cfg[1])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .autocast import DelayedScaling, current_state
-from .formats import E4M3, E4M3_MAX, device_supports_fp8_matmul, saturating_cast, scale_from_amax, warn_once
+from .formats import (E4M3, device_supports_fp8_matmul, quantize_inv, saturating_cast, scale_from_amax,
+                      warn_once)
 from .kernels import fp8_weight_only_linear
 from .quant import dequantize_weight, quantize_weight
 from .te_backend import te_forward
@@ -191,7 +192,7 @@ class FP8LinearMixin:
     def fp8_static_quantize(self, x2: torch.Tensor) -> torch.Tensor:
         """[M, K] activations → E4M3 with the static input scale (a pointwise op: compile fuses it into
         the producer). Clamp before the cast (CUDA turns out-of-range into NaN); NaN stays NaN."""
-        return (x2.float() * self.fp8_in_inv).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        return quantize_inv(x2, self.fp8_in_inv)
 
     def fp8_static_matmul(self, xq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Static FP8 GEMM of already quantized [M, K] activations, bias in the epilogue."""
