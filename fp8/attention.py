@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 
 import torch
 
@@ -36,6 +37,14 @@ from .kernels import custom_op_once
 ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
 EXP_MODES = (0, 1)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: no inline PTX there)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def supported(q: torch.Tensor, heads: int) -> bool:
@@ -92,21 +101,32 @@ if triton is not None:
             return tl.math.exp2(x)
 
     @triton.jit
+    def _mul_rn(a, b, RN: tl.constexpr):
+        """a·b as one rounded instruction (``mul.rn`` is never contracted into an FMA); a plain product in
+        Triton's CPU interpreter, which has no inline PTX."""
+        if RN:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return a * b
+
+    @triton.jit
     def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
-                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr):
+                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr,
+                   RN: tl.constexpr):
         k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
-        c = row_scale * tl.load(ks_ptr + j)  # > 0: the max commutes with it, and it folds into one FMA
+        c = row_scale * tl.load(ks_ptr + j)  # > 0: the max commutes with it
         s = tl.dot(q8, tl.trans(k8))
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
         s_max = tl.max(s, 1)
-        m_blk = s_max * c
+        # m_blk rounded by its own instruction: a plain product feeding (m_blk - m_new) is contracted by ptxas into
+        # fma(s_max, c, -m_new) with the exact product, while m_new holds the rounded one. For huge scores
+        # (unnormalized inputs, |s·c| past 2^24) the maximum's exponent was then off by up to ulp/2 (±128 at
+        # 2^32): p = inf or 0 for every key, NaN or 0 output (found on the H100 by the never-overflows tests).
+        m_blk = _mul_rn(s_max, c, RN)
         m_new = tl.maximum(m_i, m_blk)
-        # exponent (s - s_max)·c + (m_blk - m_new): exactly 0 for the maximum, never positive. The shorter
-        # s·c - m_new runs as one FMA with the exact product while m_new holds the rounded one: for huge scores
-        # (unnormalized inputs, |s·c| past 2^24) the maximum's exponent was off by up to ulp/2, so exp2 gave inf
-        # (then NaN) or 0 for every key (0/0): NaN in the output (found on an H100 by the joint never-overflows
-        # test). One more FADD per score.
+        # exponent (s - s_max)·c + (m_blk - m_new): exactly 0 for the maximum, never positive
         p = _exp2((s - s_max[:, None]) * c[:, None] + (m_blk - m_new)[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -122,7 +142,7 @@ if triton is not None:
                   qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr):
+                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr, RN: tl.constexpr):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
@@ -141,10 +161,10 @@ if triton is not None:
         n_full = S // BLOCK_N
         for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
-                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP)
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP, RN)
         if n_full * BLOCK_N < S:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
-                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP)
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP, RN)
         out = acc * (vs / 448.0) / l_i[:, None]
         if SPLIT_FP8:  # rows < LC to o_ptr [B*LC, H*D], the others to o2_ptr [B*(S-LC), H*D]; E4M3, own scales
             in_c = rm < LC
@@ -212,7 +232,8 @@ def attend(q, k8, vt8, ks, vs, heads: int, config=None, split_fp8=None):
     _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, o2, inv_c, inv_x, lc, S, k8.shape[2], heads,
                                                 nb, qk_scale, q.stride(0), q.stride(1), o.stride(0), o.stride(-2),
                                                 D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
-                                                SPLIT_FP8=split_fp8 is not None, num_warps=warps, num_stages=stages)
+                                                SPLIT_FP8=split_fp8 is not None, RN=not _interpreting(),
+                                                num_warps=warps, num_stages=stages)
     return o if split_fp8 is None else (o, o2)
 
 
