@@ -1,11 +1,14 @@
-"""The MLP up-projection in one kernel: FP8 GEMM + bias + GELU + FP8 quantization of its output (Hopper).
+"""The MLP in two kernels (Hopper): FP8 GEMM + bias + GELU + FP8 quantization of its output (the up-projection),
+and FP8 GEMM + bias + the block's gated residual add (the down-projection).
 
 Unfused, ``fc1`` writes its BF16 output (M x 4·hidden: the largest activation of the block) and a
 second kernel reads it back to apply GELU and quantize it for ``fc2``. Here the GELU and the cast
 with ``fc2``'s static input scale run on the fp32 accumulator in the GEMM's epilogue and only the
 E4M3 result is written: half the bytes out, no second pass. The GEMM is a persistent Triton kernel
 with TMA loads (sm90). ``fp8_linear_gelu`` computes the same thing unfused where that kernel cannot
-run (CPU, pre-Hopper GPUs, odd shapes), so callers get one result either way.
+run (CPU, pre-Hopper GPUs, odd shapes), so callers get one result either way. ``fp8_linear_residual`` likewise
+reads the residual stream and the per-sample gate in ``fc2``'s epilogue and writes ``x + gate·fc2(h)`` once,
+instead of ``fc2``'s output and a separate add over it.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .quant import dequantize_weight
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bench/int8_gemm.py --triton (H100, fc1 shapes)
 FC1_CONFIG = (128, 256, 128, 8, 8, 3)
+FC2_CONFIG = (128, 256, 128, 8, 8, 3)  # bench/fc1_sweep.py --fc2
 GELU_MODES = ("tanh", "none")
 _SMS: dict[int, int] = {}  # SM count per device; filled inside the custom op only (never in traced code)
 
@@ -47,6 +51,41 @@ def fused_supported(w8: torch.Tensor, device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _tile(tile, npm, npn, G: tl.constexpr):
+        """(row tile, column tile) of persistent tile ``tile`` in grouped order: G row tiles share the B tiles
+        in L2."""
+        first = (tile // (G * npn)) * G
+        gs = min(npm - first, G)
+        return first + (tile % (G * npn)) % gs, (tile % (G * npn)) // gs
+
+    @triton.jit
+    def _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  PRECISE: tl.constexpr = False):
+        """The fp32 accumulator of one output tile: A[pm] @ B[pn]ᵀ over all of K (TMA loads). Hopper's FP8 MMA
+        accumulates with fewer bits unless promoted; Triton's default (as ``_scaled_mm``'s fast accumulation)
+        never promotes, ``PRECISE`` promotes to fp32 after every MMA."""
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pm * BM, ki * BK])
+            b = b_desc.load([pn * BN, ki * BK])
+            if PRECISE:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=0)
+            else:
+                acc = tl.dot(a, b.T, acc)
+        return acc
+
+    @triton.jit
+    def _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """acc · x_scale · w_scale (+ bias) in fp32."""
+        if PER_CHANNEL:
+            h = acc * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
+        else:
+            h = acc * (sa * tl.load(sb_ptr))
+        if HAS_BIAS:
+            h += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        return h
+
+    @triton.jit
     def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr):
@@ -55,28 +94,36 @@ if triton is not None:
         sa = tl.load(sa_ptr)
         inv = tl.load(inv_ptr)
         for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True):
-            first = (tile // (G * npn)) * G  # grouped order: G row tiles share the B tiles in L2
-            gs = min(npm - first, G)
-            pm = first + (tile % (G * npn)) % gs
-            pn = (tile % (G * npn)) // gs
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = a_desc.load([pm * BM, ki * BK])
-                b = b_desc.load([pn * BN, ki * BK])
-                acc = tl.dot(a, b.T, acc)
+            pm, pn = _tile(tile, npm, npn, G)
+            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK)
             rn = pn * BN + tl.arange(0, BN)
-            if PER_CHANNEL:
-                h = acc * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
-            else:
-                h = acc * (sa * tl.load(sb_ptr))
-            if HAS_BIAS:
-                h += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
             if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
                 g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
             else:  # exact GELU
                 g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
             # clamp before the cast: out of range becomes NaN on CUDA
             c_desc.store([pm * BM, pn * BN], tl.clamp(g * inv, -448.0, 448.0).to(c_desc.dtype))
+
+    @triton.jit
+    def _fc2_residual(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, L,
+                      stride_gate, NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr):
+        npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        k_tiles = tl.cdiv(K, BK)
+        sa = tl.load(sa_ptr)
+        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True):
+            pm, pn = _tile(tile, npm, npn, G)
+            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK, PRECISE)
+            rm = pm * BM + tl.arange(0, BM)
+            rn = pn * BN + tl.arange(0, BN)
+            h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+            offs = rm[:, None] * N + rn[None, :]
+            gate = tl.load(gate_ptr + (rm // L)[:, None] * stride_gate + rn[None, :], mask=mask, other=0.0)
+            r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+            out = r.to(tl.float32) + gate.to(tl.float32) * h
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
@@ -102,6 +149,65 @@ def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh"
                  None if bias is None else bias.float())
     g = F.gelu(h, approximate=approximate)
     return quantize_inv(g, out_inv)
+
+
+def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
+    M, K = xq.shape
+    N = w8.shape[0]
+    bm, bn, bk, grp, warps, stages = config or FC2_CONFIG
+    out = torch.empty_like(res)
+    sms = _sm_count(xq.device)
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    ws = w_scale.to(torch.float32).contiguous()
+    _fc2_residual[grid](TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
+                        x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate, out, M, N, K,
+                        M // gate.shape[0], gate.stride(0), NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp,
+                        PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None, PRECISE=bool(precise), num_warps=warps,
+                        num_stages=stages)
+    return out
+
+
+def residual_reference(xq, w8, x_scale, w_scale, bias, res, gate) -> torch.Tensor:
+    """``res + gate · ((xq·x_scale) @ (w8·w_scale)ᵀ + bias)`` in fp32, each of gate's B rows applying to its
+    M / B rows of ``res``; cast to res's dtype once (the kernel's math, up to accumulation order)."""
+    h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
+                 None if bias is None else bias.float())
+    b = gate.shape[0]
+    out = res.float().view(b, -1, res.shape[-1]) + gate.float()[:, None] * h.view(b, -1, h.shape[-1])
+    return out.view(res.shape).to(res.dtype)
+
+
+def _residual_fake(xq, w8, x_scale, w_scale, bias, res, gate, precise):
+    return res.new_empty(res.shape)
+
+
+@custom_op_once("sd35fp8::fp8_linear_residual", _residual_fake)
+def _fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None, res: torch.Tensor, gate: torch.Tensor,
+                         precise: bool) -> torch.Tensor:
+    if xq.is_cuda and fused_supported(w8, xq.device) and xq.is_contiguous() and w8.is_contiguous() \
+            and res.is_contiguous() and res.dtype in (torch.bfloat16, torch.float16) and gate.stride(1) == 1:
+        return _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise)
+    return residual_reference(xq, w8, x_scale, w_scale, bias, res, gate)
+
+
+def fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                        bias: torch.Tensor | None, res: torch.Tensor, gate: torch.Tensor,
+                        precise: bool = False) -> torch.Tensor:
+    """``res + gate · ((xq·x_scale) @ (w8·w_scale)ᵀ + bias)``: an MLP's second layer with the block's gated
+    residual add in the GEMM's epilogue (one kernel where :func:`fused_supported`; no separate pass over the
+    output). xq [M, K] E4M3; w8 [N, K] E4M3; res [M, N] (the residual stream, its dtype is the output's); gate
+    [B, N], row b applying to rows b·M/B … (b+1)·M/B − 1 (one sample's tokens). ``precise``: fp32 accumulation
+    (no fast accumulation) on Hopper."""
+    if xq.dtype != E4M3 or w8.dtype != E4M3 or xq.dim() != 2 or xq.shape[1] != w8.shape[1]:
+        raise ValueError(f"expected E4M3 [M, K] x [N, K], got {xq.dtype} {tuple(xq.shape)} x {w8.dtype} "
+                         f"{tuple(w8.shape)}")
+    n = w8.shape[0]
+    if res.shape != (xq.shape[0], n) or gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] == 0 \
+            or xq.shape[0] % gate.shape[0]:
+        raise ValueError(f"expected res [{xq.shape[0]}, {n}] and gate [B, {n}] with B dividing {xq.shape[0]}, got "
+                         f"{tuple(res.shape)} and {tuple(gate.shape)}")
+    return _fp8_linear_residual(xq, w8, x_scale, w_scale, bias, res, gate, bool(precise))
 
 
 def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):

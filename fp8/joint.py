@@ -294,24 +294,27 @@ def _pre(d, x, c, fuse_norm: bool):
 
 
 def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool):
-    """``DismantledBlock.post_attention``; with ``fuse_norm`` and a fused static FP8 MLP, the gated residual +
-    LayerNorm + modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
-    from .runtime import fused_mlp_ready, fused_mlp_quantized
-    eps = _plain_ln(d.norm2)
+    """``DismantledBlock.post_attention``. With a fused static FP8 MLP, the MLP's gated residual add runs in fc2's
+    epilogue (fp8.gemm); with ``fuse_norm`` too, the attention's gated residual + LayerNorm + modulation + fc1's
+    quantization run as one kernel (fp8.norm) before the MLP's kernels."""
+    from .runtime import fused_mlp_ready, fused_mlp_residual
+    eps, mlp = _plain_ln(d.norm2), d.mlp
     # attn as E4M3 [B·L, C]: the attention already wrote proj's quantized input (see _proj_inv)
     y = d.attn.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 \
         else None
-    if not fuse_norm or eps is None or not fused_mlp_ready(d.mlp, x):
-        if y is None:
-            return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
-        x = x + gate_msa.unsqueeze(1) * y  # DismantledBlock.post_attention from here on
-        return x + gate_mlp.unsqueeze(1) * d.mlp(_modulate(d.norm2(x), shift_mlp, scale_mlp))
-    from .norm import residual_ln_modulate_quant
-    mlp = d.mlp
-    x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
-                                       scale_mlp, mlp.fc1.fp8_in_inv, eps)
-    out = fused_mlp_quantized(mlp, h8, _gemm_dtype(x)).view(x.shape[0], x.shape[1], -1).to(x.dtype)
-    return x + gate_mlp.unsqueeze(1) * out
+    fused = fused_mlp_ready(mlp, x)
+    if fused and fuse_norm and eps is not None:
+        from .norm import residual_ln_modulate_quant
+        x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
+                                           scale_mlp, mlp.fc1.fp8_in_inv, eps)
+        return fused_mlp_residual(mlp, h8, x, gate_mlp)
+    if y is None and not fused:
+        return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+    x = x + gate_msa.unsqueeze(1) * (d.attn.post_attention(attn) if y is None else y)  # post_attention from here
+    h = _modulate(d.norm2(x), shift_mlp, scale_mlp)
+    if fused:
+        return fused_mlp_residual(mlp, mlp.fc1.fp8_static_quantize(h.reshape(-1, h.shape[-1])), x, gate_mlp)
+    return x + gate_mlp.unsqueeze(1) * mlp(h)
 
 
 def _pre_x(d, x, c):

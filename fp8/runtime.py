@@ -115,13 +115,29 @@ def fused_mlp_ready(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
         and fc1.fp8_static_ready(x) and fc2.fp8_static_ready(x) and fused_supported(fc1.weight, x.device)
 
 
+def _fc1_gelu(mlp: torch.nn.Module, h8: torch.Tensor) -> torch.Tensor:
+    """fc1 + GELU + the quantization of fc2's input, one kernel (fp8.gemm), from fc1's quantized input."""
+    from .gemm import fp8_linear_gelu
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    return fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale, fc1.weight_scale, fc1.bias, fc2.fp8_in_inv,
+                           mlp.act.approximate)
+
+
 def fused_mlp_quantized(mlp: torch.nn.Module, h8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """fc2(GELU(fc1(h))) of a fused MLP from fc1's input already quantized with fc1's static scale ([M, K]
     E4M3): fc1 + GELU + the quantization of fc2's input in one kernel, then fc2; returns [M, out]."""
-    from .gemm import fp8_linear_gelu
-    fc1, act, fc2 = mlp.fc1, mlp.act, mlp.fc2
-    h = fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale, fc1.weight_scale, fc1.bias, fc2.fp8_in_inv, act.approximate)
-    return fc2.fp8_static_matmul(h, out_dtype)
+    return mlp.fc2.fp8_static_matmul(_fc1_gelu(mlp, h8), out_dtype)
+
+
+def fused_mlp_residual(mlp: torch.nn.Module, h8: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate·mlp(h)`` for a DiT block's MLP branch, from fc1's quantized input ``h8`` ([B·L, K] E4M3),
+    the residual stream ``x`` [B, L, C] and the per-sample gate [B, C]: fc1's kernel, then fc2 with the gated
+    residual add in its epilogue (fp8.gemm; computed unfused in fp32 where that kernel does not run)."""
+    from .gemm import fp8_linear_residual
+    fc2 = mlp.fc2
+    out = fp8_linear_residual(_fc1_gelu(mlp, h8), fc2.weight, fc2.fp8_in_scale, fc2.weight_scale, fc2.bias,
+                              x.reshape(-1, x.shape[-1]), gate, precise=not fc2.fp8_fast_accum)
+    return out.view(x.shape)
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -108,8 +108,8 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
     dm = m.model.diffusion_model
     common.quick_calibrate(glue, m, (x, sigma, ctx, y))
     glue.apply_runtime_options(m, {"attention": "math", "compile": False})
-    calls = {"ln": 0, "res": 0}
-    real = (norm.ln_modulate_quant, norm.residual_ln_modulate_quant)
+    calls = {"ln": 0, "res": 0, "fc2": 0}
+    real = (norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual)
 
     def ln(*a):
         calls["ln"] += 1
@@ -119,13 +119,17 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
         calls["res"] += 1
         return real[1](*a)
 
-    norm.ln_modulate_quant, norm.residual_ln_modulate_quant = ln, res
+    def fc2(*a, **k):
+        calls["fc2"] += 1
+        return real[2](*a, **k)
+
+    norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual = ln, res, fc2
     out = {}
     with torch.no_grad():
         for fused in (False, True):
             rtm.set_static(dm, rtm.RuntimeConfig(fuse_attention=fused))
             out[fused] = common.call(m, x, sigma, ctx, y).float()
-    norm.ln_modulate_quant, norm.residual_ln_modulate_quant = real
+    norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual = real
     # attention=fp8 with the attention writing the projections' E4M3 inputs (attention_fp8_out): on the CPU the
     # op's fallback quantizes the reference attention with the same scales as proj's own quantization, so the
     # model's output must be the very same as without it
@@ -140,7 +144,7 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
             fp8_out[on, fuse_norm] = common.call(m, x, sigma, ctx, y).float()
     joint.joint_fp8_attention_split = real_split
     n = len(dm.joint_blocks)
-    return {"blocks": n, "ln_calls": calls["ln"], "res_calls": calls["res"],
+    return {"blocks": n, "ln_calls": calls["ln"], "res_calls": calls["res"], "fc2_res_calls": calls["fc2"],
             "rel_diff": float((out[True] - out[False]).norm() / out[False].norm()),
             "finite": bool(torch.isfinite(out[True]).all()), "split_calls": len(split_calls),
             "fp8_out_rel_diff": max(float((fp8_out[True, n] - fp8_out[False, n]).norm() / fp8_out[False, n].norm())

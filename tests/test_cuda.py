@@ -185,6 +185,33 @@ def test_fused_fc1_gelu_kernel_equals_the_unfused_computation(gran, bias, approx
 
 
 @hopper
+@pytest.mark.parametrize("gran,bias,m,precise", [("per_tensor", True, 308, False), ("per_channel", True, 8192, False),
+                                                 ("per_tensor", False, 1000, True)])
+def test_fused_fc2_residual_kernel_equals_the_unfused_computation(gran, bias, m, precise):
+    """fp8.gemm's fc2 kernel (GEMM + bias + per-sample gate + residual add in the epilogue) against the same math
+    in fp32: M not a multiple of the tile (2 x 154 text tokens; 1000), N not of 256, a strided gate (a chunk
+    of the adaLN output) and both accumulation modes; compiled as the runtime calls it: one op, same result."""
+    from fp8.gemm import _launch_residual, fp8_linear_residual, fused_supported, residual_reference
+    from fp8.quant import quantize_weight
+    g = torch.Generator(device="cuda").manual_seed(2)
+    k, n = 1536, 1552
+    w8, ws = quantize_weight(torch.randn(n, k, device="cuda", generator=g) * 0.02, gran)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    xs = (x.abs().amax() / 448).reshape(())
+    xq = (x / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).bfloat16() if bias else None
+    res = torch.randn(m, n, device="cuda", generator=g).bfloat16()
+    gate = torch.randn(2, 6 * n, device="cuda", generator=g).bfloat16()[:, 5 * n:]
+    assert fused_supported(w8, xq.device)
+    out = _launch_residual(xq, w8, xs, ws, b, res, gate, precise)
+    ref = residual_reference(xq, w8, xs, ws, b, res, gate)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n) and bool(torch.isfinite(out).all())
+    assert rel(out - res, ref.float() - res.float()) < 1e-2  # the branch: accumulation order and one BF16 rounding
+    f = torch.compile(lambda *a: fp8_linear_residual(*a, precise=precise), dynamic=False)
+    assert torch.equal(f(xq, w8, xs, ws, b, res, gate), out)
+
+
+@hopper
 def test_fused_mlp_on_the_gpu_eager_and_compiled():
     from test_runtime import calibrated_mlp
     from fp8.runtime import RuntimeConfig, fused_mlps, set_static

@@ -230,6 +230,41 @@ def test_fused_op_rejects_wrong_inputs_and_saturates():
     assert out.dtype == torch.float8_e4m3fn and torch.equal(out.float(), torch.full((4, 32), 448.0))
 
 
+def test_fc2_residual_op_is_the_gated_residual_add_per_sample_and_rejects_wrong_inputs():
+    """fp8.gemm.fp8_linear_residual: res + gate[sample] · (dequantized GEMM + bias), each gate row applying to its
+    sample's rows, against the same math written out; wrong shapes and dtypes get clear errors."""
+    from fp8.gemm import fp8_linear_residual
+    from fp8.quant import dequantize_weight, quantize_weight
+    g = torch.Generator().manual_seed(0)
+    b, rows, k, n = 2, 5, 32, 24
+    for gran in ("per_tensor", "per_channel"):
+        w8, ws = quantize_weight(torch.randn(n, k, generator=g) * 0.1, gran)
+        x = torch.randn(b * rows, k, generator=g)
+        xs = (x.abs().amax() / 448).reshape(())
+        x8 = (x / xs).clamp(-448, 448).to(torch.float8_e4m3fn)
+        bias = torch.randn(n, generator=g).bfloat16()
+        res = torch.randn(b * rows, n, generator=g).bfloat16()
+        gate = torch.randn(b, 3 * n, generator=g).bfloat16()[:, n:2 * n]  # a chunk of the adaLN output: strided
+        out = fp8_linear_residual(x8, w8, xs, ws, bias, res, gate)
+        y = x8.float() * xs @ dequantize_weight(w8, ws, torch.float32).t() + bias.float()
+        want = res.float() + torch.repeat_interleave(gate.float(), rows, 0) * y
+        assert out.dtype == res.dtype and out.shape == res.shape
+        assert torch.allclose(out.float(), want, rtol=1e-2, atol=1e-2)
+        # sample 1's rows use gate row 1 only: a zero gate row leaves them the residual exactly
+        gate0 = gate.clone()
+        gate0[1] = 0
+        assert torch.equal(fp8_linear_residual(x8, w8, xs, ws, bias, res, gate0)[rows:], res[rows:])
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="E4M3"):
+        fp8_linear_residual(x, w8, one, ws, None, res, gate)
+    with pytest.raises(ValueError, match="gate"):
+        fp8_linear_residual(x8, w8, xs, ws, None, res, gate[:, :4])
+    with pytest.raises(ValueError, match="B dividing"):
+        fp8_linear_residual(x8, w8, xs, ws, None, res, torch.zeros(3, n))
+    with pytest.raises(ValueError, match="res"):
+        fp8_linear_residual(x8, w8, xs, ws, None, res[:4], gate)
+
+
 def test_int8_adaln_layers_run_weight_only_in_every_path():
     from fp8.quant import INT8_ROWS
     b, _, x, c = quantized_block()
