@@ -1,13 +1,14 @@
 """FP8 attention (Hopper/Ada): non-causal softmax(Q Kᵀ/√d) V with both matmuls on FP8 tensor cores.
 
 Scales are found in the kernels, so nothing needs calibrating and nothing can overflow:
-- Q: one scale per token and head (amax over the head dimension), taken in the attention kernel from
-  the BF16 rows it loads once per program;
-- K and V: one scale per (batch, head, block of ``BLOCK_N`` keys), taken by one pass that reads K and
-  V in BF16 and writes them as E4M3 (K as [B, H, S, D], V transposed to [B, H, D, S] so that both are
-  K-major operands of the FP8 MMA) — the only extra memory traffic;
+- Q: one scale per token and head (amax over the head dimension, rounded up to a power of two), taken in the
+  attention kernel from the BF16 rows it loads once per program;
+- K and V: one scale per (batch, head, block of ``BLOCK_N`` keys; K's a power of two), taken by one pass
+  that reads K and V in BF16 and writes them as E4M3 (K as [B, H, S, D], V transposed to [B, H, D, S] so
+  that both are K-major operands of the FP8 MMA) — the only extra memory traffic;
 - P (softmax probabilities, ≤ 1 after the running-max shift) is scaled by 448 into E4M3's range.
-Accumulation is fp32; the output is BF16/FP16 in ComfyUI's [B, S, H·D] layout, written directly.
+Q's and K's scales are powers of two so that the softmax's scaled scores are exact products (see
+``_attn_step``). Accumulation is fp32; the output is BF16/FP16 in ComfyUI's [B, S, H·D] layout, written directly.
 
 ``fp8_attention(q, k, v, heads)`` takes ComfyUI's layout ([B, S, H·D], the head dimension
 contiguous). It is a ``torch.library`` custom op, so torch.compile treats it as one call.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 
 import torch
 
@@ -37,14 +37,6 @@ from .kernels import custom_op_once
 ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
 EXP_MODES = (0, 1)
-
-
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: no inline PTX there)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def supported(q: torch.Tensor, heads: int) -> bool:
@@ -71,6 +63,14 @@ if triton is not None:
         return t.to(tl.float32)
 
     @triton.jit
+    def pow2_scale(amax):
+        """The smallest power of two >= amax / 448 (amax > 0, finite): a scale into E4M3's range that multiplies
+        exactly (bit operations, no rounding)."""
+        bits = (amax / 448.0).to(tl.int32, bitcast=True)
+        e = (bits & 0x7F800000) + tl.where((bits & 0x7FFFFF) != 0, 0x800000, 0)
+        return e.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _quant_kv(k_ptr, v_ptr, k8_ptr, vt8_ptr, ks_ptr, vs_ptr, S, S_PAD, H, NB,
                   stride_kb, stride_ks, stride_vb, stride_vs,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, V_FP8: tl.constexpr):
@@ -79,9 +79,9 @@ if triton is not None:
         rd = tl.arange(0, D)
         k = _head_rows(k_ptr, b, h, rn, stride_kb, stride_ks, S, D)
         v = _head_rows(v_ptr, b, h, rn, stride_vb, stride_vs, S, D)
-        ka = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-12)
-        tl.store(ks_ptr + bh * NB + nb, ka / 448.0)
-        k8 = tl.clamp(k * (448.0 / ka), -448.0, 448.0).to(k8_ptr.dtype.element_ty)
+        ks = pow2_scale(tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-12))  # a power of two: see _attn_step
+        tl.store(ks_ptr + bh * NB + nb, ks)
+        k8 = tl.clamp(k * (1.0 / ks), -448.0, 448.0).to(k8_ptr.dtype.element_ty)
         if V_FP8:
             va = tl.maximum(tl.max(tl.max(tl.abs(v), 1), 0), 1e-12)
             tl.store(vs_ptr + bh * NB + nb, va / 448.0)
@@ -101,33 +101,20 @@ if triton is not None:
             return tl.math.exp2(x)
 
     @triton.jit
-    def _mul_rn(a, b, RN: tl.constexpr):
-        """a·b as one rounded instruction (``mul.rn`` is never contracted into an FMA); a plain product in
-        Triton's CPU interpreter, which has no inline PTX."""
-        if RN:
-            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        else:
-            return a * b
-
-    @triton.jit
     def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
-                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr,
-                   RN: tl.constexpr):
+                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr):
         k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
-        c = row_scale * tl.load(ks_ptr + j)  # > 0: the max commutes with it
+        # Q's row scale and K's block scales are powers of two, so c is one (capped: finite for any input) and
+        # s·c is exact: the FMA s·c - m_new below computes the same product as the rounded max, and the row
+        # maximum's exponent is exactly 0. With arbitrary scales the FMA's exact product exceeded the rounded
+        # maximum by up to ulp/2 (±128 at 2^32: huge unnormalized inputs), so exp2 gave inf or 0 for every key:
+        # NaN or 0 output (found on the H100). One FMA per score: the softmax bounds this kernel's speed.
+        c = tl.minimum(row_scale * tl.load(ks_ptr + j), 1.2676506002282294e30)  # 2^100
         s = tl.dot(q8, tl.trans(k8))
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
-        s_max = tl.max(s, 1)
-        # m_blk rounded by its own instruction: a plain product feeding (m_blk - m_new) is contracted by ptxas into
-        # fma(s_max, c, -m_new) with the exact product, while m_new holds the rounded one. For huge scores
-        # (unnormalized inputs, |s·c| past 2^24) the maximum's exponent was then off by up to ulp/2 (±128 at
-        # 2^32): p = inf or 0 for every key, NaN or 0 output (found on the H100 by the never-overflows tests).
-        m_blk = _mul_rn(s_max, c, RN)
-        m_new = tl.maximum(m_i, m_blk)
-        # exponent (s - s_max)·c + (m_blk - m_new): exactly 0 for the maximum, never positive
-        p = _exp2((s - s_max[:, None]) * c[:, None] + (m_blk - m_new)[:, None], EXP)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
+        p = _exp2(s * c[:, None] - m_new[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
@@ -142,14 +129,13 @@ if triton is not None:
                   qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr, RN: tl.constexpr):
+                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
-        q = _head_rows(q_ptr, b, h, rm, stride_qb, stride_qs, S, D)
-        qa = tl.maximum(tl.max(tl.abs(q), 1), 1e-12)  # per-row scale
-        q8 = tl.clamp(q * (448.0 / qa)[:, None], -448.0, 448.0).to(k8_ptr.dtype.element_ty)
-        row_scale = qa * (qk_scale / 448.0)  # log2(e)/sqrt(d) folded in
+        q = _head_rows(q_ptr, b, h, rm, stride_qb, stride_qs, S, D) * qk_scale  # log2(e)/sqrt(d) folded in
+        row_scale = pow2_scale(tl.maximum(tl.max(tl.abs(q), 1), 1e-12))  # per row, a power of two
+        q8 = tl.clamp(q * (1.0 / row_scale)[:, None], -448.0, 448.0).to(k8_ptr.dtype.element_ty)
         m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -161,10 +147,10 @@ if triton is not None:
         n_full = S // BLOCK_N
         for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
-                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP, RN)
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP)
         if n_full * BLOCK_N < S:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
-                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP, RN)
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP)
         out = acc * (vs / 448.0) / l_i[:, None]
         if SPLIT_FP8:  # rows < LC to o_ptr [B*LC, H*D], the others to o2_ptr [B*(S-LC), H*D]; E4M3, own scales
             in_c = rm < LC
@@ -232,8 +218,7 @@ def attend(q, k8, vt8, ks, vs, heads: int, config=None, split_fp8=None):
     _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, o2, inv_c, inv_x, lc, S, k8.shape[2], heads,
                                                 nb, qk_scale, q.stride(0), q.stride(1), o.stride(0), o.stride(-2),
                                                 D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
-                                                SPLIT_FP8=split_fp8 is not None, RN=not _interpreting(),
-                                                num_warps=warps, num_stages=stages)
+                                                SPLIT_FP8=split_fp8 is not None, num_warps=warps, num_stages=stages)
     return o if split_fp8 is None else (o, o2)
 
 

@@ -32,6 +32,9 @@ except Exception:  # noqa: BLE001
 from .formats import E4M3, quantize_inv
 from .kernels import custom_op_once
 
+if triton is not None:
+    from .attention import pow2_scale
+
 HEAD_DIMS = (64, 128)
 
 if triton is not None:
@@ -53,11 +56,17 @@ if triton is not None:
         return t
 
     @triton.jit
-    def _block_e4m3(t, s_ptr):
-        """``t`` scaled into E4M3's range by its absolute max (stored as the block's scale); clamp, cast."""
+    def _block_e4m3(t, s_ptr, POW2: tl.constexpr):
+        """``t`` scaled into E4M3's range by its absolute max (stored as the block's scale; with ``POW2`` rounded
+        up to a power of two, as the attention kernel needs K's scales); clamp, cast."""
         a = tl.maximum(tl.max(tl.max(tl.abs(t), 1), 0), 1e-12)
-        tl.store(s_ptr, a / 448.0)
-        return tl.clamp(t * (448.0 / a), -448.0, 448.0)
+        if POW2:
+            sc = pow2_scale(a)
+            tl.store(s_ptr, sc)
+            return tl.clamp(t * (1.0 / sc), -448.0, 448.0)
+        else:
+            tl.store(s_ptr, a / 448.0)
+            return tl.clamp(t * (448.0 / a), -448.0, 448.0)
 
     @triton.jit
     def _joint_prologue(c_ptr, x_ptr, wqc_ptr, wkc_ptr, wqx_ptr, wkx_ptr, q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr,
@@ -82,9 +91,9 @@ if triton is not None:
         valid = (rn < S)[:, None]
         tl.store(q_ptr + o_off, q.to(q_ptr.dtype.element_ty), mask=valid)
         if FP8_KV:  # padded keys (rows >= S) are zeros: written too, the attention kernel reads whole blocks
-            k8 = _block_e4m3(k, ks_ptr + bh * NB + nb)
+            k8 = _block_e4m3(k, ks_ptr + bh * NB + nb, True)
             tl.store(k_ptr + bh * S_PAD * D + rn[:, None] * D + rd[None, :], k8.to(k_ptr.dtype.element_ty))
-            v8 = _block_e4m3(v, vs_ptr + bh * NB + nb)
+            v8 = _block_e4m3(v, vs_ptr + bh * NB + nb, False)
             tl.store(v_ptr + bh * D * S_PAD + rd[None, :] * S_PAD + rn[:, None], v8.to(v_ptr.dtype.element_ty))
         else:
             tl.store(k_ptr + o_off, k.to(k_ptr.dtype.element_ty), mask=valid)
