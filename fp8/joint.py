@@ -302,28 +302,39 @@ def _pre(d, x, c, fuse_norm: bool):
     return qkv, (None if d.pre_only else (x, *mods[2:]))
 
 
-def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool):
-    """``DismantledBlock.post_attention``. With a fused static FP8 MLP, the MLP's gated residual add runs in fc2's
-    epilogue (fp8.gemm); with ``fuse_norm`` too, the attention's gated residual + LayerNorm + modulation + fc1's
-    quantization run as one kernel (fp8.norm) before the MLP's kernels."""
+def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool, a=None):
+    """``DismantledBlock.post_attention`` (``a``: the attention module whose output ``attn`` is, default
+    ``d.attn``). With a fused static FP8 MLP, the MLP's gated residual add runs in fc2's epilogue (fp8.gemm);
+    with ``fuse_norm`` too, the attention's gated residual + LayerNorm + modulation + fc1's quantization run as
+    one kernel (fp8.norm) before the MLP's kernels."""
     from .runtime import fused_mlp_ready, fused_mlp_residual
-    eps, mlp = _plain_ln(d.norm2), d.mlp
+    eps, mlp, a = _plain_ln(d.norm2), d.mlp, a or d.attn
     # attn as E4M3 [B·L, C]: the attention already wrote proj's quantized input (see _proj_inv)
-    y = d.attn.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 \
-        else None
+    y = a.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 else None
     fused = fused_mlp_ready(mlp, x)
     if fused and fuse_norm and eps is not None:
         from .norm import residual_ln_modulate_quant
-        x, h8 = residual_ln_modulate_quant(x, d.attn.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
+        x, h8 = residual_ln_modulate_quant(x, a.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
                                            scale_mlp, mlp.fc1.fp8_in_inv, eps)
         return fused_mlp_residual(mlp, h8, x, gate_mlp)
-    if y is None and not fused:
+    if y is None and not fused and a is d.attn:
         return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
-    x = x + gate_msa.unsqueeze(1) * (d.attn.post_attention(attn) if y is None else y)  # post_attention from here
+    x = x + gate_msa.unsqueeze(1) * (a.post_attention(attn) if y is None else y)  # post_attention from here
     h = _modulate(d.norm2(x), shift_mlp, scale_mlp)
     if fused:
         return fused_mlp_residual(mlp, mlp.fc1.fp8_static_quantize(h.reshape(-1, h.shape[-1])), x, gate_mlp)
     return x + gate_mlp.unsqueeze(1) * mlp(h)
+
+
+def _post_x(d, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2, fuse_norm: bool):
+    """``DismantledBlock.post_attention_x`` (MMDiT-X: a second, image-only attention). With a fused static FP8
+    MLP: the first attention's gated residual, then the second's as :func:`_post`'s attention (with ``fuse_norm``
+    in fp8.norm's residual + LayerNorm + quantization kernel) and the MLP's gated residual in fc2's epilogue."""
+    from .runtime import fused_mlp_ready
+    if not fused_mlp_ready(d.mlp, x):
+        return d.post_attention_x(attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
+    x = x + gate_msa.unsqueeze(1) * d.attn.post_attention(attn)
+    return _post(d, attn2, x, gate_msa2, shift_mlp, scale_mlp, gate_mlp, fuse_norm, d.attn2)
 
 
 def _pre_x(d, x, c):
@@ -346,7 +357,11 @@ def _attention(ctx_qkv, x_qkv, ca, xa, backend: str, proj_inv=None):
         return joint_fp8_attention_split(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads, *proj_inv)
     if backend == "fp8":
         return joint_fp8_attention(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
-    q, k, v = joint_qkv(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
+    if ctx_qkv.shape[1] == 0:  # image-only (MMDiT-X's attn2) with BF16 attention: Inductor's fused split + norm
+        # is faster than our prologue kernel here (81.9 vs 114.8 µs, Medium b2, H100: bench/attn_bench.py --joint)
+        q, k, v = joint_qkv_reference(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
+    else:
+        q, k, v = joint_qkv(ctx_qkv, x_qkv, wq_c, wk_c, wq_x, wk_x, eps, heads)
     b, s, hd = q.shape
     q, k, v = (t.view(b, s, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
     return attention(q, k, v, backend).transpose(1, 2).reshape(b, s, hd)
@@ -386,7 +401,7 @@ def joint_block_forward(self, context, x, c=None, transformer_options=None, **kw
     context = None if cb.pre_only else _post(cb, ctx_attn, *ctx_rest, fuse_norm)
     if xb.x_block_self_attn:
         attn2 = _attention(x_qkv2[:, :0], x_qkv2, xb.attn2, xb.attn2, backend)
-        return context, xb.post_attention_x(x_attn, attn2, *x_rest)
+        return context, _post_x(xb, x_attn, attn2, *x_rest, fuse_norm)
     return context, _post(xb, x_attn, *x_rest, fuse_norm)
 
 

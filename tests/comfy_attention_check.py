@@ -82,12 +82,14 @@ def main(comfy_dir: str) -> None:
             report[variant]["joint_no_override_equal"] = bool(torch.equal(common.call(m, x, sigma, ctx, y), ref))
         report[variant]["joint_removed"] = joint.set_joint_blocks(dm, False) == 0 and "forward" not in \
             dm.joint_blocks[0].__dict__
-    report["static"] = static_joint_check(glue, common, tiny_sd35, att, joint)
+    report["static"] = static_joint_check(glue, common, tiny_sd35, att, joint, "large")
+    report["static_medium"] = static_joint_check(glue, common, tiny_sd35, att, joint, "medium")
     print("RESULT " + json.dumps(report))
 
 
-def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
-    """The fused joint forward on a calibrated static-FP8 model (tiny Large, our loader's ops, bf16 on the CPU
+def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dict:
+    """The fused joint forward on a calibrated static-FP8 model (tiny Large or Medium with MMDiT-X blocks 0-1, our
+    loader's ops, bf16 on the CPU
     with the Hopper-only fused-MLP check set as on such a GPU): it must take its LayerNorm+modulation+quant
     ops and compute what the static runtime computes through ComfyUI's own block code."""
     import torch
@@ -96,7 +98,7 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
     import importlib
     gemm, norm, rtm = (importlib.import_module(f"sd35pack.fp8.{n}") for n in ("gemm", "norm", "runtime"))
     gemm.fused_supported = lambda w8, device: True
-    sd = tiny_sd35.mmdit_state_dict(depth=3, variant="large")
+    sd = tiny_sd35.mmdit_state_dict(depth=3, variant=variant)
     ops = glue.make_ops(fp8.QuantPolicy(), torch.device("cpu"))
     m = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops,
                                                                     "dtype": torch.bfloat16})
@@ -144,7 +146,8 @@ def static_joint_check(glue, common, tiny_sd35, att, joint) -> dict:
             fp8_out[on, fuse_norm] = common.call(m, x, sigma, ctx, y).float()
     joint.joint_fp8_attention_split = real_split
     n = len(dm.joint_blocks)
-    return {"blocks": n, "ln_calls": calls["ln"], "res_calls": calls["res"], "fc2_res_calls": calls["fc2"],
+    return {"blocks": n, "attn2_blocks": sum(1 for b in dm.joint_blocks if b.x_block.x_block_self_attn),
+            "ln_calls": calls["ln"], "res_calls": calls["res"], "fc2_res_calls": calls["fc2"],
             "rel_diff": float((out[True] - out[False]).norm() / out[False].norm()),
             "finite": bool(torch.isfinite(out[True]).all()), "split_calls": len(split_calls),
             "fp8_out_rel_diff": max(float((fp8_out[True, n] - fp8_out[False, n]).norm() / fp8_out[False, n].norm())

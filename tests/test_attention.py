@@ -136,7 +136,7 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
         pytest.skip("ComfyUI is not set up (scripts/setup_env.sh)")
     here = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([comfy_python(), os.path.join(here, "comfy_attention_check.py"), comfy_dir()],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=900)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, r.stderr[-3000:]
     rep = json.loads(line[7:])
@@ -151,7 +151,8 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
         # CPU its ops run their torch references, so the model's output is ComfyUI's own
         assert got["joint_installed"] == got["joint_blocks"] and got["joint_removed"], got
         assert got["joint_fp8"]["fp8_calls"] == expect and got["joint_fp8"]["stock_calls"] == 0, got
-        assert got["joint_math"]["qkv_calls"] == expect and got["joint_math"]["fp8_calls"] == 0, got
+        # (Medium's image-only attention with a BF16 backend: torch ops, which Inductor fuses faster than our op)
+        assert got["joint_math"]["qkv_calls"] == 2 and got["joint_math"]["fp8_calls"] == 0, got
         for backend in ("joint_fp8", "joint_math"):
             assert got[backend]["max_abs_diff"] < 1e-5 * got["ref_max"], (backend, got)
         assert got["joint_no_override_equal"]  # no override of ours in transformer_options: ComfyUI's forward
@@ -159,12 +160,16 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
     # both streams of every block (the last block's context is pre-only: no post-attention), each MLP's gated
     # residual add runs in fc2's op (fp8.gemm), and it computes what the static runtime computes through
     # ComfyUI's block code (up to the add's rounding: one fp32 epilogue instead of BF16 GEMM output + BF16 add)
-    st = rep["static"]
-    assert st["ln_calls"] == 2 * st["blocks"] and st["res_calls"] == 2 * st["blocks"] - 1, st
-    assert st["fc2_res_calls"] == 2 * st["blocks"] - 1, st
-    assert st["finite"] and st["rel_diff"] < 1e-3, st
-    # attention_fp8_out: every block's attention wrote the projections' E4M3 inputs, with the same result
-    assert st["split_calls"] == 2 * st["blocks"] and st["fp8_out_rel_diff"] < 1e-6, st
+    # Medium: its MMDiT-X image blocks (0-1) take ComfyUI's LayerNorm before their two attentions, and their
+    # post-attention (two gated residuals, the MLP) the same fused ops as the joint blocks
+    for st in (rep["static"], rep["static_medium"]):
+        n, x2 = st["blocks"], st["attn2_blocks"]
+        assert st["ln_calls"] == 2 * n - x2 and st["res_calls"] == 2 * n - 1, st
+        assert st["fc2_res_calls"] == 2 * n - 1, st
+        assert st["finite"] and st["rel_diff"] < 1e-3, st
+        # attention_fp8_out: every joint attention (not MMDiT-X's) wrote the projections' E4M3 inputs, same result
+        assert st["split_calls"] == 2 * (n - x2) and st["fp8_out_rel_diff"] < 1e-6, st
+    assert rep["static"]["attn2_blocks"] == 0 and rep["static_medium"]["attn2_blocks"] == 2
 
 
 def joint_inputs(b, lc, lx, h, d, norm, device, seed=0, scale=1.0):
