@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import importlib
 import json
 import os
 import shlex
@@ -130,9 +131,10 @@ def main():
         return time.perf_counter() - t0, out
 
     attn_calls = sys.modules["sd35pack.fp8.attention"].CALLS
+    gemm_calls = importlib.import_module("sd35pack.fp8.gemm").CALLS
 
     def measure(variant, name, p, ref=None):
-        calls0 = attn_calls.copy()
+        calls0, gemm0 = attn_calls.copy(), gemm_calls.copy()
         mm.load_models_gpu([p], force_full_load=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -157,9 +159,10 @@ def main():
         rows.append(row)
         # what really ran: the FP8 attention path (traced / launched from the host) and the CUDA graphs
         used = {k: v - calls0.get(k, 0) for k, v in attn_calls.items() if v - calls0.get(k, 0)}
+        used.update({k: v - gemm0.get(k, 0) for k, v in gemm_calls.items() if v - gemm0.get(k, 0)})
         if name.startswith("ours"):
             notes.append(f"{variant}: {name}: weights " + weight_census(p))
-            notes.append(f"{variant}: {name}: fp8_attention calls {used or 'none'}; " + "; ".join(
+            notes.append(f"{variant}: {name}: fp8_attention / fused MLP op calls {used or 'none'}; " + "; ".join(
                 f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
                 for what, r in glue.graph_runners(p.model.diffusion_model).items()))
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

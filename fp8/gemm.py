@@ -12,6 +12,8 @@ instead of ``fc2``'s output and a separate add over it.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
 
@@ -193,7 +195,10 @@ def _fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tens
                          precise: bool) -> torch.Tensor:
     if xq.is_cuda and fused_supported(w8, xq.device) and xq.is_contiguous() and w8.is_contiguous() \
             and res.is_contiguous() and res.dtype in (torch.bfloat16, torch.float16) and gate.stride(1) == 1:
+        CALLS["fc2_kernel"] += 1
         return _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise)
+    if xq.is_cuda:
+        CALLS["fc2_unfused_on_cuda"] += 1
     return residual_reference(xq, w8, x_scale, w_scale, bias, res, gate)
 
 
@@ -224,8 +229,17 @@ def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):
 def _fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                      bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str) -> torch.Tensor:
     if xq.is_cuda and fused_supported(w8, xq.device) and xq.is_contiguous() and w8.is_contiguous():
+        CALLS["fc1_kernel"] += 1
         return _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+    if xq.is_cuda:
+        CALLS["fc1_unfused_on_cuda"] += 1
     return reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+
+
+# how often each op launched its kernel or computed unfused on a CUDA device (a silent slow path: layouts or
+# dtypes the kernel does not take), in eager calls and compiled code's op calls (CUDA-graph replays do not count).
+# Kept on one op so that every import of this module counts into one table (the ops run the first import's code).
+CALLS: collections.Counter = _fp8_linear_gelu.__dict__.setdefault("sd35fp8_calls", collections.Counter())
 
 
 def fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,

@@ -208,7 +208,17 @@ def test_fused_fc2_residual_kernel_equals_the_unfused_computation(gran, bias, m,
     assert out.dtype == torch.bfloat16 and out.shape == (m, n) and bool(torch.isfinite(out).all())
     assert rel(out - res, ref.float() - res.float()) < 1e-2  # the branch: accumulation order and one BF16 rounding
     f = torch.compile(lambda *a: fp8_linear_residual(*a, precise=precise), dynamic=False)
+    from fp8.gemm import CALLS
+    before = CALLS.copy()
     assert torch.equal(f(xq, w8, xs, ws, b, res, gate), out)
+    assert CALLS["fc2_kernel"] == before["fc2_kernel"] + 1
+    assert CALLS["fc2_unfused_on_cuda"] == before["fc2_unfused_on_cuda"]
+    # a layout the kernel does not take (a residual that is a strided view): the unfused math, counted as such
+    wide = torch.randn(m, n + 16, device="cuda", generator=g).bfloat16()
+    wide[:, :n] = res
+    slow = fp8_linear_residual(xq, w8, xs, ws, b, wide[:, :n], gate, precise=precise)
+    assert CALLS["fc2_unfused_on_cuda"] == before["fc2_unfused_on_cuda"] + 1
+    assert rel(slow - res, out.float() - res.float()) < 1e-2
 
 
 @hopper
