@@ -41,15 +41,27 @@ def sweep(name, cub, run, ref):
     return best
 
 
+def gemm_data(m: int, k: int, n: int):
+    """(generator, E4M3 x [m, k], E4M3 w [n, k], x scale, w scale, BF16 bias [n]) on the GPU, seeded."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xq = torch.randn(m, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
+    w8 = torch.randn(n, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
+    sx, sw = torch.tensor(0.025, device="cuda"), torch.tensor(0.0005, device="cuda")
+    return g, xq, w8, sx, sw, torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) * 0.1
+
+
+def print_table(what: str, table: list, current) -> None:
+    print(f"\n| shape | {what} µs | best fused µs | config | current |")
+    print("|---|---|---|---|---|")
+    for name, cub, (cfg, ms) in table:
+        print(f"| {name} | {cub * 1e3:.1f} | {ms * 1e3:.1f} | {cfg} | {current} |")
+
+
 def fc2_main():
     table = []
     for name, m, n in (("Large fc2", 8192, 2432), ("Medium fc2", 8192, 1536), ("Large fc2 text", 308, 2432)):
         k = 4 * n
-        g = torch.Generator(device="cuda").manual_seed(0)
-        xq = torch.randn(m, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
-        w8 = torch.randn(n, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
-        sx, sw = torch.tensor(0.025, device="cuda"), torch.tensor(0.0005, device="cuda")
-        bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) * 0.1
+        g, xq, w8, sx, sw, bias = gemm_data(m, k, n)
         res = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
         gate = torch.randn(2, 6 * n, device="cuda", generator=g).to(torch.bfloat16)[:, 5 * n:]
         ref = residual_reference(xq, w8, sx, sw, bias, res, gate).float()
@@ -63,10 +75,7 @@ def fc2_main():
         print(f"{name}: cuBLAS _scaled_mm + compiled gated add {cub * 1e3:.1f} us", flush=True)
         best = sweep(name, cub, lambda cfg: _launch_residual(xq, w8, sx, sw, bias, res, gate, False, cfg), ref)
         table.append((name, cub, best))
-    print("\n| shape | cuBLAS GEMM + add µs | best fused µs | config | current |")
-    print("|---|---|---|---|---|")
-    for name, cub, (cfg, ms) in table:
-        print(f"| {name} | {cub * 1e3:.1f} | {ms * 1e3:.1f} | {cfg} | {FC2_CONFIG} |")
+    print_table("cuBLAS GEMM + add", table, FC2_CONFIG)
 
 
 def main():
@@ -76,11 +85,7 @@ def main():
     table = []
     for name, m, k in (("Large fc1", 8192, 2432), ("Medium fc1", 8192, 1536)):
         n = 4 * k
-        g = torch.Generator(device="cuda").manual_seed(0)
-        xq = torch.randn(m, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
-        w8 = torch.randn(n, k, device="cuda", generator=g).mul(40).clamp(-448, 448).to(E4M3)
-        sx, sw = torch.tensor(0.025, device="cuda"), torch.tensor(0.0005, device="cuda")
-        bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) * 0.1
+        _, xq, w8, sx, sw, bias = gemm_data(m, k, n)
         inv = torch.tensor(40.0, device="cuda")
         ref = reference(xq, w8, sx, sw, bias, inv).float()
         cub = triton.testing.do_bench(lambda: torch._scaled_mm(xq, w8.t(), sx, sw, bias=bias,
@@ -88,10 +93,7 @@ def main():
         print(f"{name}: cuBLAS _scaled_mm (GEMM only) {cub * 1e3:.1f} us", flush=True)
         best = sweep(name, cub, lambda cfg: _launch(xq, w8, sx, sw, bias, inv, "tanh", cfg), ref)
         table.append((name, cub, best))
-    print("\n| shape | cuBLAS GEMM µs | best fused µs | config | current |")
-    print("|---|---|---|---|---|")
-    for name, cub, (cfg, ms) in table:
-        print(f"| {name} | {cub * 1e3:.1f} | {ms * 1e3:.1f} | {cfg} | {FC1_CONFIG} |")
+    print_table("cuBLAS GEMM", table, FC1_CONFIG)
 
 
 if __name__ == "__main__":
