@@ -131,16 +131,23 @@ if triton is not None:
             tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _operands(xq, w8, w_scale, config):
+    """What both persistent kernels take: (grid, SM count, A and B TMA descriptors, fp32 weight scale)."""
+    bm, bn, bk = config[:3]
+    sms = _sm_count(xq.device)
+    grid = (min(sms, triton.cdiv(xq.shape[0], bm) * triton.cdiv(w8.shape[0], bn)),)
+    return (grid, sms, TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
+            w_scale.to(torch.float32).contiguous())
+
+
 def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
     M, K = xq.shape
     N = w8.shape[0]
-    bm, bn, bk, grp, warps, stages = config or FC1_CONFIG
+    config = config or FC1_CONFIG
+    bm, bn, bk, grp, warps, stages = config
     out = torch.empty((M, N), device=xq.device, dtype=E4M3)
-    sms = _sm_count(xq.device)
-    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    ws = w_scale.to(torch.float32).contiguous()
-    _fc1_gelu_q[grid](TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
-                      TensorDescriptor.from_tensor(out, [bm, bn]), x_scale.to(torch.float32), ws,
+    grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
+    _fc1_gelu_q[grid](a_desc, b_desc, TensorDescriptor.from_tensor(out, [bm, bn]), x_scale.to(torch.float32), ws,
                       bias if bias is not None else ws, out_inv.to(torch.float32), M, N, K, NUM_SMS=sms,
                       BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None,
                       TANH=approximate == "tanh", num_warps=warps, num_stages=stages)
@@ -159,17 +166,14 @@ def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh"
 def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
     M, K = xq.shape
     N = w8.shape[0]
-    sms = _sm_count(xq.device)
-    if config is None:
-        few = triton.cdiv(M, FC2_CONFIG[0]) * triton.cdiv(N, FC2_CONFIG[1]) < sms
+    if config is None:  # the smaller tile where the default's tiles would leave SMs idle
+        few = triton.cdiv(M, FC2_CONFIG[0]) * triton.cdiv(N, FC2_CONFIG[1]) < _sm_count(xq.device)
         config = FC2_CONFIG_FEW_TILES if few else FC2_CONFIG
     bm, bn, bk, grp, warps, stages = config
     out = torch.empty_like(res)
-    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
-    ws = w_scale.to(torch.float32).contiguous()
-    _fc2_residual[grid](TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(w8, [bn, bk]),
-                        x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate, out, M, N, K,
-                        M // gate.shape[0], gate.stride(0), NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp,
+    grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
+    _fc2_residual[grid](a_desc, b_desc, x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate,
+                        out, M, N, K, M // gate.shape[0], gate.stride(0), NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp,
                         PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None, PRECISE=bool(precise), num_warps=warps,
                         num_stages=stages)
     return out

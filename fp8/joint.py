@@ -302,24 +302,24 @@ def _pre(d, x, c, fuse_norm: bool):
     return qkv, (None if d.pre_only else (x, *mods[2:]))
 
 
-def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool, a=None):
+def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool, a=None, fused=None):
     """``DismantledBlock.post_attention`` (``a``: the attention module whose output ``attn`` is, default
-    ``d.attn``). With a fused static FP8 MLP, the MLP's gated residual add runs in fc2's epilogue (fp8.gemm);
-    with ``fuse_norm`` too, the attention's gated residual + LayerNorm + modulation + fc1's quantization run as
-    one kernel (fp8.norm) before the MLP's kernels."""
+    ``d.attn``; ``fused``: :func:`fused_mlp_ready` if the caller knows it). With a fused static FP8 MLP, the MLP's
+    gated residual add runs in fc2's epilogue (fp8.gemm); with ``fuse_norm`` too, the attention's gated residual
+    + LayerNorm + modulation + fc1's quantization run as one kernel (fp8.norm) before the MLP's kernels."""
     from .runtime import fused_mlp_ready, fused_mlp_residual
     eps, mlp, a = _plain_ln(d.norm2), d.mlp, a or d.attn
+    fused = fused_mlp_ready(mlp, x) if fused is None else fused
+    if attn.dtype != E4M3 and not fused and a is d.attn:
+        return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
     # attn as E4M3 [B·L, C]: the attention already wrote proj's quantized input (see _proj_inv)
-    y = a.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 else None
-    fused = fused_mlp_ready(mlp, x)
+    y = a.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 \
+        else a.post_attention(attn)
     if fused and fuse_norm and eps is not None:
         from .norm import residual_ln_modulate_quant
-        x, h8 = residual_ln_modulate_quant(x, a.post_attention(attn) if y is None else y, gate_msa, shift_mlp,
-                                           scale_mlp, mlp.fc1.fp8_in_inv, eps)
+        x, h8 = residual_ln_modulate_quant(x, y, gate_msa, shift_mlp, scale_mlp, mlp.fc1.fp8_in_inv, eps)
         return fused_mlp_residual(mlp, h8, x, gate_mlp)
-    if y is None and not fused and a is d.attn:
-        return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
-    x = x + gate_msa.unsqueeze(1) * (a.post_attention(attn) if y is None else y)  # post_attention from here
+    x = x + gate_msa.unsqueeze(1) * y  # post_attention from here
     h = _modulate(d.norm2(x), shift_mlp, scale_mlp)
     if fused:
         return fused_mlp_residual(mlp, mlp.fc1.fp8_static_quantize(h.reshape(-1, h.shape[-1])), x, gate_mlp)
@@ -334,7 +334,7 @@ def _post_x(d, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_ms
     if not fused_mlp_ready(d.mlp, x):
         return d.post_attention_x(attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
     x = x + gate_msa.unsqueeze(1) * d.attn.post_attention(attn)
-    return _post(d, attn2, x, gate_msa2, shift_mlp, scale_mlp, gate_mlp, fuse_norm, d.attn2)
+    return _post(d, attn2, x, gate_msa2, shift_mlp, scale_mlp, gate_mlp, fuse_norm, d.attn2, fused=True)
 
 
 def _pre_x(d, x, c):
