@@ -4,9 +4,9 @@
     python3 bench/attn_bench.py [--sweep]
 
 Inputs shaped like the MMDiT's: Q and K after a per-head RMSNorm (unit RMS times a learned weight),
-V random normal; error = relative L2 vs an fp32 reference. ``--sweep`` times every tile/pipelining
-config (tiles, warps, warp specialization, exp2 mode) of the attention kernel and prints the best per shape
-(to set ATTN_CONFIG).
+V random normal; error = relative L2 vs an fp32 reference. ``--sweep`` times the tile/pipelining configs
+(tiles, warps, warp specialization, exp mode: see fp8.attention.ATTN_CONFIG) of the attention kernel, with each
+new kernel's registers, spills and shared memory, and prints the best per shape (to set ATTN_CONFIG).
 """
 from __future__ import annotations
 
@@ -52,6 +52,26 @@ def bshd_sdpa(q, k, v, h, backend):
     return sdpa(q, k, v, backend).transpose(1, 2).reshape(b, s, hd)
 
 
+def _attn_kernels() -> list:
+    from fp8 import attention
+    try:
+        return list(attention._attn_fwd.device_caches[torch.cuda.current_device()][0].values())
+    except Exception:  # noqa: BLE001 - Triton internals vary between versions
+        return []
+
+
+def compiled_count() -> int:
+    return len(_attn_kernels())
+
+
+def kernel_resources() -> str:
+    """Registers, spills and shared memory of the attention kernel compiled last (Triton's JIT cache)."""
+    ks = _attn_kernels()
+    if not ks:
+        return "(resources unknown)"
+    return f"regs {ks[-1].n_regs} spills {ks[-1].n_spills} smem {ks[-1].metadata.shared}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -79,14 +99,21 @@ def main():
                   flush=True)
         if a.sweep and name in a.sweep_shapes.split(";"):
             best = None
-            for cfg in itertools.product((64, 128), (64, 128), (4, 8), (3,), (False, True), EXP_MODES):
+            # the default tile in depth (pipelining, warp specialization, exp2), the other tiles at 3 stages
+            configs = [(64, 64, 4, st, ws, e) for st, ws, e in itertools.product((2, 3, 4), (False, True), EXP_MODES)
+                       if e or not ws]
+            configs += [(bm, bn, w, 3, ws, 1) for (bm, bn, w), ws in
+                        itertools.product(((64, 128, 4), (128, 64, 8), (128, 128, 8)), (False, True))]
+            for cfg in configs:
                 try:
+                    n_compiled = compiled_count()
                     out = attention_launch(q, k, v, h, cfg)
+                    res = kernel_resources() if compiled_count() > n_compiled else "(compiled before)"
                     ms = triton.testing.do_bench(lambda: attention_launch(q, k, v, h, cfg), warmup=10, rep=60)
                 except Exception as e:  # noqa: BLE001 - configs that do not fit are skipped
                     print(f"  {cfg}: failed ({type(e).__name__})", flush=True)
                     continue
-                print(f"  {cfg}: {ms * 1e3:.1f} us err {rel(out, ref):.4f}", flush=True)
+                print(f"  {cfg}: {ms * 1e3:.1f} us err {rel(out, ref):.4f} {res}", flush=True)
                 if best is None or ms < best[1]:
                     best = (cfg, ms)
             r["best"] = best

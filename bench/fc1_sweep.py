@@ -19,9 +19,13 @@ import triton.testing  # noqa: E402
 from fp8.formats import E4M3  # noqa: E402
 from fp8.gemm import FC1_CONFIG, FC2_CONFIG, _launch, _launch_residual, reference, residual_reference  # noqa: E402,E501
 
-CONFIGS = [FC1_CONFIG, (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4), (128, 256, 64, 8, 8, 5),
-           (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4), (128, 128, 128, 8, 8, 4), (128, 256, 128, 4, 8, 3),
-           (128, 256, 128, 16, 8, 3), (256, 128, 64, 8, 8, 4)]
+# tiles and pipelining, then the default tiles with warp specialization and/or the epilogue in two halves (the 7th
+# and 8th fields of the kernels' configs)
+CONFIGS = [FC1_CONFIG, (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+           (128, 128, 128, 8, 8, 4), (128, 256, 128, 16, 8, 3)]
+CONFIGS += [(*c, ws, sub) for c in ((128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4),
+                                    (128, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3))
+            for ws, sub in ((False, True), (True, False), (True, True))]
 
 
 def sweep(name, cub, run, ref):

@@ -32,8 +32,10 @@ from .kernels import custom_op_once
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize, exp mode) of the attention kernel, per head dim;
 # see bench/attn_bench.py. Exp modes (how the softmax's exp2 runs): 0 ``tl.math.exp2``; 1 ``ex2.approx.ftz``
 # (one MUFU instruction, no denormal fix-up: probabilities below 2^-126 become 0, far under E4M3's smallest
-# step). A third mode, half of the exponentials as an FMA-unit polynomial, was measured slower (the kernel is
-# not bound by the MUFU unit): bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md.
+# step). Measured slower, and removed: half of the exponentials as an FMA-unit polynomial (the kernel is not bound
+# by the MUFU unit: bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum
+# instead of ×448, lazy rescaling, K/V scales loaded a step ahead, register caps
+# (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
 ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
 EXP_MODES = (0, 1)

@@ -28,17 +28,22 @@ from .formats import E4M3, quantize_inv
 from .kernels import custom_op_once
 from .quant import dequantize_weight
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): bench/int8_gemm.py --triton (H100, fc1 shapes)
-FC1_CONFIG = (128, 256, 128, 8, 8, 3)
-# fc2: bench/fc1_sweep.py --fc2 (H200); the smaller tile where the default's tiles would not fill the GPU (the
-# text stream: 308 rows, 37.3 vs 58.6 µs at Large's fc2)
-FC2_CONFIG = (128, 256, 128, 8, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, warp_specialize, epilogue in halves]):
+# bench/int8_gemm.py --triton (H100, fc1 shapes), bench/fc1_sweep.py
+# (H200, 2026-12-02: Large 319.5 vs 323.9 µs without warp specialization, 3 stages; the epilogue in halves: slower)
+FC1_CONFIG = (128, 256, 128, 8, 8, 4, True, False)
+# fc2: bench/fc1_sweep.py --fc2 (H200, 2026-12-02): warp specialization + the epilogue (residual and gate loads, the
+# store) in two column halves, Large 290.9 vs 327.0 µs, Medium 124.9 vs 138.5; the smaller tile where the default's
+# tiles would not fill the GPU (the text stream: 308 rows, 37.3 vs 58.6 µs at Large's fc2)
+FC2_CONFIG = (128, 256, 128, 8, 8, 3, True, True)
 FC2_CONFIG_FEW_TILES = (128, 128, 128, 8, 8, 4)
 GELU_MODES = ("tanh", "none")
 _SMS: dict[int, int] = {}  # SM count per device; filled inside the custom op only (never in traced code)
 
 
 def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # CPU tensors reach the kernels only under Triton's interpreter (tests)
+        return 4
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _SMS:
         _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
@@ -91,44 +96,80 @@ if triton is not None:
         return h
 
     @triton.jit
+    def _halves(acc, BM: tl.constexpr, BN: tl.constexpr):
+        """The accumulator's left and right column halves (an epilogue in two steps: half the registers live)."""
+        return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+
+    @triton.jit
+    def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                TANH: tl.constexpr):
+        """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, clamp (before the cast: out of range
+        becomes NaN on CUDA), scaled by fc2's static input scale."""
+        h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
+        if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
+            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        else:  # exact GELU
+            g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        return tl.clamp(g * inv, -448.0, 448.0)
+
+    @triton.jit
     def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
-                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr):
+                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
+                    WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
         sa = tl.load(sa_ptr)
         inv = tl.load(inv_ptr)
-        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
             pm, pn = _tile(tile, npm, npn, G)
             acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK)
-            rn = pn * BN + tl.arange(0, BN)
-            h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
-            if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
-                g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
-            else:  # exact GELU
-                g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-            # clamp before the cast: out of range becomes NaN on CUDA
-            c_desc.store([pm * BM, pn * BN], tl.clamp(g * inv, -448.0, 448.0).to(c_desc.dtype))
+            if SUBTILE:  # c_desc's block is [BM, BN / 2]
+                a0, a1 = _halves(acc, BM, BN)
+                rn = pn * BN + tl.arange(0, BN // 2)
+                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH)
+                c_desc.store([pm * BM, pn * BN], g0.to(c_desc.dtype))
+                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH)
+                c_desc.store([pm * BM, pn * BN + BN // 2], g1.to(c_desc.dtype))
+            else:
+                rn = pn * BN + tl.arange(0, BN)
+                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH)
+                c_desc.store([pm * BM, pn * BN], g.to(c_desc.dtype))
+
+    @triton.jit
+    def _residual_out(acc, sa, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, rm, rn, M, N, L, stride_gate,
+                      PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """fc2's epilogue on (part of) a tile: res + gate·(dequantized acc + bias), written once."""
+        h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        offs = rm[:, None] * N + rn[None, :]
+        gate = tl.load(gate_ptr + (rm // L)[:, None] * stride_gate + rn[None, :], mask=mask, other=0.0)
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+        out = r.to(tl.float32) + gate.to(tl.float32) * h
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fc2_residual(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, L,
                       stride_gate, NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr):
+                      G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr,
+                      WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
         sa = tl.load(sa_ptr)
-        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True):
+        for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
             pm, pn = _tile(tile, npm, npn, G)
             acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK, PRECISE)
             rm = pm * BM + tl.arange(0, BM)
-            rn = pn * BN + tl.arange(0, BN)
-            h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
-            mask = (rm[:, None] < M) & (rn[None, :] < N)
-            offs = rm[:, None] * N + rn[None, :]
-            gate = tl.load(gate_ptr + (rm // L)[:, None] * stride_gate + rn[None, :], mask=mask, other=0.0)
-            r = tl.load(res_ptr + offs, mask=mask, other=0.0)
-            out = r.to(tl.float32) + gate.to(tl.float32) * h
-            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            if SUBTILE:
+                a0, a1 = _halves(acc, BM, BN)
+                rn = pn * BN + tl.arange(0, BN // 2)
+                _residual_out(a0, sa, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, rm, rn, M, N, L, stride_gate,
+                              PER_CHANNEL, HAS_BIAS)
+                _residual_out(a1, sa, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, rm, rn + BN // 2, M, N, L,
+                              stride_gate, PER_CHANNEL, HAS_BIAS)
+            else:
+                _residual_out(acc, sa, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, rm, pn * BN + tl.arange(0, BN),
+                              M, N, L, stride_gate, PER_CHANNEL, HAS_BIAS)
 
 
 def _operands(xq, w8, w_scale, config):
@@ -140,17 +181,24 @@ def _operands(xq, w8, w_scale, config):
             w_scale.to(torch.float32).contiguous())
 
 
+def _config(config) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, warp_specialize, epilogue in halves); the last
+    two are optional (off)."""
+    return (*config[:6], bool(config[6]) if len(config) > 6 else False, bool(config[7]) if len(config) > 7 else False)
+
+
 def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
     M, K = xq.shape
     N = w8.shape[0]
     config = config or FC1_CONFIG
-    bm, bn, bk, grp, warps, stages = config
+    bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty((M, N), device=xq.device, dtype=E4M3)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
-    _fc1_gelu_q[grid](a_desc, b_desc, TensorDescriptor.from_tensor(out, [bm, bn]), x_scale.to(torch.float32), ws,
-                      bias if bias is not None else ws, out_inv.to(torch.float32), M, N, K, NUM_SMS=sms,
-                      BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None,
-                      TANH=approximate == "tanh", num_warps=warps, num_stages=stages)
+    _fc1_gelu_q[grid](a_desc, b_desc, TensorDescriptor.from_tensor(out, [bm, bn // 2 if sub else bn]),
+                      x_scale.to(torch.float32), ws, bias if bias is not None else ws, out_inv.to(torch.float32), M, N,
+                      K, NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1,
+                      HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
+                      num_warps=warps, num_stages=stages)
     return out
 
 
@@ -169,13 +217,13 @@ def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = 
     if config is None:  # the smaller tile where the default's tiles would leave SMs idle
         few = triton.cdiv(M, FC2_CONFIG[0]) * triton.cdiv(N, FC2_CONFIG[1]) < _sm_count(xq.device)
         config = FC2_CONFIG_FEW_TILES if few else FC2_CONFIG
-    bm, bn, bk, grp, warps, stages = config
+    bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty_like(res)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
     _fc2_residual[grid](a_desc, b_desc, x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate,
                         out, M, N, K, M // gate.shape[0], gate.stride(0), NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp,
-                        PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None, PRECISE=bool(precise), num_warps=warps,
-                        num_stages=stages)
+                        PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None, PRECISE=bool(precise),
+                        WARP_SPEC=wspec, SUBTILE=sub, num_warps=warps, num_stages=stages)
     return out
 
 
