@@ -5,6 +5,12 @@ within that pass's time of cuBLAS; fc2's (``--fc2``) replaces the GEMM plus the 
 as cuBLAS + that add compiled.
 
     python3 bench/fc1_sweep.py [--fc2]    # Large (hidden 2432) and Medium (1536), CFG batch 2
+    python3 bench/fc1_sweep.py --int8     # the W8A8 INT8 kernels vs the E4M3 ones: µs and the MLP's error
+
+``--int8`` times fc1 and fc2 with INT8 operands (per-token input scales into fc1, INT8 output at a static scale,
+per-row weight scales) against the same kernels with E4M3 operands, for a few configs each, and the MLP's relative
+error (fc1 → GELU → fc2 with the gated residual, branch only) vs fp32 for both formats: the speed question the INT8
+MLP for the fidelity target has to answer first.
 """
 from __future__ import annotations
 
@@ -82,10 +88,66 @@ def fc2_main():
     print_table("cuBLAS GEMM + add", table, FC2_CONFIG)
 
 
+INT8_CONFIGS = [FC1_CONFIG, FC2_CONFIG, (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4, True, True),
+                (128, 128, 128, 8, 8, 4, True, True)]
+
+
+def mlp_operands(fmt: str, x, w1, w2):
+    """(x_q, x_scale, fc1 weight and scale, fc2 weight and scale, h scale) of one format: INT8 per token / per row,
+    or E4M3 per tensor; fc2's input scale from the exact hidden activation's amax (a calibrated static scale)."""
+    from fp8.quant import quantize_weight
+    h_amax = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1), approximate="tanh").abs().amax()
+    if fmt == "int8":
+        sx = (x.abs().amax(1) / 127).clamp_min(1e-8)
+        xq = (x / sx[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return (xq, sx, *quantize_weight(w1, "int8_per_channel"), *quantize_weight(w2, "int8_per_channel"),
+                (h_amax / 127).reshape(()))
+    sx = (x.abs().amax() / 448).reshape(())
+    return ((x / sx).clamp(-448, 448).to(E4M3), sx, *quantize_weight(w1), *quantize_weight(w2),
+            (h_amax / 448).reshape(()))
+
+
+def int8_main():
+    print("| shape | format | fc1 µs (best config) | fc2 µs (best config) | MLP branch err vs fp32 |")
+    print("|---|---|---|---|---|")
+    for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(m, c, device="cuda", generator=g)
+        w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
+        w2 = torch.randn(c, 4 * c, device="cuda", generator=g) * 0.02
+        b1, b2 = (torch.randn(n, device="cuda", generator=g).bfloat16() * 0.02 for n in (4 * c, c))
+        res = torch.randn(m, c, device="cuda", generator=g).bfloat16()
+        gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
+        exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
+        for fmt in ("e4m3", "int8"):
+            xq, sx, q1, s1, q2, s2, sh = mlp_operands(fmt, x, w1, w2)
+            t1, t2 = {}, {}
+            for cfg in INT8_CONFIGS:
+                try:
+                    h8 = _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh", cfg)
+                    t1[cfg] = triton.testing.do_bench(lambda: _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh", cfg))
+                    _launch_residual(h8, q2, sh, s2, b2, res, gate, False, cfg)
+                    t2[cfg] = triton.testing.do_bench(
+                        lambda: _launch_residual(h8, q2, sh, s2, b2, res, gate, False, cfg))
+                except Exception as e:  # noqa: BLE001 - configs that do not fit are skipped
+                    print(f"  {fmt} {cfg}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+            h8 = _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh")
+            out = _launch_residual(h8, q2, sh, s2, b2, res, gate)
+            err = float((out.float() - res.float() - exact).norm() / exact.norm())
+            c1, c2 = min(t1, key=t1.get), min(t2, key=t2.get)
+            print(f"| {name} | {fmt} | {t1[c1] * 1e3:.1f} {c1} | {t2[c2] * 1e3:.1f} {c2} | {err:.4f} |", flush=True)
+            for cfg in INT8_CONFIGS:
+                if cfg in t1 and cfg in t2:
+                    print(f"  {fmt} {cfg}: fc1 {t1[cfg] * 1e3:.1f} µs, fc2 {t2[cfg] * 1e3:.1f} µs", flush=True)
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     if "--fc2" in sys.argv:
         return fc2_main()
+    if "--int8" in sys.argv:
+        return int8_main()
     table = []
     for name, m, k in (("Large fc1", 8192, 2432), ("Medium fc1", 8192, 1536)):
         n = 4 * k

@@ -9,6 +9,12 @@ with TMA loads (sm90). ``fp8_linear_gelu`` computes the same thing unfused where
 run (CPU, pre-Hopper GPUs, odd shapes), so callers get one result either way. ``fp8_linear_residual`` likewise
 reads the residual stream and the per-sample gate in ``fc2``'s epilogue and writes ``x + gate·fc2(h)`` once,
 instead of ``fc2``'s output and a separate add over it.
+
+Both kernels also take INT8 operands (W8A8, exact int32 accumulation; INT8 tensor cores run at the FP8 rate on
+Hopper): fc1 with one scale per input row (per token) and an INT8 output at fc2's static input scale, fc2 with a
+per-tensor input scale. A uniform 8-bit grid has about a third of E4M3's rounding error on Gaussian data, which the
+fidelity target needs in the MLP (bench/results/2026-11-27_cpu_fidelity_sim.md). The runtime does not use them yet:
+``bench/fc1_sweep.py --int8`` times them against the E4M3 kernels first.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ try:
 except Exception:  # noqa: BLE001
     triton = None
 
-from .formats import E4M3, quantize_inv
+from .formats import E4M3, quantize_inv, quantize_inv_int8
 from .kernels import custom_op_once
 from .quant import dequantize_weight
 
@@ -70,27 +76,40 @@ if triton is not None:
 
     @triton.jit
     def _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  PRECISE: tl.constexpr = False):
-        """The fp32 accumulator of one output tile: A[pm] @ B[pn]ᵀ over all of K (TMA loads). Hopper's FP8 MMA
-        accumulates with fewer bits unless promoted; Triton's default (as ``_scaled_mm``'s fast accumulation)
-        never promotes, ``PRECISE`` promotes to fp32 after every MMA."""
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+                  PRECISE: tl.constexpr = False, INT8: tl.constexpr = False):
+        """The accumulator of one output tile: A[pm] @ B[pn]ᵀ over all of K (TMA loads); fp32, or exact int32
+        for INT8 operands. Hopper's FP8 MMA accumulates with fewer bits unless promoted; Triton's default (as
+        ``_scaled_mm``'s fast accumulation) never promotes, ``PRECISE`` promotes to fp32 after every MMA."""
+        if INT8:
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([pm * BM, ki * BK])
             b = b_desc.load([pn * BN, ki * BK])
-            if PRECISE:
+            if INT8:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            elif PRECISE:
                 acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=0)
             else:
                 acc = tl.dot(a, b.T, acc)
         return acc
 
     @triton.jit
-    def _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """acc · x_scale · w_scale (+ bias) in fp32."""
-        if PER_CHANNEL:
-            h = acc * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
+    def _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ROW_SCALES: tl.constexpr = False):
+        """acc · x_scale · w_scale (+ bias) in fp32; ``ROW_SCALES``: ``sa`` is one scale per row of the tile [BM]
+        (per-token activation scales) instead of a scalar."""
+        if ROW_SCALES:
+            h = acc.to(tl.float32) * sa[:, None]
+            if PER_CHANNEL:
+                h = h * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+            else:
+                h = h * tl.load(sb_ptr)
+        elif PER_CHANNEL:
+            h = acc.to(tl.float32) * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
         else:
-            h = acc * (sa * tl.load(sb_ptr))
+            h = acc.to(tl.float32) * (sa * tl.load(sb_ptr))
         if HAS_BIAS:
             h += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         return h
@@ -102,38 +121,46 @@ if triton is not None:
 
     @triton.jit
     def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                TANH: tl.constexpr):
-        """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, clamp (before the cast: out of range
-        becomes NaN on CUDA), scaled by fc2's static input scale."""
-        h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS)
+                TANH: tl.constexpr, INT8: tl.constexpr = False):
+        """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, scaled by fc2's static input scale and
+        clamped (before the cast: out of range becomes NaN on CUDA); for INT8 to ±127, then shifted by ±0.5 so
+        that the truncating cast rounds to nearest (halves away from zero), with per-row ``sa``."""
+        h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS, INT8)
         if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
             g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
         else:  # exact GELU
             g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        if INT8:
+            q = tl.clamp(g * inv, -127.0, 127.0)
+            return tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)  # NaN -> 0: INT8 has none
         return tl.clamp(g * inv, -448.0, 448.0)
 
     @triton.jit
     def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
-                    WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False):
+                    WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False, INT8: tl.constexpr = False):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
-        sa = tl.load(sa_ptr)
         inv = tl.load(inv_ptr)
+        if not INT8:
+            sa = tl.load(sa_ptr)
         for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
             pm, pn = _tile(tile, npm, npn, G)
-            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK)
+            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK, False, INT8)
+            if INT8:  # per-token input scales
+                rm = pm * BM + tl.arange(0, BM)
+                sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
             if SUBTILE:  # c_desc's block is [BM, BN / 2]
                 a0, a1 = _halves(acc, BM, BN)
                 rn = pn * BN + tl.arange(0, BN // 2)
-                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH)
+                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
                 c_desc.store([pm * BM, pn * BN], g0.to(c_desc.dtype))
-                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH)
+                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
                 c_desc.store([pm * BM, pn * BN + BN // 2], g1.to(c_desc.dtype))
             else:
                 rn = pn * BN + tl.arange(0, BN)
-                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH)
+                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
                 c_desc.store([pm * BM, pn * BN], g.to(c_desc.dtype))
 
     @triton.jit
@@ -152,13 +179,13 @@ if triton is not None:
     def _fc2_residual(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, L,
                       stride_gate, NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISE: tl.constexpr,
-                      WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False):
+                      WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False, INT8: tl.constexpr = False):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
         sa = tl.load(sa_ptr)
         for tile in tl.range(tl.program_id(0), npm * npn, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
             pm, pn = _tile(tile, npm, npn, G)
-            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK, PRECISE)
+            acc = _tile_dot(a_desc, b_desc, pm, pn, k_tiles, BM, BN, BK, PRECISE, INT8)
             rm = pm * BM + tl.arange(0, BM)
             if SUBTILE:
                 a0, a1 = _halves(acc, BM, BN)
@@ -187,28 +214,45 @@ def _config(config) -> tuple:
     return (*config[:6], bool(config[6]) if len(config) > 6 else False, bool(config[7]) if len(config) > 7 else False)
 
 
+def _int8(xq, w8) -> bool:
+    """Whether the operands are INT8 (W8A8; else E4M3); mixed operands are refused."""
+    if (xq.dtype == torch.int8) != (w8.dtype == torch.int8):
+        raise ValueError(f"both operands INT8 or both E4M3, got {xq.dtype} x {w8.dtype}")
+    return xq.dtype == torch.int8
+
+
 def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
+    """fc1's kernel. E4M3 operands: ``x_scale`` 0-d, E4M3 output. INT8 operands (W8A8): ``x_scale`` one scale per
+    row of ``xq`` (per token) and the output is INT8 (``out_inv`` the static inverse scale of fc2's INT8 input)."""
     M, K = xq.shape
     N = w8.shape[0]
+    int8 = _int8(xq, w8)
+    if int8 and x_scale.shape != (M,):
+        raise ValueError(f"INT8 activations take one scale per row: expected x_scale [{M}], got {tuple(x_scale.shape)}")
     config = config or FC1_CONFIG
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
-    out = torch.empty((M, N), device=xq.device, dtype=E4M3)
+    out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
     _fc1_gelu_q[grid](a_desc, b_desc, TensorDescriptor.from_tensor(out, [bm, bn // 2 if sub else bn]),
                       x_scale.to(torch.float32), ws, bias if bias is not None else ws, out_inv.to(torch.float32), M, N,
                       K, NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1,
                       HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
-                      num_warps=warps, num_stages=stages)
+                      INT8=int8, num_warps=warps, num_stages=stages)
     return out
 
 
+def _dequant_input(xq, x_scale) -> torch.Tensor:
+    s = x_scale.float()
+    return xq.float() * (s[:, None] if s.dim() == 1 else s)
+
+
 def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh") -> torch.Tensor:
-    """The unfused computation in fp32 (dequantized GEMM, bias, GELU, clamp, cast): what the kernel must
-    equal up to accumulation order."""
-    h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
+    """The unfused computation in fp32 (dequantized GEMM, bias, GELU, clamp, cast to E4M3, or to INT8 for INT8
+    operands with per-row ``x_scale``): what the kernel must equal up to accumulation order."""
+    h = F.linear(_dequant_input(xq, x_scale), dequantize_weight(w8, w_scale, torch.float32),
                  None if bias is None else bias.float())
     g = F.gelu(h, approximate=approximate)
-    return quantize_inv(g, out_inv)
+    return quantize_inv_int8(g, out_inv) if _int8(xq, w8) else quantize_inv(g, out_inv)
 
 
 def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
@@ -218,19 +262,21 @@ def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = 
         few = triton.cdiv(M, FC2_CONFIG[0]) * triton.cdiv(N, FC2_CONFIG[1]) < _sm_count(xq.device)
         config = FC2_CONFIG_FEW_TILES if few else FC2_CONFIG
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
+    int8 = _int8(xq, w8)
     out = torch.empty_like(res)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
     _fc2_residual[grid](a_desc, b_desc, x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate,
                         out, M, N, K, M // gate.shape[0], gate.stride(0), NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp,
                         PER_CHANNEL=ws.dim() == 1, HAS_BIAS=bias is not None, PRECISE=bool(precise),
-                        WARP_SPEC=wspec, SUBTILE=sub, num_warps=warps, num_stages=stages)
+                        WARP_SPEC=wspec, SUBTILE=sub, INT8=int8, num_warps=warps, num_stages=stages)
     return out
 
 
 def residual_reference(xq, w8, x_scale, w_scale, bias, res, gate) -> torch.Tensor:
     """``res + gate · ((xq·x_scale) @ (w8·w_scale)ᵀ + bias)`` in fp32, each of gate's B rows applying to its
     M / B rows of ``res``; cast to res's dtype once (the kernel's math, up to accumulation order)."""
-    h = F.linear(xq.float() * x_scale.float(), dequantize_weight(w8, w_scale, torch.float32),
+    _int8(xq, w8)
+    h = F.linear(_dequant_input(xq, x_scale), dequantize_weight(w8, w_scale, torch.float32),
                  None if bias is None else bias.float())
     b = gate.shape[0]
     out = res.float().view(b, -1, res.shape[-1]) + gate.float()[:, None] * h.view(b, -1, h.shape[-1])

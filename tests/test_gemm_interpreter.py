@@ -1,8 +1,8 @@
-"""fp8/gemm.py's fused MLP kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess: the
-variable must be set before Triton loads), so their tile logic is checked where there is no GPU: every epilogue
-layout (warp specialization on/off, the epilogue in two column halves) gives the identical result, close to the
-unfused computation; masked tails (M, N not multiples of the tile) included. On a GPU, tests/test_cuda.py checks the
-compiled kernels."""
+"""fp8/gemm.py's fused MLP kernels (E4M3 and INT8 operands) run through Triton's CPU interpreter
+(TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton loads), so their tile logic is checked
+where there is no GPU: every epilogue layout (warp specialization on/off, the epilogue in two column halves) gives
+the identical result, close to the unfused computation; masked tails (M, N not multiples of the tile) included. On a
+GPU, tests/test_cuda.py checks the compiled kernels."""
 import json
 import os
 import subprocess
@@ -43,6 +43,23 @@ for cfg in configs:
     out["fc2"].append({"equal": bool(torch.equal(o2, base2)),
                        "off_by_more_than_a_bf16_step":
                            float(((o2 - ref2).abs() > ref2.abs() * 2**-7 + 1e-3).float().mean())})
+# INT8 (W8A8): per-token input scales into fc1, INT8 out at a static scale (some values saturate); fc2 per tensor
+from fp8.quant import quantize_weight
+x = torch.randn(M, K, generator=g) * 2
+sx8 = (x.abs().amax(1) / 127).clamp_min(1e-8)
+x8 = (x / sx8[:, None]).round().clamp(-127, 127).to(torch.int8)
+w1, s1 = quantize_weight(torch.randn(N, K, generator=g) * 0.02, "int8_per_channel")
+inv8 = torch.tensor(127 / 1.5)
+r1 = gemm.reference(x8, w1, sx8, s1, bias, inv8).int()
+r2 = gemm.residual_reference(x8, w1, torch.tensor(0.02), s1, bias, res, gate).float()
+out["int8"] = []
+for cfg in configs:
+    o1 = gemm._launch(x8, w1, sx8, s1, bias, inv8, "tanh", cfg)
+    o2 = gemm._launch_residual(x8, w1, torch.tensor(0.02), s1, bias, res, gate, False, cfg).float()
+    out["int8"].append({"dtype": str(o1.dtype), "max_step": int((o1.int() - r1).abs().max()),
+                        "differ": float((o1.int() != r1).float().mean()),
+                        "saturated": int((r1.abs() == 127).sum()),
+                        "fc2_off": float(((o2 - r2).abs() > r2.abs() * 2**-7 + 1e-3).float().mean())})
 print(json.dumps(out))
 """
 
@@ -58,3 +75,15 @@ def test_every_epilogue_layout_gives_the_same_result_in_the_interpreter():
     for row in out["fc2"]:
         assert row["equal"], out
         assert row["off_by_more_than_a_bf16_step"] == 0.0, out  # one BF16 rounding of res + gate·fc2(h)
+    for row in out["int8"]:  # exact int32 accumulation: at most one INT8 step where fp32 rounding ties differ
+        assert row["dtype"] == "torch.int8" and row["max_step"] <= 1 and row["saturated"] > 0, out
+        assert row["differ"] < 1e-3, out  # rounds to nearest (a truncating cast alone differs in ~half)
+        assert row["fc2_off"] == 0.0, out
+
+
+def test_int8_quantization_rounds_half_away_from_zero_clamps_and_zeroes_nan():
+    import torch
+    from fp8.formats import quantize_inv_int8
+    x = torch.tensor([0.5, -0.5, 1.49, -2.5, 300.0, -300.0, float("nan"), 0.0])
+    assert quantize_inv_int8(x, torch.tensor(1.0)).tolist() == [1, -1, 1, -3, 127, -127, 0, 0]
+    assert quantize_inv_int8(torch.tensor([0.3]), torch.tensor(10.0)).tolist() == [3]
