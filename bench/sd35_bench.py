@@ -100,7 +100,7 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
-                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln")
+                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -277,6 +277,18 @@ def main():
             measure(variant, "ours FP8 with INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln), all speed "
                              "features", i8, ref)
             del q8, cal8, i8
+            drop()
+        if "int8_mlp" not in skip:  # INT8 adaLN + the MLP as W8A8 INT8 (weight_scaling option): the fidelity rows
+            q8, _, _, _ = glue.load_sd35_fp8(path, glue.INT8_MLP)
+            cal8, _ = glue.calibrate(q8, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform", a.size,
+                                     a.size, 0)
+            for attn in ("auto", "fp8"):
+                torch._dynamo.reset()
+                i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
+                measure(variant, "ours FP8 with INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp), all "
+                                 "speed features" + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
+                del i8
+            del q8, cal8
             drop()
         os.remove(path)
 

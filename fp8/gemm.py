@@ -305,12 +305,10 @@ def fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tenso
                         precise: bool = False) -> torch.Tensor:
     """``res + gate · ((xq·x_scale) @ (w8·w_scale)ᵀ + bias)``: an MLP's second layer with the block's gated
     residual add in the GEMM's epilogue (one kernel where :func:`fused_supported`; no separate pass over the
-    output). xq [M, K] E4M3; w8 [N, K] E4M3; res [M, N] (the residual stream, its dtype is the output's); gate
-    [B, N], row b applying to rows b·M/B … (b+1)·M/B − 1 (one sample's tokens). ``precise``: fp32 accumulation
-    (no fast accumulation) on Hopper."""
-    if xq.dtype != E4M3 or w8.dtype != E4M3 or xq.dim() != 2 or xq.shape[1] != w8.shape[1]:
-        raise ValueError(f"expected E4M3 [M, K] x [N, K], got {xq.dtype} {tuple(xq.shape)} x {w8.dtype} "
-                         f"{tuple(w8.shape)}")
+    output). xq [M, K] E4M3 (or INT8, with an INT8 w8: exact accumulation); w8 [N, K] E4M3; res [M, N] (the
+    residual stream, its dtype is the output's); gate [B, N], row b applying to rows b·M/B … (b+1)·M/B − 1 (one
+    sample's tokens). ``precise``: fp32 accumulation (no fast accumulation) for E4M3 on Hopper."""
+    _check_operands(xq, w8)
     n = w8.shape[0]
     if res.shape != (xq.shape[0], n) or gate.dim() != 2 or gate.shape[1] != n or gate.shape[0] == 0 \
             or xq.shape[0] % gate.shape[0]:
@@ -320,7 +318,7 @@ def fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tenso
 
 
 def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):
-    return xq.new_empty((xq.shape[0], w8.shape[0]), dtype=E4M3)
+    return xq.new_empty((xq.shape[0], w8.shape[0]), dtype=xq.dtype)  # E4M3 in, E4M3 out; INT8 in, INT8 out
 
 
 @custom_op_once("sd35fp8::fp8_linear_gelu", _fake)
@@ -344,11 +342,19 @@ def fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w
                     bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     """E4M3 ``clamp(gelu((xq·x_scale) @ (w8·w_scale)ᵀ + bias) · out_inv)``: an MLP's first layer, its
     activation and the quantization of the second layer's input in one kernel where
-    :func:`fused_supported`. xq [M, K] E4M3; w8 [N, K] E4M3; x_scale 0-d; w_scale 0-d or [N]."""
+    :func:`fused_supported`. xq [M, K] E4M3; w8 [N, K] E4M3; x_scale 0-d; w_scale 0-d or [N]. INT8 operands
+    (W8A8): x_scale one per row [M], w_scale [N], and the output is INT8 (rounded, ±127)."""
     if approximate not in GELU_MODES:
         raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
-    if xq.dtype != E4M3 or w8.dtype != E4M3 or xq.dim() != 2 or xq.shape[1] != w8.shape[1]:
-        raise ValueError(f"expected E4M3 [M, K] x [N, K], got {xq.dtype} {tuple(xq.shape)} x {w8.dtype} "
-                         f"{tuple(w8.shape)}")
+    _check_operands(xq, w8)
+    if xq.dtype == torch.int8 and x_scale.shape != (xq.shape[0],):
+        raise ValueError(f"INT8 activations take one scale per row: expected x_scale [{xq.shape[0]}], got "
+                         f"{tuple(x_scale.shape)}")
     return _fp8_linear_gelu(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+
+
+def _check_operands(xq: torch.Tensor, w8: torch.Tensor) -> None:
+    if xq.dtype != w8.dtype or xq.dtype not in (E4M3, torch.int8) or xq.dim() != 2 or xq.shape[1] != w8.shape[1]:
+        raise ValueError(f"expected E4M3 (or INT8) [M, K] x [N, K] of one dtype, got {xq.dtype} {tuple(xq.shape)} "
+                         f"x {w8.dtype} {tuple(w8.shape)}")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .autocast import DelayedScaling, current_state
-from .formats import (E4M3, device_supports_fp8_matmul, quantize_inv, saturating_cast, scale_from_amax,
-                      warn_once)
+from .formats import (E4M3, E4M3_MAX, MIN_SCALE, device_supports_fp8_matmul, quantize_inv, quantize_inv_int8,
+                      saturating_cast, scale_from_amax, warn_once)
 from .kernels import fp8_weight_only_linear
 from .quant import dequantize_weight, quantize_weight
 from .te_backend import te_forward
@@ -58,6 +58,31 @@ def scaled_mm(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale
     return out if bias is None or fused_bias else out + bias
 
 
+INT8_MODES = ("int8_token", "int8_static")  # static W8A8 modes of INT8-weight layers (the MLP: see set_static)
+
+
+def int8_quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] → (INT8 [M, K], fp32 [M]): one symmetric scale per row (per token), amax / 127. A row with NaN
+    keeps a NaN scale, so the NaN stays visible in the product."""
+    a = x2.detach().float().abs().amax(dim=1)
+    s = (a / 127.0).clamp_min(MIN_SCALE)
+    return quantize_inv_int8(x2, (1.0 / s)[:, None]), s
+
+
+def int8_matmul(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq·x_scale) @ (w8·w_scale)ᵀ + bias`` for INT8 operands (W8A8): xq [M, K], w8 [N, K], x_scale 0-d or one
+    per row [M], w_scale [N]. On CUDA ``torch._int_mm`` (exact int32 accumulation) where its shapes allow, else
+    the same product in fp32."""
+    if xq.is_cuda and xq.shape[0] > 16 and xq.shape[1] % 8 == 0 and w8.shape[0] % 8 == 0:
+        acc = torch._int_mm(xq, w8.t()).float()
+    else:
+        acc = xq.float() @ w8.float().t()
+    sx = x_scale.float()
+    out = acc * (sx[:, None] if sx.dim() == 1 else sx) * w_scale.float()[None, :]
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
 class FP8LinearMixin:
     """Mix into an ``nn.Linear`` subclass (first in the bases). Unquantized, it is that Linear."""
 
@@ -66,7 +91,9 @@ class FP8LinearMixin:
     # Static runtime (``fp8.runtime.set_static``): None = the autocast-driven path below. "fp8": FP8
     # matmul with the static input scale held in the ``fp8_in_scale``/``fp8_in_inv`` buffers, no
     # thread-local lookups and nothing reduced at run time (torch.compile fuses the cast into the
-    # producer of ``x``); "weight_only": BF16 activations against the FP8 weight.
+    # producer of ``x``); "weight_only": BF16 activations against the FP8 weight. INT8 weights (W8A8):
+    # "int8_token" quantizes each input row with its own scale (amax per token), "int8_static" with the
+    # calibrated static scale (amax / 127); the MLP's fc1 and fc2 (set_static decides).
     fp8_static: str | None = None
     fp8_fast_accum: bool = False
     # TransformerEngine backend (``fp8.te_backend.set_te``): None, or {"recipe", "margin"}; the layer
@@ -166,18 +193,23 @@ class FP8LinearMixin:
     # -- static runtime ------------------------------------------------------------------
     def fp8_set_static(self, mode: str | None, margin: int = 0, fast_accum: bool = False) -> None:
         """Freeze this layer's execution for the static runtime (see ``fp8.runtime``)."""
-        if mode not in (None, "fp8", "weight_only"):
+        if mode not in (None, "fp8", "weight_only") + INT8_MODES:
             raise ValueError(f"unknown static mode {mode!r}")
-        if mode == "fp8" and self.fp8_int8:  # no INT8 matmul path: INT8 weights run weight-only
+        if mode == "fp8" and self.fp8_int8:  # INT8 weights take an INT8 mode (the MLP), else run weight-only
             mode = "weight_only"
-        if mode == "fp8" and self.input_scale is None:
+        if mode in INT8_MODES and not self.fp8_int8:
+            raise ValueError(f"static mode {mode!r} needs INT8 weights; {self.fp8_name or self} has "
+                             f"{self.weight.dtype}")
+        if mode in ("fp8", "int8_static") and self.input_scale is None:
             raise ValueError(f"FP8 layer {self.fp8_name or self} has no calibrated input scale; "
                              "the static FP8 runtime needs a calibrated model")
         for n in ("fp8_in_scale", "fp8_in_inv"):
             if n not in self._buffers:
                 self.register_buffer(n, None, persistent=False)
-        if mode == "fp8":
-            s = (self.input_scale.float() * 2.0 ** margin).reshape(()).clone()
+        if mode in ("fp8", "int8_static"):
+            # input_scale is amax / 448 (E4M3, the file format's convention): amax / 127 for INT8
+            grid = E4M3_MAX / 127.0 if mode == "int8_static" else 1.0
+            s = (self.input_scale.float() * (grid * 2.0 ** margin)).reshape(()).clone()
             cur = self.fp8_in_scale
             if cur is not None and cur.device == s.device:  # in place: compiled code / CUDA graphs keep their inputs
                 cur.copy_(s)
@@ -194,23 +226,39 @@ class FP8LinearMixin:
         the producer). Clamp before the cast (CUDA turns out-of-range into NaN); NaN stays NaN."""
         return quantize_inv(x2, self.fp8_in_inv)
 
-    def fp8_static_matmul(self, xq: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """Static FP8 GEMM of already quantized [M, K] activations, bias in the epilogue."""
+    def fp8_static_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, K] activations → (quantized input, its scale) for this layer's static mode: E4M3 or INT8 with the
+        static scale (0-d), or INT8 with one scale per row (``int8_token``)."""
+        if self.fp8_static == "int8_token":
+            return int8_quantize_rows(x2)
+        if self.fp8_static == "int8_static":
+            return quantize_inv_int8(x2, self.fp8_in_inv), self.fp8_in_scale
+        return self.fp8_static_quantize(x2), self.fp8_in_scale
+
+    def fp8_static_matmul(self, xq: torch.Tensor, out_dtype: torch.dtype,
+                          x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Static FP8 (or INT8 W8A8) GEMM of already quantized [M, K] activations, bias in the epilogue;
+        ``x_scale``: the input's scale where it is not the static one (INT8 per token)."""
         bias = None if self.bias is None else self.bias.to(out_dtype)
-        return scaled_mm(xq, self.weight, self.fp8_in_scale, self.weight_scale, bias, out_dtype, self.fp8_fast_accum)
+        x_scale = self.fp8_in_scale if x_scale is None else x_scale
+        if xq.dtype == torch.int8:
+            return int8_matmul(xq, self.weight, x_scale, self.weight_scale, bias, out_dtype)
+        return scaled_mm(xq, self.weight, x_scale, self.weight_scale, bias, out_dtype, self.fp8_fast_accum)
 
     def _fp8_static_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_static == "weight_only":
             return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        out = self.fp8_static_matmul(self.fp8_static_quantize(x.reshape(-1, self.in_features)), out_dtype)
+        xq, sx = self.fp8_static_input(x.reshape(-1, self.in_features))
+        out = self.fp8_static_matmul(xq, out_dtype, sx)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def fp8_static_ready(self, x: torch.Tensor) -> bool:
         """Whether the static path runs for ``x``: it needs the weights and scales where x is (ComfyUI may
         offload) and, for FP8 matmul, FP8 tensor cores; otherwise the autocast path (weight-only fallback)."""
         return self.fp8_static is not None and self.weight.device == x.device and (
-            self.fp8_in_scale is None or (self.fp8_in_scale.device == x.device and _supports(x.device)))
+            self.fp8_in_scale is None or (self.fp8_in_scale.device == x.device
+                                          and (self.fp8_static in INT8_MODES or _supports(x.device))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
         if self.fp8_quantized:

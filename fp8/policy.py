@@ -12,6 +12,9 @@ SD3_EXCLUDE = (r"^(x_embedder|t_embedder|y_embedder|context_embedder|final_layer
 # The layers that run weight-only by default (one token per sample): INT8 rows are an option for them
 ADALN_LAYERS = r"adaLN_modulation"
 INT8_REASON = "int8 weights, per-channel scales (weight-only: BF16 activations)"
+# The MLP's two layers: INT8 weights there run W8A8 (INT8 activations too) in the static runtime
+MLP_LAYERS = r"\.mlp\.fc[12]$"
+INT8_MLP_REASON = "int8 weights, per-channel scales (W8A8 INT8 matmul in the static runtime)"
 
 
 @dataclasses.dataclass
@@ -31,6 +34,8 @@ class QuantPolicy:
     decisions: list[LayerDecision] = dataclasses.field(default_factory=list)
     # adaLN modulation weights as INT8 with per-row scales (fp8.quant.INT8_ROWS) instead of E4M3
     adaln_int8: bool = False
+    # the MLP's fc1/fc2 weights as INT8 per row too (the static runtime then runs them W8A8)
+    mlp_int8: bool = False
 
     def __post_init__(self):
         from .quant import GRANULARITIES
@@ -39,11 +44,16 @@ class QuantPolicy:
         self._inc = [re.compile(p) for p in self.include]
         self._exc = [re.compile(p) for p in self.exclude]
         self._adaln = re.compile(ADALN_LAYERS)
+        self._mlp = re.compile(MLP_LAYERS)
 
     def granularity_for(self, name: str) -> str:
-        """The weight format of one selected layer: ``granularity``, or INT8 rows for adaLN layers."""
+        """The weight format of one selected layer: ``granularity``, or INT8 rows for adaLN (``adaln_int8``) and
+        MLP (``mlp_int8``) layers."""
         from .quant import INT8_ROWS
-        return INT8_ROWS if self.adaln_int8 and self._adaln.search(name) else self.granularity
+        name = name.rstrip(".")
+        if (self.adaln_int8 and self._adaln.search(name)) or (self.mlp_int8 and self._mlp.search(name)):
+            return INT8_ROWS
+        return self.granularity
 
     def decide(self, name: str, out_features: int, in_features: int, record: bool = True) -> bool:
         name = name.rstrip(".")
@@ -54,7 +64,7 @@ class QuantPolicy:
         elif in_features % self.multiple_of or out_features % self.multiple_of:
             fp8, why = False, f"dims {out_features}x{in_features} not divisible by {self.multiple_of}"
         elif self.granularity_for(name) != self.granularity:
-            fp8, why = True, INT8_REASON
+            fp8, why = True, INT8_MLP_REASON if self._mlp.search(name) else INT8_REASON
         else:
             fp8, why = True, f"fp8 e4m3, {self.granularity} weight scale"
         if record:
@@ -66,6 +76,7 @@ class QuantPolicy:
         return {
             "include": list(self.include), "exclude": list(self.exclude),
             "granularity": self.granularity, "multiple_of": self.multiple_of, "adaln_int8": self.adaln_int8,
+            "mlp_int8": self.mlp_int8,
             "layers": [dataclasses.asdict(d) for d in self.decisions],
         }
 
@@ -73,7 +84,7 @@ class QuantPolicy:
     def from_dict(cls, d: dict) -> "QuantPolicy":
         """Inverse of :meth:`to_dict`, decisions included."""
         p = cls(tuple(d["include"]), tuple(d["exclude"]), d["granularity"], d["multiple_of"],
-                adaln_int8=bool(d.get("adaln_int8", False)))
+                adaln_int8=bool(d.get("adaln_int8", False)), mlp_int8=bool(d.get("mlp_int8", False)))
         p.decisions = [LayerDecision(x["name"], tuple(x["shape"]), x["fp8"], x["reason"]) for x in d.get("layers", [])]
         return p
 
@@ -81,8 +92,10 @@ class QuantPolicy:
         fp8 = [d for d in self.decisions if d.fp8]
         kept = [d for d in self.decisions if not d.fp8]
         int8 = sum(1 for d in fp8 if d.reason == INT8_REASON)
+        int8_mlp = sum(1 for d in fp8 if d.reason == INT8_MLP_REASON)
         lines = [f"FP8 layers: {len(fp8)} ({self.granularity} weight scales"
                  + (f"; {int8} adaLN layers with INT8 per-channel weights" if int8 else "")
+                 + (f"; {int8_mlp} MLP layers with INT8 per-channel weights (W8A8)" if int8_mlp else "")
                  + f"); kept high precision: {len(kept)}"]
         for d in kept:
             lines.append(f"  kept {d.name} {d.shape[0]}x{d.shape[1]}: {d.reason}")

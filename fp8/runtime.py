@@ -62,16 +62,20 @@ class RuntimeConfig:
 
 def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> int:
     """Switch every FP8 layer of ``model`` to the static runtime. Needs calibrated input scales
-    (raises naming the first layer without one). Returns the number of layers switched."""
+    (raises naming the first layer without one). MLPs whose fc1 and fc2 hold INT8 weights run W8A8: fc1 on
+    per-token INT8 activations, fc2 at its calibrated static INT8 scale; other INT8 layers run weight-only.
+    Returns the number of layers switched."""
     layers = fp8_layers(model)
-    missing = [n for n, m in layers.items() if m.input_scale is None and not m.fp8_int8
+    int8_modes = _int8_mlp_modes(model)
+    missing = [n for n, m in layers.items() if m.input_scale is None
+               and (int8_modes.get(m) == "int8_static" or not m.fp8_int8)
                and not (cfg.adaln == "weight_only" and ADALN.search(n))]
     if missing:
         raise ValueError(f"{len(missing)} FP8 layer(s) have no calibrated input scale (first: {missing[0]}); "
                          "calibrate the model before switching to the static FP8 runtime")
     slow = re.compile(cfg.fp32_accum) if cfg.fp32_accum else None
     for name, m in layers.items():
-        mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else "fp8"
+        mode = "weight_only" if cfg.adaln == "weight_only" and ADALN.search(name) else int8_modes.get(m, "fp8")
         m.fp8_set_static(mode, cfg.margin, cfg.fast_accum and not (slow and slow.search(name)))
     _set_fused_mlps(model, cfg.fuse_mlp)
     set_joint_blocks(model, cfg.fuse_attention, cfg.fuse_norm, cfg.attention_fp8_out)
@@ -90,6 +94,20 @@ def clear_static(model: torch.nn.Module) -> None:
 
 
 FUSED_MLP = "_sd35fp8_fused_mlp"  # marks an MLP whose forward set_static replaced
+# the static modes of an MLP's two layers that its fused forward takes: E4M3, or INT8 W8A8 (per-token input into
+# fc1, whose kernel writes fc2's input as INT8 at fc2's static scale)
+FUSED_MODES = (("fp8", "fp8"), ("int8_token", "int8_static"))
+
+
+def _int8_mlp_modes(model: torch.nn.Module) -> dict:
+    """{layer: static mode} for the MLPs whose fc1 and fc2 both hold INT8 weights (W8A8: fc1 per token, fc2 at
+    its calibrated static scale); other INT8 layers run weight-only."""
+    modes = {}
+    for mod in model.modules():
+        parts = _mlp_parts(mod)
+        if parts is not None and parts[0].fp8_int8 and parts[2].fp8_int8:
+            modes[parts[0]], modes[parts[2]] = "int8_token", "int8_static"
+    return modes
 
 
 def _mlp_parts(mod: torch.nn.Module):
@@ -111,32 +129,37 @@ def fused_mlp_ready(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether ``mlp`` (an installed fused MLP) runs its fused kernel for activations ``x``."""
     from .gemm import fused_supported
     fc1, fc2 = mlp.fc1, mlp.fc2
-    return bool(mlp.__dict__.get(FUSED_MLP)) and fc1.fp8_static == "fp8" and fc2.fp8_static == "fp8" \
+    return bool(mlp.__dict__.get(FUSED_MLP)) and (fc1.fp8_static, fc2.fp8_static) in FUSED_MODES \
         and fc1.fp8_static_ready(x) and fc2.fp8_static_ready(x) and fused_supported(fc1.weight, x.device)
 
 
-def _fc1_gelu(mlp: torch.nn.Module, h8: torch.Tensor) -> torch.Tensor:
-    """fc1 + GELU + the quantization of fc2's input, one kernel (fp8.gemm), from fc1's quantized input."""
+def _fc1_gelu(mlp: torch.nn.Module, h8: torch.Tensor, h_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fc1 + GELU + the quantization of fc2's input, one kernel (fp8.gemm), from fc1's quantized input (its
+    scale: fc1's static one unless given, e.g. INT8 per-token scales)."""
     from .gemm import fp8_linear_gelu
     fc1, fc2 = mlp.fc1, mlp.fc2
-    return fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale, fc1.weight_scale, fc1.bias, fc2.fp8_in_inv,
-                           mlp.act.approximate)
+    return fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale if h_scale is None else h_scale, fc1.weight_scale,
+                           fc1.bias, fc2.fp8_in_inv, mlp.act.approximate)
 
 
-def fused_mlp_quantized(mlp: torch.nn.Module, h8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """fc2(GELU(fc1(h))) of a fused MLP from fc1's input already quantized with fc1's static scale ([M, K]
-    E4M3): fc1 + GELU + the quantization of fc2's input in one kernel, then fc2; returns [M, out]."""
-    return mlp.fc2.fp8_static_matmul(_fc1_gelu(mlp, h8), out_dtype)
+def fused_mlp_quantized(mlp: torch.nn.Module, h8: torch.Tensor, out_dtype: torch.dtype,
+                        h_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fc2(GELU(fc1(h))) of a fused MLP from fc1's input already quantized (``fc1.fp8_static_input``: [M, K]
+    E4M3 or INT8, ``h_scale`` its scale): fc1 + GELU + the quantization of fc2's input in one kernel, then fc2;
+    returns [M, out]."""
+    return mlp.fc2.fp8_static_matmul(_fc1_gelu(mlp, h8, h_scale), out_dtype)
 
 
-def fused_mlp_residual(mlp: torch.nn.Module, h8: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + gate·mlp(h)`` for a DiT block's MLP branch, from fc1's quantized input ``h8`` ([B·L, K] E4M3),
-    the residual stream ``x`` [B, L, C] and the per-sample gate [B, C]: fc1's kernel, then fc2 with the gated
-    residual add in its epilogue (fp8.gemm; computed unfused in fp32 where that kernel does not run)."""
+def fused_mlp_residual(mlp: torch.nn.Module, h8: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
+                       h_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + gate·mlp(h)`` for a DiT block's MLP branch, from fc1's quantized input ``h8`` ([B·L, K] E4M3 or
+    INT8, ``h_scale`` its scale where not fc1's static one), the residual stream ``x`` [B, L, C] and the
+    per-sample gate [B, C]: fc1's kernel, then fc2 with the gated residual add in its epilogue (fp8.gemm;
+    computed unfused in fp32 where that kernel does not run)."""
     from .gemm import fp8_linear_residual
     fc2 = mlp.fc2
-    out = fp8_linear_residual(_fc1_gelu(mlp, h8), fc2.weight, fc2.fp8_in_scale, fc2.weight_scale, fc2.bias,
-                              x.reshape(-1, x.shape[-1]), gate, precise=not fc2.fp8_fast_accum)
+    out = fp8_linear_residual(_fc1_gelu(mlp, h8, h_scale), fc2.weight, fc2.fp8_in_scale, fc2.weight_scale,
+                              fc2.bias, x.reshape(-1, x.shape[-1]), gate, precise=not fc2.fp8_fast_accum)
     return out.view(x.shape)
 
 
@@ -146,7 +169,8 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not fused_mlp_ready(self, x):
         return type(self).forward(self, x)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    out = fused_mlp_quantized(self, self.fc1.fp8_static_quantize(x.reshape(-1, self.fc1.in_features)), out_dtype)
+    h8, hs = self.fc1.fp8_static_input(x.reshape(-1, self.fc1.in_features))
+    out = fused_mlp_quantized(self, h8, out_dtype, hs)
     return out.reshape(*x.shape[:-1], self.fc2.out_features).to(x.dtype)
 
 
@@ -155,7 +179,7 @@ def _set_fused_mlps(model: torch.nn.Module, on: bool) -> None:
     import types
     for mod in model.modules():
         parts = _mlp_parts(mod)
-        fuse = on and parts is not None and parts[0].fp8_static == "fp8" and parts[2].fp8_static == "fp8"
+        fuse = on and parts is not None and (parts[0].fp8_static, parts[2].fp8_static) in FUSED_MODES
         if fuse:  # installed once: every sampling run calls set_static, and a new bound method each time
             if not mod.__dict__.get(FUSED_MLP):  # would be a new object for torch.compile's guards
                 mod.forward = types.MethodType(_fused_mlp_forward, mod)

@@ -186,9 +186,12 @@ def _comfy_load(fn, *args, **kwargs):
 
 
 # The loader's weight_scaling options: FP8 weight scales per tensor or per output channel, or per tensor with the
-# adaLN modulation weights as INT8 with per-channel scales (fp8.quant.INT8_ROWS: less weight error, same bytes)
+# adaLN modulation weights as INT8 with per-channel scales (fp8.quant.INT8_ROWS: less weight error, same bytes),
+# or that plus the MLP's fc1/fc2 as INT8 per channel, which the static runtime runs W8A8 (INT8 activations: per
+# token into fc1, at a calibrated static scale into fc2) for about a third of E4M3's rounding error there
 INT8_ADALN = "per_tensor_int8_adaln"
-WEIGHT_SCALINGS = ("per_tensor", "per_channel", INT8_ADALN)
+INT8_MLP = "per_tensor_int8_mlp"
+WEIGHT_SCALINGS = ("per_tensor", "per_channel", INT8_ADALN, INT8_MLP)
 
 
 def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
@@ -203,8 +206,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     src.stored_fp8 = bool(info.fp8_tensors)
     if granularity not in WEIGHT_SCALINGS:
         raise ValueError(f"unknown weight_scaling {granularity!r}; use one of {', '.join(WEIGHT_SCALINGS)}")
-    policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True) if granularity == INT8_ADALN
-              else QuantPolicy(granularity=granularity))
+    policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True, mlp_int8=granularity == INT8_MLP)
+              if granularity in (INT8_ADALN, INT8_MLP) else QuantPolicy(granularity=granularity))
     qdev = comfy.model_management.get_torch_device()
     place = fp8_placement(src, info, policy, qdev)
     ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place)

@@ -284,3 +284,28 @@ def test_int8_mlp_kernels_equal_the_unfused_computation_and_beat_e4m3s_error(m):
         assert bool(torch.isfinite(out).all())
         errs[fmt] = rel(out.float() - res.float(), exact.view(m, k) - res.float())
     assert errs["int8"] < 0.6 * errs["e4m3"], errs
+
+
+@hopper
+def test_int8_mlp_runtime_on_the_gpu_fused_eager_and_compiled():
+    """The W8A8 MLP of the static runtime on Hopper: the fused INT8 kernels (counted), the unfused CUDA path
+    (torch._int_mm) and the compiled model agree, and the MLP stays closer to the exact one than E4M3's."""
+    from test_runtime import int8_mlp
+    from fp8.gemm import CALLS
+    from fp8.runtime import RuntimeConfig, fused_mlps, set_static
+    m8, m, ref, x = int8_mlp()
+    m8, m, ref, x = m8.cuda(), m.cuda(), ref.cuda(), x.cuda().bfloat16()
+    set_static(m8, RuntimeConfig(fuse_mlp=False))
+    unfused = m8(x)
+    set_static(m8)
+    assert fused_mlps(m8) == 1 and m8.fc1.fp8_static == "int8_token"
+    before = CALLS.copy()
+    fused = m8(x)
+    assert CALLS["fc1_kernel"] == before["fc1_kernel"] + 1 and CALLS["fc1_unfused_on_cuda"] == \
+        before["fc1_unfused_on_cuda"]
+    assert rel(fused, unfused) < 2e-2
+    compiled = torch.compile(m8)(x)
+    assert rel(compiled, fused) < 1e-2 and bool(torch.isfinite(compiled).all())
+    set_static(m)
+    exact = ref(x.float())
+    assert rel(fused, exact) < 0.6 * rel(m(x), exact)

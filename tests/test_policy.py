@@ -103,3 +103,22 @@ def test_int8_adaln_policy_names_its_layers_and_round_trips():
     assert "1 adaLN layers with INT8 per-channel weights" in p.summary()
     q = QuantPolicy.from_dict(p.to_dict())
     assert q.adaln_int8 and q.decisions == p.decisions
+
+
+def test_int8_mlp_policy_names_its_layers_and_round_trips():
+    from fp8 import QuantPolicy
+    from fp8.quant import INT8_ROWS
+    p = QuantPolicy(adaln_int8=True, mlp_int8=True)
+    for name in ("joint_blocks.0.x_block.adaLN_modulation.1", "joint_blocks.0.x_block.mlp.fc1",
+                 "joint_blocks.3.context_block.mlp.fc2", "joint_blocks.0.x_block.attn.qkv"):
+        assert p.decide(name, 512, 128)
+    assert [p.granularity_for(d.name) for d in p.decisions] == [INT8_ROWS, INT8_ROWS, INT8_ROWS, "per_tensor"]
+    assert p.granularity_for("joint_blocks.0.x_block.mlp.fc1.") == INT8_ROWS  # a module prefix
+    assert QuantPolicy(mlp_int8=True).granularity_for("joint_blocks.0.x_block.adaLN_modulation.1") == "per_tensor"
+    assert [d.reason.split(" (")[-1] for d in p.decisions[:2]] == ["weight-only: BF16 activations)",
+                                                                   "W8A8 INT8 matmul in the static runtime)"]
+    assert "1 adaLN layers with INT8" in p.summary() and "2 MLP layers with INT8 per-channel weights (W8A8)" \
+        in p.summary()
+    q = QuantPolicy.from_dict(p.to_dict())
+    assert q.mlp_int8 and q.adaln_int8 and q.decisions == p.decisions
+    assert not QuantPolicy.from_dict(QuantPolicy().to_dict()).mlp_int8

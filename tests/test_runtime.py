@@ -303,3 +303,69 @@ def test_fused_mlp_survives_repeated_set_static_without_recompiling(monkeypatch)
     assert torch.equal(outs[0], outs[2])
     set_static(m, RuntimeConfig(fuse_mlp=False))
     assert "forward" not in m.__dict__
+
+
+def int8_mlp(approximate="tanh"):
+    """calibrated_mlp() with fc1/fc2 re-quantized as INT8 rows from the same high-precision weights (their
+    calibrated input scales kept), and the E4M3 one for comparison."""
+    from fp8.quant import INT8_ROWS
+    m8, ref, x = calibrated_mlp(approximate=approximate)
+    m, _, _ = calibrated_mlp(approximate=approximate)
+    for name in ("fc1", "fc2"):
+        getattr(m8, name).fp8_quantize_(INT8_ROWS, weight=getattr(ref, name).weight.detach())
+    return m8, m, ref, x
+
+
+def test_int8_mlp_runs_w8a8_in_the_static_runtime_fused_or_not(monkeypatch):
+    """INT8 fc1/fc2 weights: set_static runs fc1 on per-token INT8 inputs and fc2 at its calibrated static INT8
+    scale (amax / 127), the same math fused (fp8.gemm's INT8 ops, their unfused fallback here) and unfused, and
+    it is closer to the exact MLP than the E4M3 static runtime on the same weights and inputs."""
+    import fp8.gemm as gemm
+    from fp8.formats import quantize_inv_int8
+    from fp8.linear import int8_quantize_rows
+    from fp8.runtime import fused_mlps
+    m8, m, ref, x = int8_mlp()
+    set_static(m8, RuntimeConfig(fuse_mlp=False))
+    assert (m8.fc1.fp8_static, m8.fc2.fp8_static) == ("int8_token", "int8_static") and fused_mlps(m8) == 0
+    assert float(m8.fc2.fp8_in_scale) == pytest.approx(float(m8.fc2.input_scale) * 448 / 127)
+    unfused = m8(x)
+    # the W8A8 math by hand: per-token INT8 into fc1, exact integer products, GELU, static INT8 into fc2
+    x2 = x.reshape(-1, 64)
+    xq, sx = int8_quantize_rows(x2)
+    h = (xq.float() @ m8.fc1.weight.float().t()) * sx[:, None] * m8.fc1.weight_scale + m8.fc1.bias
+    h = h.bfloat16().float()  # the static GEMMs write BF16 for fp32 activations (as the E4M3 ones)
+    hq = quantize_inv_int8(torch.nn.functional.gelu(h, approximate="tanh"), m8.fc2.fp8_in_inv)
+    y = (hq.float() @ m8.fc2.weight.float().t()) * m8.fc2.fp8_in_scale * m8.fc2.weight_scale + m8.fc2.bias
+    assert float((unfused - y.view_as(unfused)).norm() / y.norm()) < 4e-3  # BF16 output rounding
+    monkeypatch.setattr(gemm, "fused_supported", lambda w8, device: True)
+    set_static(m8)
+    assert fused_mlps(m8) == 1
+    fused = m8(x)  # fp8_linear_gelu's unfused INT8 math on the CPU; fc1's output stays fp32 (no BF16 rounding
+    assert float((fused - unfused).norm() / unfused.norm()) < 1e-2  # before GELU): some INT8 steps differ
+    set_static(m, RuntimeConfig(fuse_mlp=False))
+    exact = ref(x)
+    e_int8, e_e4m3 = (float((o - exact).norm() / exact.norm()) for o in (unfused, m(x)))
+    assert e_int8 < 0.6 * e_e4m3, (e_int8, e_e4m3)
+    # fc2's static INT8 scale needs calibration; other INT8 layers keep running weight-only
+    m8.fc2.input_scale = None
+    with pytest.raises(ValueError, match="fc2"):
+        set_static(m8)
+    with pytest.raises(ValueError, match="INT8 weights"):
+        m.fc1.fp8_set_static("int8_token")
+
+
+def test_int8_matmul_keeps_nan_visible_and_matches_fp32():
+    from fp8.linear import int8_matmul, int8_quantize_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 32, generator=g)
+    w = torch.randint(-127, 128, (8, 32), generator=g, dtype=torch.int8)
+    ws = torch.rand(8, generator=g) * 0.01
+    xq, sx = int8_quantize_rows(x)
+    assert xq.dtype == torch.int8 and sx.shape == (5,) and int(xq.abs().max()) == 127
+    out = int8_matmul(xq, w, sx, ws, None, torch.float32)
+    exact = x @ (w.float() * ws[:, None]).t()
+    assert float((out - exact).norm() / exact.norm()) < 0.01
+    x[2, 3] = float("nan")
+    xq, sx = int8_quantize_rows(x)
+    out = int8_matmul(xq, w, sx, ws, None, torch.float32)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3, 4]]).all()
