@@ -20,7 +20,11 @@ matmul: the rounding error of a real FP8/INT8 kernel, not its accumulation order
 - ``+ int8 MLP static fc2 input``: the same with fc2's input INT8 per tensor at a calibrated static scale (what
   fc1's fused epilogue can write: a per-token scale would need the whole 4·hidden row);
 - ``+ int8 all``: every big GEMM W8A8 INT8;
-- ``+ bf16 MLP``: the MLP left in BF16 (the cost: its weights stay 2 bytes).
+- ``+ bf16 MLP``: the MLP left in BF16 (the cost: its weights stay 2 bytes);
+- any config + `` + fp8 attention``: the joint attention as our FP8 kernel rounds it (fp8/attention.py: Q per
+  token and head, K per 64 keys, both at power-of-two scales, V per 64 keys, P·448 in E4M3, the row sum from the
+  unrounded P); P is rounded relative to each row's final maximum (the kernel's running maximum is at most that:
+  the same E4M3 steps but for values near E4M3's subnormals).
 
 Errors = relative L2 vs the unquantized model, of the model output (v) and of the denoised latent x - sigma*v
 (what bench/sd35_bench.py compares); the ratio to ``stock fast``'s error is what the target bounds (<= 0.333). The 6-block GPU profile model showed the same ours/fast ratio as the
@@ -78,6 +82,42 @@ def fmt_for(name: str, config: str) -> tuple[str, str]:
 
 CONFIGS = ("stock fast", "ours", "+ int8 adaLN", "+ int8 fc1", "+ int8 MLP", "+ int8 MLP static fc2 input",
            "+ int8 all", "+ bf16 MLP")
+FP8_ATTN = " + fp8 attention"
+
+
+def _pow2_scale(amax):
+    """The smallest power of two >= amax / 448 (fp8.attention.pow2_scale)."""
+    import torch
+    from sd35pack.fp8.formats import E4M3_MAX
+    return torch.exp2(torch.ceil(torch.log2((amax / E4M3_MAX).clamp_min(1e-30))))
+
+
+def fp8_attention_sim(q, k, v, heads, block=64, **kwargs):
+    """softmax(q kᵀ/√d) v in ComfyUI's [B, S, H·D] layout with our FP8 attention kernel's roundings (see the module
+    docstring), in fp32, one head at a time."""
+    import math
+    import torch
+    from sd35pack.fp8.formats import E4M3_MAX
+    b, s, hd = q.shape
+    d = hd // heads
+    out = torch.empty(b, s, hd, dtype=q.dtype, device=q.device)
+    nb = -(-s // block)
+    pad = nb * block - s
+    for h in range(heads):
+        qh, kh, vh = (t.reshape(b, s, heads, d)[:, :, h].float() for t in (q, k, v))
+        qh = qh * (1.4426950408889634 / math.sqrt(d))  # log2(e)/√d folded into Q, as the kernel
+        rs = _pow2_scale(qh.abs().amax(-1, keepdim=True).clamp_min(1e-12))
+        q8 = fq_e4m3(qh / rs) * rs
+        kb, vb = (torch.nn.functional.pad(t, (0, 0, 0, pad)).view(b, nb, block, d) for t in (kh, vh))
+        ks = _pow2_scale(kb.abs().amax((-1, -2), keepdim=True).clamp_min(1e-12))
+        vs = (vb.abs().amax((-1, -2), keepdim=True).clamp_min(1e-12) / E4M3_MAX)
+        k8 = (fq_e4m3(kb / ks) * ks).view(b, nb * block, d)[:, :s]
+        v8 = (fq_e4m3(vb / vs) * vs).view(b, nb * block, d)[:, :s]
+        sc = q8 @ k8.transpose(1, 2)
+        p = torch.exp2(sc - sc.amax(-1, keepdim=True))
+        p8 = fq_e4m3(p * E4M3_MAX) / E4M3_MAX
+        out[:, :, h * d:(h + 1) * d] = ((p8 @ v8) / p.sum(-1, keepdim=True)).to(q.dtype)
+    return out
 
 
 def main():
@@ -144,7 +184,12 @@ def main():
     print(f"{torch.__version__} {a.variant} (hidden {hidden}) {len(dm.joint_blocks)} joint blocks, {a.size}² on {a.device}: "
           f"{len(ours_layers)} of {len(lins)} Linears quantized by ours, reference call {t_ref:.1f} s", flush=True)
 
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    sdpa = mmdit.optimized_attention
+
     def install(config):
+        mmdit.optimized_attention = fp8_attention_sim if config.endswith(FP8_ATTN) else sdpa
+        config = config[:-len(FP8_ATTN)] if config.endswith(FP8_ATTN) else config
         for name, m in lins.items():
             wf, xf = fmt_for(name, config) if name in ours_layers or config == "stock fast" else ("none", "none")
             w = m.weight.detach()
@@ -165,6 +210,7 @@ def main():
             m.forward = fwd
 
     def uninstall():
+        mmdit.optimized_attention = sdpa
         for m in lins.values():
             m.__dict__.pop("forward", None)
 

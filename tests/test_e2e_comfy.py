@@ -240,13 +240,15 @@ def test_turbo_workflow_and_diffusion_models_folder(server):
     g = graph(ckpt=DIFF_ONLY, workflow="sd35_large_turbo_fp8_api.json", prefix="turbo")
     g["9"]["inputs"]["vae"] = ["50", 2]  # the unet-only file has no VAE: take it from a checkpoint
     g["50"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LARGE}}
-    # and the loader's INT8-adaLN option, through the server (its combo accepts it; the info says what it did)
-    g["1"]["inputs"]["weight_scaling"] = "per_tensor_int8_adaln"
+    # and the loader's INT8 option (adaLN and MLP: the MLP runs W8A8 after calibration), through the server (its
+    # combo accepts it; the info says what it did)
+    g["1"]["inputs"]["weight_scaling"] = "per_tensor_int8_mlp"
     g["51"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}
     entry = server.run(g)
     assert len(server.output_images(entry)) == 2
     texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
-    assert any("adaLN layers with INT8 per-channel weights" in t for t in texts), texts
+    assert any("adaLN layers with INT8 per-channel weights" in t and "MLP layers with INT8 per-channel weights (W8A8)"
+               in t for t in texts), texts
 
 
 def test_all_in_one_file_provides_clip(server):
