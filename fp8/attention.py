@@ -30,15 +30,17 @@ from .formats import E4M3
 from .kernels import custom_op_once
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize, exp mode) of the attention kernel, per head dim;
-# see bench/attn_bench.py. Exp modes (how the softmax's exp2 runs): 0 ``tl.math.exp2``; 1 ``ex2.approx.ftz``
-# (one MUFU instruction, no denormal fix-up: probabilities below 2^-126 become 0, far under E4M3's smallest
-# step). Measured slower, and removed: half of the exponentials as an FMA-unit polynomial (the kernel is not bound
-# by the MUFU unit: bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum
-# instead of ×448, lazy rescaling, K/V scales loaded a step ahead, register caps
-# (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
+# see bench/attn_bench.py. The exp mode's bit 0 says how the softmax's exp2 runs: 0 ``tl.math.exp2``; 1
+# ``ex2.approx.ftz`` (one MUFU instruction, no denormal fix-up: probabilities below 2^-126 become 0, far under
+# E4M3's smallest step). Bit 1: P·V's FP8 MMA accumulates with fp32 promotion after every step (over 4250 keys
+# the unpromoted accumulator may be what puts the kernel's error 7% above an exact-accumulation simulation of its
+# roundings, 0.0718 vs 0.0668, bench/fidelity_sim.py; not yet measured on a GPU). Measured slower, and removed:
+# half of the exponentials as an FMA-unit polynomial (the kernel is not bound by the MUFU unit:
+# bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum instead of ×448,
+# lazy rescaling, K/V scales loaded a step ahead, register caps (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
 ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
-EXP_MODES = (0, 1)
+EXP_MODES = (0, 1, 2, 3)
 
 
 def supported(q: torch.Tensor, heads: int) -> bool:
@@ -116,14 +118,18 @@ if triton is not None:
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = _exp2(s * c[:, None] - m_new[:, None], EXP)
+        p = _exp2(s * c[:, None] - m_new[:, None], EXP & 1)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
         vs = tl.load(vs_ptr + j)
         # acc is kept in units of the current V block's scale, so the MMA accumulates in place
         acc = acc * (alpha * (vs_prev / vs))[:, None]
-        acc = tl.dot((p * 448.0).to(vt8.dtype), tl.trans(vt8), acc)
+        p8 = (p * 448.0).to(vt8.dtype)
+        if (EXP & 2) != 0 and vt8.dtype.is_fp8():  # promote the FP8 MMA's accumulator to fp32 after every step
+            acc = tl.dot(p8, tl.trans(vt8), acc, max_num_imprecise_acc=0)
+        else:  # Triton's default for FP8: never promoted (as cuBLAS's fast accumulation)
+            acc = tl.dot(p8, tl.trans(vt8), acc)
         return m_new, l_i, acc, vs
 
     @triton.jit
