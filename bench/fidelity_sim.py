@@ -24,7 +24,10 @@ matmul: the rounding error of a real FP8/INT8 kernel, not its accumulation order
 - any config + `` + fp8 attention``: the joint attention as our FP8 kernel rounds it (fp8/attention.py: Q per
   token and head, K per 64 keys, both at power-of-two scales, V per 64 keys, P·448 in E4M3, the row sum from the
   unrounded P); P is rounded relative to each row's final maximum (the kernel's running maximum is at most that:
-  the same E4M3 steps but for values near E4M3's subnormals).
+  the same E4M3 steps but for values near E4M3's subnormals);
+- any config + `` + fp8 attention kernel`` (``--device cuda``, an FP8 GPU): the real kernel instead
+  (``fp8.attention.fp8_attention`` on BF16 q/k/v, as the runtime calls it): set beside `` + fp8 attention``, the
+  model-level error the kernel adds beyond its roundings.
 
 Errors = relative L2 vs the unquantized model, of the model output (v) and of the denoised latent x - sigma*v
 (what bench/sd35_bench.py compares); the ratio to ``stock fast``'s error is what the target bounds (<= 0.333). The 6-block GPU profile model showed the same ours/fast ratio as the
@@ -83,6 +86,14 @@ def fmt_for(name: str, config: str) -> tuple[str, str]:
 CONFIGS = ("stock fast", "ours", "+ int8 adaLN", "+ int8 fc1", "+ int8 MLP", "+ int8 MLP static fc2 input",
            "+ int8 all", "+ bf16 MLP")
 FP8_ATTN = " + fp8 attention"
+FP8_KERNEL = " + fp8 attention kernel"
+
+
+def fp8_attention_kernel(q, k, v, heads, **kwargs):
+    """Our FP8 attention kernel on BF16 q/k/v (what the runtime gives it), back in q's dtype."""
+    import torch
+    from sd35pack.fp8.attention import fp8_attention
+    return fp8_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), heads).to(q.dtype)
 
 
 def _pow2_scale(amax):
@@ -188,8 +199,11 @@ def main():
     sdpa = mmdit.optimized_attention
 
     def install(config):
-        mmdit.optimized_attention = fp8_attention_sim if config.endswith(FP8_ATTN) else sdpa
-        config = config[:-len(FP8_ATTN)] if config.endswith(FP8_ATTN) else config
+        mmdit.optimized_attention = sdpa
+        for suffix, fn in ((FP8_KERNEL, fp8_attention_kernel), (FP8_ATTN, fp8_attention_sim)):
+            if config.endswith(suffix):
+                mmdit.optimized_attention, config = fn, config[:-len(suffix)]
+                break
         for name, m in lins.items():
             wf, xf = fmt_for(name, config) if name in ours_layers or config == "stock fast" else ("none", "none")
             w = m.weight.detach()
