@@ -106,7 +106,8 @@ if triton is not None:
 
     @triton.jit
     def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
-                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr):
+                   rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr,
+                   PRECISE_PV: tl.constexpr):
         k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
         # Q's row scale and K's block scales are powers of two, so c is one (capped: finite for any input) and
         # s·c is exact: the FMA s·c - m_new below computes the same product as the rounded max, and the row
@@ -118,7 +119,7 @@ if triton is not None:
         if MASK:  # the tail block: padded keys get no weight
             s = tl.where((j * BLOCK_N + rn)[None, :] < S, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = _exp2(s * c[:, None] - m_new[:, None], EXP & 1)
+        p = _exp2(s * c[:, None] - m_new[:, None], EXP)
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
@@ -126,7 +127,7 @@ if triton is not None:
         # acc is kept in units of the current V block's scale, so the MMA accumulates in place
         acc = acc * (alpha * (vs_prev / vs))[:, None]
         p8 = (p * 448.0).to(vt8.dtype)
-        if (EXP & 2) != 0 and vt8.dtype.is_fp8():  # promote the FP8 MMA's accumulator to fp32 after every step
+        if PRECISE_PV:  # promote the FP8 MMA's accumulator to fp32 after every step
             acc = tl.dot(p8, tl.trans(vt8), acc, max_num_imprecise_acc=0)
         else:  # Triton's default for FP8: never promoted (as cuBLAS's fast accumulation)
             acc = tl.dot(p8, tl.trans(vt8), acc)
@@ -137,7 +138,7 @@ if triton is not None:
                   qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr):
+                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr, PRECISE_PV: tl.constexpr = False):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
@@ -155,10 +156,10 @@ if triton is not None:
         n_full = S // BLOCK_N
         for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
-                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP)
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP, PRECISE_PV)
         if n_full * BLOCK_N < S:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
-                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP)
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP, PRECISE_PV)
         out = acc * (vs / 448.0) / l_i[:, None]
         if SPLIT_FP8:  # rows < LC to o_ptr [B*LC, H*D], the others to o2_ptr [B*(S-LC), H*D]; E4M3, own scales
             in_c = rm < LC
@@ -225,8 +226,10 @@ def attend(q, k8, vt8, ks, vs, heads: int, config=None, split_fp8=None):
     qk_scale = 1.4426950408889634 / math.sqrt(D)
     _attn_fwd[(triton.cdiv(S, bm), B * heads)](q, k8, vt8, ks, vs, o, o2, inv_c, inv_x, lc, S, k8.shape[2], heads,
                                                 nb, qk_scale, q.stride(0), q.stride(1), o.stride(0), o.stride(-2),
-                                                D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp,
-                                                SPLIT_FP8=split_fp8 is not None, num_warps=warps, num_stages=stages)
+                                                D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp & 1,
+                                                SPLIT_FP8=split_fp8 is not None,
+                                                PRECISE_PV=bool(exp & 2) and vt8.dtype == E4M3, num_warps=warps,
+                                                num_stages=stages)
     return o if split_fp8 is None else (o, o2)
 
 
