@@ -310,14 +310,17 @@ def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool,
     from .runtime import fused_mlp_ready, fused_mlp_residual
     eps, mlp, a = _plain_ln(d.norm2), d.mlp, a or d.attn
     fused = fused_mlp_ready(mlp, x) if fused is None else fused
-    e4m3_mlp = fused and mlp.fc1.fp8_static == "fp8"  # fp8.norm's kernel writes E4M3; INT8 MLPs quantize per token
+    int8_mlp = fused and mlp.fc1.fp8_static == "int8_token"  # W8A8: fc1's input INT8 per token
     if attn.dtype != E4M3 and not fused and a is d.attn:
         return d.post_attention(attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
     # attn as E4M3 [B·L, C]: the attention already wrote proj's quantized input (see _proj_inv)
     y = a.proj.fp8_static_matmul(attn, _gemm_dtype(x)).view(x.shape).to(x.dtype) if attn.dtype == E4M3 \
         else a.post_attention(attn)
-    if e4m3_mlp and fuse_norm and eps is not None:
-        from .norm import residual_ln_modulate_quant
+    if fused and fuse_norm and eps is not None:
+        from .norm import residual_ln_modulate_quant, residual_ln_modulate_quant_int8
+        if int8_mlp:
+            x, h8, hs = residual_ln_modulate_quant_int8(x, y, gate_msa, shift_mlp, scale_mlp, eps)
+            return fused_mlp_residual(mlp, h8, x, gate_mlp, hs)
         x, h8 = residual_ln_modulate_quant(x, y, gate_msa, shift_mlp, scale_mlp, mlp.fc1.fp8_in_inv, eps)
         return fused_mlp_residual(mlp, h8, x, gate_mlp)
     x = x + gate_msa.unsqueeze(1) * y  # post_attention from here

@@ -7,7 +7,9 @@ memory floor. Here one program holds a whole row in registers: read x (and y), w
 and the GEMM's E4M3 operand.
 
 ``ln_modulate_quant(x, shift, scale, inv, eps)`` → E4M3 [B·L, C];
-``residual_ln_modulate_quant(x, y, gate, shift, scale, inv, eps)`` → (x + gate·y in x's dtype, E4M3 [B·L, C]).
+``residual_ln_modulate_quant(x, y, gate, shift, scale, inv, eps)`` → (x + gate·y in x's dtype, E4M3 [B·L, C]);
+``residual_ln_modulate_quant_int8(x, y, gate, shift, scale, eps)`` → (x + gate·y, INT8 [B·L, C], fp32 [B·L]): the
+same with INT8 output at one scale per row (amax / 127, the row is in registers anyway), for the W8A8 MLP's fc1.
 x, y: [B, L, C]; gate, shift, scale: [B, C] (views into the adaLN output are fine); inv: 0-d fp32 (1 / the
 GEMM's static input scale). Math in fp32, the residual rounded to x's dtype before it is normalized (as the
 unfused model stores it), NaN kept visible (clamped to ±448 otherwise). Triton on CUDA, torch elsewhere.
@@ -24,13 +26,15 @@ except Exception:  # noqa: BLE001
 
 from .formats import E4M3, quantize_inv
 from .kernels import custom_op_once
+from .linear import int8_quantize_rows
 
 MAX_C = 8192  # one row per program, in registers
 
 if triton is not None:
     @triton.jit
     def _ln_mod_q(x_ptr, y_ptr, g_ptr, sh_ptr, sc_ptr, inv_ptr, xo_ptr, h_ptr, L, C, eps,
-                  stride_g, stride_sh, stride_sc, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                  stride_g, stride_sh, stride_sc, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+                  INT8: tl.constexpr = False, MIN_SCALE: tl.constexpr = 0.0):
         row = tl.program_id(0)
         b = row // L
         cols = tl.arange(0, BLOCK)
@@ -48,9 +52,18 @@ if triton is not None:
         xn = d * tl.math.rsqrt(tl.sum(d * d, 0) / C + eps)
         sh = tl.load(sh_ptr + b * stride_sh + cols, mask=m, other=0.0).to(tl.float32)
         sc = tl.load(sc_ptr + b * stride_sc + cols, mask=m, other=0.0).to(tl.float32)
-        h = (xn * (1.0 + sc) + sh) * tl.load(inv_ptr)
-        h = tl.clamp(h, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)  # clamp before the cast (CUDA: NaN)
-        tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
+        if INT8:  # one scale per row (stored at inv_ptr[row]): amax / 127; a NaN row keeps a NaN scale
+            h = xn * (1.0 + sc) + sh
+            s = tl.maximum(tl.max(tl.where(m, tl.abs(h), 0.0), 0) / 127.0, MIN_SCALE)
+            s = tl.where(tl.sum(tl.where(h == h, 0.0, 1.0), 0) > 0, float("nan"), s)
+            tl.store(inv_ptr + row, s)
+            q = tl.clamp(h * (1.0 / s), -127.0, 127.0)
+            q = tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)  # the cast truncates: round to nearest
+            tl.store(h_ptr + off, q.to(h_ptr.dtype.element_ty), mask=m)
+        else:
+            h = (xn * (1.0 + sc) + sh) * tl.load(inv_ptr)
+            h = tl.clamp(h, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)  # clamp before the cast (CUDA: NaN)
+            tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
 
 
 def reference(x, y, gate, shift, scale, inv, eps: float):
@@ -62,6 +75,17 @@ def reference(x, y, gate, shift, scale, inv, eps: float):
     xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
     h = xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
     return xr, quantize_inv(h, inv).reshape(-1, x.shape[-1])
+
+
+def reference_int8(x, y, gate, shift, scale, eps: float):
+    """:func:`reference` with INT8 output, one scale per row: (new x or None, INT8 [B·L, C], fp32 [B·L])."""
+    xr = None
+    if y is not None:
+        xr = (x.float() + gate.float().unsqueeze(1) * y.float()).to(x.dtype)
+        x = xr
+    xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    h = xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
+    return (xr, *int8_quantize_rows(h.reshape(-1, x.shape[-1])))
 
 
 def _kernel_ok(x, *vecs) -> bool:
@@ -80,6 +104,39 @@ def _launch(x, y, gate, shift, scale, inv, eps):
                         float(eps), g.stride(0), shift.stride(0), scale.stride(0), HAS_RES=y is not None,
                         BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return (xo if y is not None else None), h8
+
+
+def _launch_int8(x, y, gate, shift, scale, eps):
+    from .formats import MIN_SCALE
+    B, L, C = x.shape
+    h8 = torch.empty((B * L, C), device=x.device, dtype=torch.int8)
+    rs = torch.empty((B * L,), device=x.device, dtype=torch.float32)
+    xo = torch.empty_like(x)
+    block = triton.next_power_of_2(C)
+    _ln_mod_q[(B * L,)](x, y, gate, shift, scale, rs, xo, h8, L, C, float(eps), gate.stride(0), shift.stride(0),
+                        scale.stride(0), HAS_RES=True, BLOCK=block, INT8=True, MIN_SCALE=MIN_SCALE,
+                        num_warps=8 if block >= 2048 else 4)
+    return xo, h8, rs
+
+
+def _fake_int8(x, y, gate, shift, scale, eps):
+    m = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32)
+
+
+@custom_op_once("sd35fp8::residual_ln_modulate_quant_int8", _fake_int8)
+def _residual_ln_modulate_quant_int8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                     scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    if not (_kernel_ok(x, gate, shift, scale) and y.is_contiguous() and y.shape == x.shape and y.dtype == x.dtype):
+        return reference_int8(x, y, gate, shift, scale, eps)
+    return _launch_int8(x, y, gate, shift, scale, eps)
+
+
+def residual_ln_modulate_quant_int8(x, y, gate, shift, scale, eps: float):
+    """(``x + gate·y``, INT8 [B·L, C], fp32 row scales [B·L]): :func:`residual_ln_modulate_quant` with the INT8
+    per-token quantization of the W8A8 MLP's fc1 input instead of a static E4M3 one."""
+    return _residual_ln_modulate_quant_int8(x.contiguous(), y.contiguous(), gate, shift, scale, float(eps))
 
 
 def _fake_h8(x, shift, scale, inv, eps):

@@ -84,14 +84,16 @@ def main(comfy_dir: str) -> None:
             dm.joint_blocks[0].__dict__
     report["static"] = static_joint_check(glue, common, tiny_sd35, att, joint, "large")
     report["static_medium"] = static_joint_check(glue, common, tiny_sd35, att, joint, "medium")
+    report["static_int8_mlp"] = static_joint_check(glue, common, tiny_sd35, att, joint, "medium", int8_mlp=True)
     print("RESULT " + json.dumps(report))
 
 
-def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dict:
+def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str, int8_mlp: bool = False) -> dict:
     """The fused joint forward on a calibrated static-FP8 model (tiny Large or Medium with MMDiT-X blocks 0-1, our
     loader's ops, bf16 on the CPU
     with the Hopper-only fused-MLP check set as on such a GPU): it must take its LayerNorm+modulation+quant
-    ops and compute what the static runtime computes through ComfyUI's own block code."""
+    ops and compute what the static runtime computes through ComfyUI's own block code. ``int8_mlp``: the
+    weight_scaling=per_tensor_int8_mlp policy (W8A8 MLPs: the INT8 per-token norm op before fc1)."""
     import torch
     import comfy.sd
     fp8 = sys.modules["sd35pack.fp8"]
@@ -99,7 +101,7 @@ def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dic
     gemm, norm, rtm = (importlib.import_module(f"sd35pack.fp8.{n}") for n in ("gemm", "norm", "runtime"))
     gemm.fused_supported = lambda w8, device: True
     sd = tiny_sd35.mmdit_state_dict(depth=3, variant=variant)
-    ops = glue.make_ops(fp8.QuantPolicy(), torch.device("cpu"))
+    ops = glue.make_ops(fp8.QuantPolicy(adaln_int8=int8_mlp, mlp_int8=int8_mlp), torch.device("cpu"))
     m = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops,
                                                                     "dtype": torch.bfloat16})
     g = torch.Generator().manual_seed(1)
@@ -110,8 +112,9 @@ def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dic
     dm = m.model.diffusion_model
     common.quick_calibrate(glue, m, (x, sigma, ctx, y))
     glue.apply_runtime_options(m, {"attention": "math", "compile": False})
-    calls = {"ln": 0, "res": 0, "fc2": 0}
-    real = (norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual)
+    calls = {"ln": 0, "res": 0, "fc2": 0, "res8": 0}
+    real = (norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual,
+            norm.residual_ln_modulate_quant_int8)
 
     def ln(*a):
         calls["ln"] += 1
@@ -125,13 +128,20 @@ def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dic
         calls["fc2"] += 1
         return real[2](*a, **k)
 
+    def res8(*a):
+        calls["res8"] += 1
+        return real[3](*a)
+
     norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual = ln, res, fc2
+    norm.residual_ln_modulate_quant_int8 = res8
     out = {}
     with torch.no_grad():
         for fused in (False, True):
             rtm.set_static(dm, rtm.RuntimeConfig(fuse_attention=fused))
             out[fused] = common.call(m, x, sigma, ctx, y).float()
-    norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual = real
+    norm.ln_modulate_quant, norm.residual_ln_modulate_quant, gemm.fp8_linear_residual = real[:3]
+    norm.residual_ln_modulate_quant_int8 = real[3]
+    mlp_modes = sorted({(b.x_block.mlp.fc1.fp8_static, b.x_block.mlp.fc2.fp8_static) for b in dm.joint_blocks})
     # attention=fp8 with the attention writing the projections' E4M3 inputs (attention_fp8_out): on the CPU the
     # op's fallback quantizes the reference attention with the same scales as proj's own quantization, so the
     # model's output must be the very same as without it
@@ -148,6 +158,7 @@ def static_joint_check(glue, common, tiny_sd35, att, joint, variant: str) -> dic
     n = len(dm.joint_blocks)
     return {"blocks": n, "attn2_blocks": sum(1 for b in dm.joint_blocks if b.x_block.x_block_self_attn),
             "ln_calls": calls["ln"], "res_calls": calls["res"], "fc2_res_calls": calls["fc2"],
+            "res_int8_calls": calls["res8"], "mlp_modes": mlp_modes,
             "rel_diff": float((out[True] - out[False]).norm() / out[False].norm()),
             "finite": bool(torch.isfinite(out[True]).all()), "split_calls": len(split_calls),
             "fp8_out_rel_diff": max(float((fp8_out[True, n] - fp8_out[False, n]).norm() / fp8_out[False, n].norm())

@@ -170,6 +170,15 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
         # attention_fp8_out: every joint attention (not MMDiT-X's) wrote the projections' E4M3 inputs, same result
         assert st["split_calls"] == 2 * (n - x2) and st["fp8_out_rel_diff"] < 1e-6, st
     assert rep["static"]["attn2_blocks"] == 0 and rep["static_medium"]["attn2_blocks"] == 2
+    for st in (rep["static"], rep["static_medium"]):
+        assert st["res_int8_calls"] == 0 and st["mlp_modes"] == [["fp8", "fp8"]], st
+    # weight_scaling=per_tensor_int8_mlp (W8A8 MLPs): the per-token INT8 norm op replaces the E4M3 one before every
+    # fc1, fc2 still takes the gated residual; the same model output as through ComfyUI's block code
+    st = rep["static_int8_mlp"]
+    n, x2 = st["blocks"], st["attn2_blocks"]
+    assert st["mlp_modes"] == [["int8_token", "int8_static"]] and x2 == 2, st
+    assert st["res_int8_calls"] == 2 * n - 1 and st["res_calls"] == 0 and st["ln_calls"] == 2 * n - x2, st
+    assert st["fc2_res_calls"] == 2 * n - 1 and st["finite"] and st["rel_diff"] < 1e-3, st
 
 
 def joint_inputs(b, lc, lx, h, d, norm, device, seed=0, scale=1.0):

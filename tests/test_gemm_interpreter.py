@@ -1,8 +1,8 @@
-"""fp8/gemm.py's fused MLP kernels (E4M3 and INT8 operands) run through Triton's CPU interpreter
-(TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton loads), so their tile logic is checked
-where there is no GPU: every epilogue layout (warp specialization on/off, the epilogue in two column halves) gives
-the identical result, close to the unfused computation; masked tails (M, N not multiples of the tile) included. On a
-GPU, tests/test_cuda.py checks the compiled kernels."""
+"""fp8/gemm.py's fused MLP kernels (E4M3 and INT8 operands) and fp8/norm.py's INT8 output run through Triton's CPU
+interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton loads), so their tile logic
+is checked where there is no GPU: every epilogue layout (warp specialization on/off, the epilogue in two column
+halves) gives the identical result, close to the unfused computation; masked tails (M, N not multiples of the tile)
+included. On a GPU, tests/test_cuda.py and tests/test_norm.py check the compiled kernels."""
 import json
 import os
 import subprocess
@@ -87,3 +87,37 @@ def test_int8_quantization_rounds_half_away_from_zero_clamps_and_zeroes_nan():
     x = torch.tensor([0.5, -0.5, 1.49, -2.5, 300.0, -300.0, float("nan"), 0.0])
     assert quantize_inv_int8(x, torch.tensor(1.0)).tolist() == [1, -1, 1, -3, 127, -127, 0, 0]
     assert quantize_inv_int8(torch.tensor([0.3]), torch.tensor(10.0)).tolist() == [3]
+
+
+NORM_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from fp8 import norm
+g = torch.Generator().manual_seed(0)
+B, L, C = 2, 5, 96   # C not a power of two: masked columns
+x = torch.randn(B, L, C, generator=g).bfloat16()
+y = torch.randn(B, L, C, generator=g).bfloat16()
+gate, shift, scale = (torch.randn(B, 3 * C, generator=g).bfloat16()[:, i * C:(i + 1) * C] for i in range(3))
+xo, h8, rs = norm._launch_int8(x, y, gate, shift, scale, 1e-6)
+# from the kernel's own residual (the interpreter rounds fp32 -> BF16 its own way): LayerNorm, modulation, INT8
+_, rh, rrs = norm.reference_int8(xo, None, None, shift, scale, 1e-6)
+x[1, 2, 5] = float("nan")
+_, h8n, rsn = norm._launch_int8(x, y, gate, shift, scale, 1e-6)
+others = rsn[torch.arange(10) != 7]
+print(json.dumps({"dtype": str(h8.dtype), "differ": float((h8 != rh).float().mean()),
+                  "scale_rel": float((rs - rrs).abs().max() / rrs.abs().max()),
+                  "saturated": int((h8.abs() == 127).sum()), "nan_scale": bool(torch.isnan(rsn[7])),
+                  "others_finite": bool(torch.isfinite(others).all())}))
+"""
+
+
+def test_norm_kernel_int8_output_in_the_interpreter():
+    """fp8.norm's residual + LayerNorm + modulation kernel with the W8A8 MLP's INT8 output: one scale per row
+    (amax / 127) and the INT8 row exactly as the reference quantizes it; a row with NaN gets a NaN scale (the NaN
+    stays visible in fc1's product), the other rows are untouched."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", NORM_SCRIPT, REPO], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "torch.int8" and out["differ"] == 0.0 and out["scale_rel"] < 1e-6, out
+    assert out["saturated"] >= 10 and out["nan_scale"] and out["others_finite"], out  # each row's max is ±127

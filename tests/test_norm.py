@@ -67,3 +67,30 @@ def test_kernel_matches_the_reference(c):
     f = torch.compile(lambda a, s, t: ln_modulate_quant(a * 1.0, s, t, inv, 1e-6), dynamic=False)
     assert torch.equal(f(x[1:], shift[1:], scale[1:]).float().nan_to_num(), big.new_tensor(
         ln_modulate_quant(x[1:], shift[1:], scale[1:], inv, 1e-6).float()).nan_to_num())
+
+
+def test_int8_variant_on_the_cpu_is_the_reference_and_per_token():
+    from fp8.norm import reference_int8, residual_ln_modulate_quant_int8
+    x, y, gate, shift, scale, _ = inputs()
+    xr, h8, rs = residual_ln_modulate_quant_int8(x, y, gate, shift, scale, 1e-6)
+    rx, rh, rrs = reference_int8(x, y, gate, shift, scale, 1e-6)
+    assert torch.equal(xr, rx) and torch.equal(h8, rh) and torch.equal(rs, rrs)
+    assert h8.dtype == torch.int8 and rs.shape == (x.shape[0] * x.shape[1],)
+    assert int(h8.abs().amax(1).min()) == 127  # every row uses its own full range
+    h = unfused(xr, None, None, shift, scale, torch.tensor(1.0))[1]
+    assert float((h8.float() * rs[:, None] - h).norm() / h.norm()) < 0.02  # E4M3 rounds to ~0.027
+
+
+@cuda
+@pytest.mark.parametrize("c", [2432, 1536])
+def test_int8_kernel_matches_the_reference(c):
+    from fp8.norm import reference_int8, residual_ln_modulate_quant_int8
+    x, y, gate, shift, scale, _ = inputs(b=2, l=333, c=c, device="cuda", seed=c)
+    xr, h8, rs = residual_ln_modulate_quant_int8(x, y, gate, shift, scale, 1e-6)
+    rx, rh, rrs = reference_int8(x, y, gate, shift, scale, 1e-6)
+    assert (xr != rx).float().mean() < 1e-3 and torch.allclose(xr.float(), rx.float(), rtol=2 ** -7, atol=1e-6)
+    assert h8.dtype == torch.int8 and int((h8.int() - rh.int()).abs().max()) <= 1
+    assert (h8 != rh).float().mean() < 2e-3 and torch.allclose(rs, rrs, rtol=1e-4)
+    x[0, 0, 3] = float("nan")
+    _, h8n, rsn = residual_ln_modulate_quant_int8(x, y, gate, shift, scale, 1e-6)
+    assert torch.isnan(rsn[0]) and torch.isfinite(rsn[1:]).all()
