@@ -66,26 +66,26 @@ if triton is not None:
             tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
 
 
-def reference(x, y, gate, shift, scale, inv, eps: float):
-    """The unfused computation (fp32 math, residual rounded to x's dtype): (new x or None, E4M3 [B·L, C])."""
+def _modulated(x, y, gate, shift, scale, eps: float):
+    """(new x = x + gate·y in x's dtype, or None without y; LayerNorm(x)·(1 + scale) + shift in fp32 [B·L, C])."""
     xr = None
     if y is not None:
         xr = (x.float() + gate.float().unsqueeze(1) * y.float()).to(x.dtype)
         x = xr
     xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    h = xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
-    return xr, quantize_inv(h, inv).reshape(-1, x.shape[-1])
+    return xr, (xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).reshape(-1, x.shape[-1])
+
+
+def reference(x, y, gate, shift, scale, inv, eps: float):
+    """The unfused computation (fp32 math, residual rounded to x's dtype): (new x or None, E4M3 [B·L, C])."""
+    xr, h = _modulated(x, y, gate, shift, scale, eps)
+    return xr, quantize_inv(h, inv)
 
 
 def reference_int8(x, y, gate, shift, scale, eps: float):
     """:func:`reference` with INT8 output, one scale per row: (new x or None, INT8 [B·L, C], fp32 [B·L])."""
-    xr = None
-    if y is not None:
-        xr = (x.float() + gate.float().unsqueeze(1) * y.float()).to(x.dtype)
-        x = xr
-    xn = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    h = xn * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)
-    return (xr, *int8_quantize_rows(h.reshape(-1, x.shape[-1])))
+    xr, h = _modulated(x, y, gate, shift, scale, eps)
+    return (xr, *int8_quantize_rows(h))
 
 
 def _kernel_ok(x, *vecs) -> bool:
