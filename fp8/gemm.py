@@ -13,8 +13,8 @@ instead of ``fc2``'s output and a separate add over it.
 Both kernels also take INT8 operands (W8A8, exact int32 accumulation; INT8 tensor cores run at the FP8 rate on
 Hopper): fc1 with one scale per input row (per token) and an INT8 output at fc2's static input scale, fc2 with a
 per-tensor input scale. A uniform 8-bit grid has about a third of E4M3's rounding error on Gaussian data, which the
-fidelity target needs in the MLP (bench/results/2026-11-27_cpu_fidelity_sim.md). The runtime does not use them yet:
-``bench/fc1_sweep.py --int8`` times them against the E4M3 kernels first.
+fidelity target needs in the MLP (bench/results/2026-11-27_cpu_fidelity_sim.md); the static runtime uses them for
+``weight_scaling=per_tensor_int8_mlp`` (``bench/fc1_sweep.py --int8`` times them against the E4M3 kernels).
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ except Exception:  # noqa: BLE001
 from .formats import E4M3, quantize_inv, quantize_inv_int8
 from .kernels import custom_op_once
 from .quant import dequantize_weight
+
+if triton is not None:
+    from .kernels import round_int8
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, warp_specialize, epilogue in halves]):
 # bench/int8_gemm.py --triton (H100, fc1 shapes), bench/fc1_sweep.py
@@ -100,16 +103,14 @@ if triton is not None:
                  ROW_SCALES: tl.constexpr = False):
         """acc · x_scale · w_scale (+ bias) in fp32; ``ROW_SCALES``: ``sa`` is one scale per row of the tile [BM]
         (per-token activation scales) instead of a scalar."""
-        if ROW_SCALES:
-            h = acc.to(tl.float32) * sa[:, None]
-            if PER_CHANNEL:
-                h = h * tl.load(sb_ptr + rn, mask=rn < N, other=0.0)[None, :]
-            else:
-                h = h * tl.load(sb_ptr)
-        elif PER_CHANNEL:
-            h = acc.to(tl.float32) * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
+        h = acc.to(tl.float32)
+        if ROW_SCALES:  # the row scale first; the scalar x_scale folded into the weight scale below is then 1
+            h = h * sa[:, None]
+            sa = 1.0
+        if PER_CHANNEL:
+            h = h * (sa * tl.load(sb_ptr + rn, mask=rn < N, other=0.0))[None, :]
         else:
-            h = acc.to(tl.float32) * (sa * tl.load(sb_ptr))
+            h = h * (sa * tl.load(sb_ptr))
         if HAS_BIAS:
             h += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         return h
@@ -131,8 +132,7 @@ if triton is not None:
         else:  # exact GELU
             g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
         if INT8:
-            q = tl.clamp(g * inv, -127.0, 127.0)
-            return tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)  # NaN -> 0: INT8 has none
+            return round_int8(tl.clamp(g * inv, -127.0, 127.0))
         return tl.clamp(g * inv, -448.0, 448.0)
 
     @triton.jit

@@ -28,6 +28,12 @@ def _dequant_linear(x, w8, w_scale, bias):
 
 if triton is not None:
     @triton.jit
+    def round_int8(q):
+        """Values already clamped to ±127 → offsets that Triton's truncating float-to-int cast turns into
+        round-to-nearest (halves away from zero, as fp8.formats.quantize_inv_int8); NaN → 0 (INT8 has none)."""
+        return tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)
+
+    @triton.jit
     def _gemv_fp8w(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

@@ -31,6 +31,8 @@ from .linear import int8_quantize_rows
 MAX_C = 8192  # one row per program, in registers
 
 if triton is not None:
+    from .kernels import round_int8
+
     @triton.jit
     def _ln_mod_q(x_ptr, y_ptr, g_ptr, sh_ptr, sc_ptr, inv_ptr, xo_ptr, h_ptr, L, C, eps,
                   stride_g, stride_sh, stride_sc, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
@@ -57,8 +59,7 @@ if triton is not None:
             s = tl.maximum(tl.max(tl.where(m, tl.abs(h), 0.0), 0) / 127.0, MIN_SCALE)
             s = tl.where(tl.sum(tl.where(h == h, 0.0, 1.0), 0) > 0, float("nan"), s)
             tl.store(inv_ptr + row, s)
-            q = tl.clamp(h * (1.0 / s), -127.0, 127.0)
-            q = tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)  # the cast truncates: round to nearest
+            q = round_int8(tl.clamp(h * (1.0 / s), -127.0, 127.0))
             tl.store(h_ptr + off, q.to(h_ptr.dtype.element_ty), mask=m)
         else:
             h = (xn * (1.0 + sc) + sh) * tl.load(inv_ptr)
