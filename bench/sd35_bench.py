@@ -268,27 +268,23 @@ def main():
             del fa
         del ours, cal, eager, full
         drop()
-        if "int8_adaln" not in skip:  # the adaLN modulation weights as INT8 rows (weight_scaling option)
-            q8, _, _, _ = glue.load_sd35_fp8(path, glue.INT8_ADALN)
-            cal8, _ = glue.calibrate(q8, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform", a.size,
-                                     a.size, 0)
-            torch._dynamo.reset()
-            i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
-            measure(variant, "ours FP8 with INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln), all speed "
-                             "features", i8, ref)
-            del q8, cal8, i8
-            drop()
-        if "int8_mlp" not in skip:  # INT8 adaLN + the MLP as W8A8 INT8 (weight_scaling option): the fidelity rows
-            q8, _, _, _ = glue.load_sd35_fp8(path, glue.INT8_MLP)
-            cal8, _ = glue.calibrate(q8, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform", a.size,
-                                     a.size, 0)
-            for attn in ("auto", "fp8"):
+        # the loader's INT8 options (weight_scaling): adaLN weights as INT8 rows; that plus the MLP as W8A8 INT8 (the
+        # fidelity rows, with cuDNN and with FP8 attention)
+        for key, scaling, label, attns in (
+                ("int8_adaln", glue.INT8_ADALN, "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
+                ("int8_mlp", glue.INT8_MLP, "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
+                 ("auto", "fp8"))):
+            if key in skip:
+                continue
+            cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
+                                     "euler", "sgm_uniform", a.size, a.size, 0)
+            for attn in attns:
                 torch._dynamo.reset()
                 i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
-                measure(variant, "ours FP8 with INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp), all "
-                                 "speed features" + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
+                measure(variant, f"ours FP8 with {label}, all speed features"
+                                 + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
                 del i8
-            del q8, cal8
+            del cal8
             drop()
         os.remove(path)
 
