@@ -27,7 +27,9 @@ matmul: the rounding error of a real FP8/INT8 kernel, not its accumulation order
   the same E4M3 steps but for values near E4M3's subnormals);
 - any config + `` + fp8 attention kernel`` (``--device cuda``, an FP8 GPU): the real kernel instead
   (``fp8.attention.fp8_attention`` on BF16 q/k/v, as the runtime calls it): set beside `` + fp8 attention``, the
-  model-level error the kernel adds beyond its roundings.
+  model-level error the kernel adds beyond its roundings; `` + fp8 attention kernel precise``: the same with the
+  P·V accumulator promoted to fp32 after every step (does Hopper's unpromoted FP8 accumulation add the error?);
+  `` + bf16 attention``: SDPA on BF16 q/k/v (the share of the kernel's BF16 inputs).
 
 Errors = relative L2 vs the unquantized model, of the model output (v) and of the denoised latent x - sigma*v
 (what bench/sd35_bench.py compares); the ratio to ``stock fast``'s error is what the target bounds (<= 0.333). The 6-block GPU profile model showed the same ours/fast ratio as the
@@ -87,13 +89,27 @@ CONFIGS = ("stock fast", "ours", "+ int8 adaLN", "+ int8 fc1", "+ int8 MLP", "+ 
            "+ int8 all", "+ bf16 MLP")
 FP8_ATTN = " + fp8 attention"
 FP8_KERNEL = " + fp8 attention kernel"
+FP8_KERNEL_PRECISE = " + fp8 attention kernel precise"
+BF16_ATTN = " + bf16 attention"
 
 
-def fp8_attention_kernel(q, k, v, heads, **kwargs):
-    """Our FP8 attention kernel on BF16 q/k/v (what the runtime gives it), back in q's dtype."""
+def bf16_attention(q, k, v, heads, **kwargs):
+    """SDPA on BF16 q/k/v (the kernel's inputs' rounding alone), back in q's dtype."""
     import torch
-    from sd35pack.fp8.attention import fp8_attention
-    return fp8_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), heads).to(q.dtype)
+    from sd35pack.fp8.attention import reference_attention
+    return reference_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), heads).to(q.dtype)
+
+
+def fp8_attention_kernel(q, k, v, heads, precise=False, **kwargs):
+    """Our FP8 attention kernel on BF16 q/k/v (what the runtime gives it), back in q's dtype; ``precise``: its
+    P·V accumulator promoted to fp32 after every step (exp mode bit 1)."""
+    import torch
+    from sd35pack.fp8.attention import ATTN_CONFIG, attention_launch
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    config = ATTN_CONFIG[q.shape[-1] // heads]
+    if precise:
+        config = (*config[:5], config[5] | 2)
+    return attention_launch(q, k, v, heads, config).to(q.dtype)
 
 
 def _pow2_scale(amax):
@@ -200,7 +216,9 @@ def main():
 
     def install(config):
         mmdit.optimized_attention = sdpa
-        for suffix, fn in ((FP8_KERNEL, fp8_attention_kernel), (FP8_ATTN, fp8_attention_sim)):
+        precise = lambda *a, **k: fp8_attention_kernel(*a, precise=True, **k)  # noqa: E731
+        for suffix, fn in ((FP8_KERNEL_PRECISE, precise), (FP8_KERNEL, fp8_attention_kernel),
+                           (FP8_ATTN, fp8_attention_sim), (BF16_ATTN, bf16_attention)):
             if config.endswith(suffix):
                 mmdit.optimized_attention, config = fn, config[:-len(suffix)]
                 break
