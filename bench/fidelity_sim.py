@@ -105,11 +105,10 @@ def fp8_attention_kernel(q, k, v, heads, precise=False, **kwargs):
     P·V accumulator promoted to fp32 after every step (exp mode bit 1)."""
     import torch
     from sd35pack.fp8.attention import ATTN_CONFIG, attention_launch
-    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     config = ATTN_CONFIG[q.shape[-1] // heads]
     if precise:
         config = (*config[:5], config[5] | 2)
-    return attention_launch(q, k, v, heads, config).to(q.dtype)
+    return attention_launch(*(t.to(torch.bfloat16) for t in (q, k, v)), heads, config).to(q.dtype)
 
 
 def _pow2_scale(amax):

@@ -66,10 +66,10 @@ def quantize_inv(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_inv_int8(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """INT8 ``round(clamp(x·inv, ±127))``, halves rounded away from zero (as the INT8 MLP kernel's epilogue: its
-    float-to-int cast truncates after ±0.5). INT8 has no NaN: a NaN input becomes 0 here and in the kernel."""
+    """INT8 ``round(clamp(x·inv, ±127))``, halves to even (as the INT8 kernels' epilogues, fp8.kernels.round_int8).
+    INT8 has no NaN: a NaN input becomes 0 here and in the kernels."""
     v = torch.nan_to_num((x.float() * inv.float()).clamp(-127.0, 127.0), nan=0.0)
-    return torch.trunc(v + torch.where(v >= 0, 0.5, -0.5)).to(torch.int8)
+    return torch.round(v).to(torch.int8)
 
 
 def device_supports_fp8_matmul(device: torch.device | str) -> bool:

@@ -124,8 +124,8 @@ if triton is not None:
     def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 TANH: tl.constexpr, INT8: tl.constexpr = False):
         """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, scaled by fc2's static input scale and
-        clamped (before the cast: out of range becomes NaN on CUDA); for INT8 to ±127, then shifted by ±0.5 so
-        that the truncating cast rounds to nearest (halves away from zero), with per-row ``sa``."""
+        clamped (before the cast: out of range becomes NaN on CUDA); for INT8 to ±127 and rounded to nearest
+        (fp8.kernels.round_int8), with per-row ``sa``."""
         h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS, INT8)
         if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
             g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))

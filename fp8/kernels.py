@@ -29,9 +29,11 @@ def _dequant_linear(x, w8, w_scale, bias):
 if triton is not None:
     @triton.jit
     def round_int8(q):
-        """Values already clamped to ±127 → offsets that Triton's truncating float-to-int cast turns into
-        round-to-nearest (halves away from zero, as fp8.formats.quantize_inv_int8); NaN → 0 (INT8 has none)."""
-        return tl.where(q == q, q + tl.where(q >= 0, 0.5, -0.5), 0.0)
+        """Values already clamped to ±127 → int32 whose low byte is the INT8 ``round(q)`` (halves to even, as
+        fp8.formats.quantize_inv_int8); NaN → 0 (INT8 has none). FP32 adds instead of a float-to-int conversion
+        (a quarter-rate unit): q + 1.5·2^23 is the integer's float in the exponent 2^23, whose mantissa's low byte
+        is round(q) in two's complement; the caller's cast to int8 keeps that byte."""
+        return (tl.where(q == q, q, 0.0) + 12582912.0).to(tl.int32, bitcast=True)
 
     @triton.jit
     def _gemv_fp8w(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,

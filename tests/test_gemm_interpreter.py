@@ -81,11 +81,11 @@ def test_every_epilogue_layout_gives_the_same_result_in_the_interpreter():
         assert row["fc2_off"] == 0.0, out
 
 
-def test_int8_quantization_rounds_half_away_from_zero_clamps_and_zeroes_nan():
+def test_int8_quantization_rounds_half_to_even_clamps_and_zeroes_nan():
     import torch
     from fp8.formats import quantize_inv_int8
-    x = torch.tensor([0.5, -0.5, 1.49, -2.5, 300.0, -300.0, float("nan"), 0.0])
-    assert quantize_inv_int8(x, torch.tensor(1.0)).tolist() == [1, -1, 1, -3, 127, -127, 0, 0]
+    x = torch.tensor([0.5, -0.5, 1.5, 1.49, -2.5, -2.51, 300.0, -300.0, float("nan"), 0.0])
+    assert quantize_inv_int8(x, torch.tensor(1.0)).tolist() == [0, 0, 2, 1, -2, -3, 127, -127, 0, 0]
     assert quantize_inv_int8(torch.tensor([0.3]), torch.tensor(10.0)).tolist() == [3]
 
 
