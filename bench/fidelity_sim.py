@@ -27,8 +27,8 @@ matmul: the rounding error of a real FP8/INT8 kernel, not its accumulation order
   the same E4M3 steps but for values near E4M3's subnormals);
 - any config + `` + fp8 attention kernel`` (``--device cuda``, an FP8 GPU): the real kernel instead
   (``fp8.attention.fp8_attention`` on BF16 q/k/v, as the runtime calls it): set beside `` + fp8 attention``, the
-  model-level error the kernel adds beyond its roundings; `` + fp8 attention kernel precise``: the same with the
-  P·V accumulator promoted to fp32 after every step (does Hopper's unpromoted FP8 accumulation add the error?);
+  model-level error the kernel adds beyond its roundings; `` + fp8 attention kernel in-MMA``: the kernel as before
+  12-02, P·V accumulated inside the FP8 MMA over all keys (Hopper's unpromoted accumulator: that was the extra error);
   `` + bf16 attention``: SDPA on BF16 q/k/v (the share of the kernel's BF16 inputs).
 
 Errors = relative L2 vs the unquantized model, of the model output (v) and of the denoised latent x - sigma*v
@@ -89,7 +89,7 @@ CONFIGS = ("stock fast", "ours", "+ int8 adaLN", "+ int8 fc1", "+ int8 MLP", "+ 
            "+ int8 all", "+ bf16 MLP")
 FP8_ATTN = " + fp8 attention"
 FP8_KERNEL = " + fp8 attention kernel"
-FP8_KERNEL_PRECISE = " + fp8 attention kernel precise"
+FP8_KERNEL_IN_MMA = " + fp8 attention kernel in-MMA"
 BF16_ATTN = " + bf16 attention"
 
 
@@ -100,13 +100,13 @@ def bf16_attention(q, k, v, heads, **kwargs):
     return reference_attention(*(t.to(torch.bfloat16) for t in (q, k, v)), heads).to(q.dtype)
 
 
-def fp8_attention_kernel(q, k, v, heads, precise=False, **kwargs):
-    """Our FP8 attention kernel on BF16 q/k/v (what the runtime gives it), back in q's dtype; ``precise``: its
-    P·V accumulator promoted to fp32 after every step (exp mode bit 1)."""
+def fp8_attention_kernel(q, k, v, heads, in_mma=False, **kwargs):
+    """Our FP8 attention kernel on BF16 q/k/v (what the runtime gives it), back in q's dtype; ``in_mma``: P·V
+    accumulated inside the FP8 MMA across key blocks, never promoted (exp mode bit 1: the kernel before 12-02)."""
     import torch
     from sd35pack.fp8.attention import ATTN_CONFIG, attention_launch
     config = ATTN_CONFIG[q.shape[-1] // heads]
-    if precise:
+    if in_mma:
         config = (*config[:5], config[5] | 2)
     return attention_launch(*(t.to(torch.bfloat16) for t in (q, k, v)), heads, config).to(q.dtype)
 
@@ -215,8 +215,8 @@ def main():
 
     def install(config):
         mmdit.optimized_attention = sdpa
-        precise = lambda *a, **k: fp8_attention_kernel(*a, precise=True, **k)  # noqa: E731
-        for suffix, fn in ((FP8_KERNEL_PRECISE, precise), (FP8_KERNEL, fp8_attention_kernel),
+        in_mma = lambda *a, **k: fp8_attention_kernel(*a, in_mma=True, **k)  # noqa: E731
+        for suffix, fn in ((FP8_KERNEL_IN_MMA, in_mma), (FP8_KERNEL, fp8_attention_kernel),
                            (FP8_ATTN, fp8_attention_sim), (BF16_ATTN, bf16_attention)):
             if config.endswith(suffix):
                 mmdit.optimized_attention, config = fn, config[:-len(suffix)]

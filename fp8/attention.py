@@ -32,9 +32,12 @@ from .kernels import custom_op_once
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize, exp mode) of the attention kernel, per head dim;
 # see bench/attn_bench.py. The exp mode's bit 0 says how the softmax's exp2 runs: 0 ``tl.math.exp2``; 1
 # ``ex2.approx.ftz`` (one MUFU instruction, no denormal fix-up: probabilities below 2^-126 become 0, far under
-# E4M3's smallest step). Bit 1: P·V's FP8 MMA accumulates with fp32 promotion after every step (over 4250 keys
-# the unpromoted accumulator may be what puts the kernel's error 7% above an exact-accumulation simulation of its
-# roundings, 0.0718 vs 0.0668, bench/fidelity_sim.py; not yet measured on a GPU). Measured slower, and removed:
+# E4M3's smallest step). Bit 1: P·V accumulates inside the FP8 MMA across all key blocks, as before 12-02.
+# Hopper's FP8 MMA accumulator keeps fewer bits than fp32 unless promoted, and over 4250 keys that was the extra
+# model-level error of this kernel beyond its roundings (6-block Large at 1024², H200: denoised error 0.0523 vs
+# 0.0486 simulated; promoted 0.0488, bench/results/2026-12-02_h200_fp8_attention_accumulation.md). By default
+# each block's P·V is a fresh MMA added to the fp32 accumulator with the rescale's FMA (Triton's
+# max_num_imprecise_acc=0 promotes too, but measured 1.6x the kernel time). Measured slower, and removed:
 # half of the exponentials as an FMA-unit polynomial (the kernel is not bound by the MUFU unit:
 # bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum instead of ×448,
 # lazy rescaling, K/V scales loaded a step ahead, register caps (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
@@ -107,7 +110,7 @@ if triton is not None:
     @triton.jit
     def _attn_step(q8, row_scale, m_i, l_i, acc, vs_prev, k_base, v_base, ks_ptr, vs_ptr, j, S, S_PAD,
                    rn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr,
-                   PRECISE_PV: tl.constexpr):
+                   PV_IN_MMA: tl.constexpr):
         k8 = tl.load(k_base + (j * BLOCK_N + rn)[:, None] * D + rd[None, :])
         # Q's row scale and K's block scales are powers of two, so c is one (capped: finite for any input) and
         # s·c is exact: the FMA s·c - m_new below computes the same product as the rounded max, and the row
@@ -124,13 +127,13 @@ if triton is not None:
         l_i = l_i * alpha + tl.sum(p, 1)
         vt8 = tl.load(v_base + rd[:, None] * S_PAD + (j * BLOCK_N + rn)[None, :])
         vs = tl.load(vs_ptr + j)
-        # acc is kept in units of the current V block's scale, so the MMA accumulates in place
-        acc = acc * (alpha * (vs_prev / vs))[:, None]
+        # acc is kept in units of the current V block's scale
+        f = alpha * (vs_prev / vs)
         p8 = (p * 448.0).to(vt8.dtype)
-        if PRECISE_PV:  # promote the FP8 MMA's accumulator to fp32 after every step
-            acc = tl.dot(p8, tl.trans(vt8), acc, max_num_imprecise_acc=0)
-        else:  # Triton's default for FP8: never promoted (as cuBLAS's fast accumulation)
-            acc = tl.dot(p8, tl.trans(vt8), acc)
+        if PV_IN_MMA:  # the MMA accumulates in place: never promoted (Triton's FP8 default, as fast accumulation)
+            acc = tl.dot(p8, tl.trans(vt8), acc * f[:, None])
+        else:  # a fresh MMA per block, added in fp32 (tl.fma: not folded back into the MMA's accumulator)
+            acc = tl.fma(acc, tl.broadcast_to(f[:, None], acc.shape), tl.dot(p8, tl.trans(vt8)))
         return m_new, l_i, acc, vs
 
     @triton.jit
@@ -138,7 +141,7 @@ if triton is not None:
                   qk_scale,
                   stride_qb, stride_qs, stride_ob, stride_os,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr, PRECISE_PV: tl.constexpr = False):
+                  EXP: tl.constexpr, SPLIT_FP8: tl.constexpr, PV_IN_MMA: tl.constexpr = False):
         rm, bh, b, h = _program_rows(BLOCK_M, H)
         rd = tl.arange(0, D)
         rn = tl.arange(0, BLOCK_N)
@@ -156,10 +159,10 @@ if triton is not None:
         n_full = S // BLOCK_N
         for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base, j,
-                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP, PRECISE_PV)
+                                           S, S_PAD, rn, rd, D, BLOCK_N, False, EXP, PV_IN_MMA)
         if n_full * BLOCK_N < S:
             m_i, l_i, acc, vs = _attn_step(q8, row_scale, m_i, l_i, acc, vs, k_base, v_base, ks_base, vs_base,
-                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP, PRECISE_PV)
+                                           n_full, S, S_PAD, rn, rd, D, BLOCK_N, True, EXP, PV_IN_MMA)
         out = acc * (vs / 448.0) / l_i[:, None]
         if SPLIT_FP8:  # rows < LC to o_ptr [B*LC, H*D], the others to o2_ptr [B*(S-LC), H*D]; E4M3, own scales
             in_c = rm < LC
@@ -228,7 +231,7 @@ def attend(q, k8, vt8, ks, vs, heads: int, config=None, split_fp8=None):
                                                 nb, qk_scale, q.stride(0), q.stride(1), o.stride(0), o.stride(-2),
                                                 D=D, BLOCK_M=bm, BLOCK_N=bn, WARP_SPEC=bool(ws), EXP=exp & 1,
                                                 SPLIT_FP8=split_fp8 is not None,
-                                                PRECISE_PV=bool(exp & 2) and vt8.dtype == E4M3, num_warps=warps,
+                                                PV_IN_MMA=bool(exp & 2), num_warps=warps,
                                                 num_stages=stages)
     return o if split_fp8 is None else (o, o2)
 
