@@ -131,9 +131,11 @@ if triton is not None:
             g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
         else:  # exact GELU
             g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-        if INT8:
-            return round_int8(tl.clamp(g * inv, -127.0, 127.0))
-        return tl.clamp(g * inv, -448.0, 448.0)
+        if INT8:  # one return: Triton compiles both returns of an early-return and needs one type (int32 here)
+            q = round_int8(tl.clamp(g * inv, -127.0, 127.0))
+        else:
+            q = tl.clamp(g * inv, -448.0, 448.0)
+        return q
 
     @triton.jit
     def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,

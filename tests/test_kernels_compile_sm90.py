@@ -1,0 +1,111 @@
+"""Every Triton kernel variant the runtime launches, compiled for Hopper (sm_90) on this machine, no GPU needed.
+
+The Triton interpreter (the other CPU kernel tests) runs the kernels' Python, not Triton's compiler: code that
+the interpreter accepts can still fail to compile for a GPU (found on the H200: an early ``return`` of another
+dtype than the function's last one). This compiles each kernel through ptxas for sm_90 with the argument types
+and constexprs of its launch, and checks what the PTX must hold where a variant's point is an instruction choice.
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+triton = pytest.importorskip("triton")
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton.backends.nvidia  # noqa: F401 - the CUDA backend (and its ptxas) ships in Triton's wheel
+except ImportError as e:  # pragma: no cover - Triton builds without the CUDA backend
+    pytest.skip(f"Triton's CUDA backend is not importable: {e}", allow_module_level=True)
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles for a GPU: not under the Triton interpreter", allow_module_level=True)
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    """PTX of ``fn`` for sm_90: ``types`` for its non-constexpr arguments (default i32), ``constexprs`` for the
+    others (an omitted one takes its default)."""
+    sig, const = {}, {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const[p.name] = constexprs[p.name] if p.name in constexprs else p.default
+        else:
+            sig[p.name] = types.get(p.name, "i32")
+    unknown = set(types) - set(sig) | set(constexprs) - set(const)
+    assert not unknown, f"not arguments of {fn.__name__}: {unknown}"
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=HOPPER,
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    return c.asm["ptx"]
+
+
+def _gemm_types(fmt: str, c_block=None):
+    el = "i8" if fmt == "int8" else "fp8e4nv"
+    t = {"a_desc": f"tensordesc<{el}[128, 128]>", "b_desc": f"tensordesc<{el}[256, 128]>",
+         "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16"}
+    if c_block:
+        t["c_desc"] = f"tensordesc<{el}[128, {c_block}]>"
+    return t
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("ws,sub", [(False, False), (True, False), (True, True)])
+def test_fc1_kernel_compiles_for_hopper(fmt, ws, sub):
+    from fp8.gemm import _fc1_gelu_q
+    ptx = compile_sm90(_fc1_gelu_q, dict(_gemm_types(fmt, 128 if sub else 256), inv_ptr="*fp32"),
+                       dict(NUM_SMS=132, BM=128, BN=256, BK=128, G=8, PER_CHANNEL=fmt == "int8", HAS_BIAS=True,
+                            TANH=True, WARP_SPEC=ws, SUBTILE=sub, INT8=fmt == "int8"), num_warps=8, num_stages=4)
+    if fmt == "int8":  # exact int32 MMA; rounding by the FP32 magic-number add, no float-to-int conversion
+        assert "wgmma" in ptx and ".s8.s8" in ptx and "0f4B400000" in ptx and "cvt.rzi" not in ptx
+    else:
+        assert "e4m3" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+
+@pytest.mark.parametrize("fmt,precise", [("e4m3", False), ("e4m3", True), ("int8", False)])
+@pytest.mark.parametrize("ws,sub", [(False, False), (True, True)])
+def test_fc2_kernel_compiles_for_hopper(fmt, precise, ws, sub):
+    from fp8.gemm import _fc2_residual
+    compile_sm90(_fc2_residual, dict(_gemm_types(fmt), res_ptr="*bf16", gate_ptr="*bf16", out_ptr="*bf16"),
+                 dict(NUM_SMS=132, BM=128, BN=256, BK=128, G=8, PER_CHANNEL=fmt == "int8", HAS_BIAS=True,
+                      PRECISE=precise, WARP_SPEC=ws, SUBTILE=sub, INT8=fmt == "int8"), num_warps=8)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("res", [False, True])
+def test_norm_kernel_compiles_for_hopper(int8, res):
+    from fp8.norm import _ln_mod_q
+    ptx = compile_sm90(_ln_mod_q, dict(x_ptr="*bf16", y_ptr="*bf16", g_ptr="*bf16", sh_ptr="*bf16", sc_ptr="*bf16",
+                                       inv_ptr="*fp32", xo_ptr="*bf16", h_ptr="*i8" if int8 else "*fp8e4nv",
+                                       eps="fp32"),
+                       dict(HAS_RES=res, BLOCK=4096, INT8=int8, MIN_SCALE=1e-12), num_warps=8)
+    assert ("0f4B400000" in ptx) == int8
+
+
+@pytest.mark.parametrize("exp", [0, 1, 2, 3])
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_kernel_compiles_for_hopper(exp, split):
+    """Both exp2 forms and both P·V accumulations (by default a fresh MMA per key block added with an FMA, with
+    exp mode bit 1 inside the MMA's accumulator), BF16 or split E4M3 output."""
+    from fp8.attention import _attn_fwd, _quant_kv
+    o = "*fp8e4nv" if split else "*bf16"
+    ptx = compile_sm90(_attn_fwd, dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32",
+                                       vs_ptr="*fp32", o_ptr=o, o2_ptr=o, inv_ptr="*fp32", inv2_ptr="*fp32",
+                                       qk_scale="fp32"),
+                       dict(D=64, BLOCK_M=64, BLOCK_N=64, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
+                            PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3)
+    assert "wgmma" in ptx and "e4m3" in ptx and "ex2.approx" in ptx
+    compile_sm90(_quant_kv, dict(k_ptr="*bf16", v_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv",
+                                 ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=64, V_FP8=True))
+
+
+@pytest.mark.parametrize("fp8_kv", [False, True])
+def test_joint_prologue_compiles_for_hopper(fp8_kv):
+    from fp8.joint import _joint_prologue
+    kv = "*fp8e4nv" if fp8_kv else "*bf16"
+    compile_sm90(_joint_prologue, dict(c_ptr="*bf16", x_ptr="*bf16", wqc_ptr="*bf16", wkc_ptr="*bf16",
+                                       wqx_ptr="*bf16", wkx_ptr="*bf16", q_ptr="*bf16", k_ptr=kv, v_ptr=kv,
+                                       ks_ptr="*fp32", vs_ptr="*fp32", eps="fp32"),
+                 dict(D=64, BLOCK_N=64, NORM=True, FP8_KV=fp8_kv))
