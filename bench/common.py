@@ -49,6 +49,23 @@ def import_glue(comfy_dir: str, cpu: bool = False):
     return importlib.import_module("sd35pack.nodes.glue")
 
 
+def set_attention_config(head_dim: int, spec: str) -> tuple:
+    """Run the FP8 attention kernel with ``spec`` ("BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode") for
+    ``head_dim`` instead of fp8.attention.ATTN_CONFIG's, in every import of the module (the pack is imported
+    as ``fp8`` and as ``sd35pack.fp8``; the custom op runs the first one's code). Returns the config."""
+    import importlib
+    cfg = tuple(int(v) for v in spec.split(","))
+    if len(cfg) != 6:
+        raise SystemExit(f"--attn-config needs 6 comma-separated integers, got {spec!r}")
+    cfg = (*cfg[:4], bool(cfg[4]), cfg[5])
+    for name in ("fp8.attention", "sd35pack.fp8.attention"):
+        try:
+            importlib.import_module(name).ATTN_CONFIG[head_dim] = cfg
+        except ImportError:
+            pass
+    return cfg
+
+
 def state_dict(variant: str, device: str = "cuda", seed: int = 0, depth: int | None = None):
     """Random weights (std 0.02) in the official key layout, generated on ``device`` (fast on a GPU)."""
     import torch

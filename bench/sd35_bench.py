@@ -101,11 +101,16 @@ def main():
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp")
+    ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
+                    "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    notes = []
     glue = common.import_glue(a.comfy)
+    if a.attn_config:
+        notes.append(f"FP8 attention config (head dim 64): {common.set_attention_config(64, a.attn_config)}")
     import torch
     from safetensors.torch import save_file
     import comfy.model_management as mm
@@ -114,7 +119,7 @@ def main():
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     dev = mm.get_torch_device()
-    rows, notes = [], []
+    rows = []
     b2 = common.denoiser_inputs(2, a.size, dev)
     b8 = common.denoiser_inputs(8, a.size, dev)
 
