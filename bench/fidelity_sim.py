@@ -30,7 +30,8 @@ matmul: the rounding error of a real FP8/INT8 kernel, not its accumulation order
   (``fp8.attention.fp8_attention`` on BF16 q/k/v, as the runtime calls it): set beside `` + fp8 attention``, the
   model-level error the kernel adds beyond its roundings; `` + fp8 attention kernel in-MMA``: the kernel as before
   12-02, P·V accumulated inside the FP8 MMA over all keys (Hopper's unpromoted accumulator: that was the extra error);
-  `` + bf16 attention``: SDPA on BF16 q/k/v (the share of the kernel's BF16 inputs).
+  `` + bf16 attention``: SDPA on BF16 q/k/v (the share of the kernel's BF16 inputs); `` + fp8 attention 128``:
+  the simulated roundings with K/V scales per 128 keys (the kernel's 128-key-block config).
 
 Errors = relative L2 vs the unquantized model, of the model output (v) and of the denoised latent x - sigma*v
 (what bench/sd35_bench.py compares); the ratio to ``stock fast``'s error is what the target bounds (<= 0.333). The 6-block GPU profile model showed the same ours/fast ratio as the
@@ -95,6 +96,7 @@ FP8_ATTN = " + fp8 attention"
 FP8_KERNEL = " + fp8 attention kernel"
 FP8_KERNEL_IN_MMA = " + fp8 attention kernel in-MMA"
 BF16_ATTN = " + bf16 attention"
+FP8_ATTN_128 = " + fp8 attention 128"
 
 
 def bf16_attention(q, k, v, heads, **kwargs):
@@ -221,6 +223,7 @@ def main():
         mmdit.optimized_attention = sdpa
         in_mma = lambda *a, **k: fp8_attention_kernel(*a, in_mma=True, **k)  # noqa: E731
         for suffix, fn in ((FP8_KERNEL_IN_MMA, in_mma), (FP8_KERNEL, fp8_attention_kernel),
+                           (FP8_ATTN_128, lambda *a, **k: fp8_attention_sim(*a, block=128, **k)),
                            (FP8_ATTN, fp8_attention_sim), (BF16_ATTN, bf16_attention)):
             if config.endswith(suffix):
                 mmdit.optimized_attention, config = fn, config[:-len(suffix)]

@@ -84,9 +84,9 @@ def test_norm_kernel_compiles_for_hopper(int8, res):
     assert ("0f4B400000" in ptx) == int8
 
 
-@pytest.mark.parametrize("exp", [0, 1, 2, 3])
+@pytest.mark.parametrize("exp,block_n", [(0, 64), (1, 64), (2, 64), (3, 64), (1, 128)])
 @pytest.mark.parametrize("split", [False, True])
-def test_attention_kernel_compiles_for_hopper(exp, split):
+def test_attention_kernel_compiles_for_hopper(exp, block_n, split):
     """Both exp2 forms and both P·V accumulations (by default a fresh MMA per key block added with an FMA, with
     exp mode bit 1 inside the MMA's accumulator), BF16 or split E4M3 output."""
     from fp8.attention import _attn_fwd, _quant_kv
@@ -94,18 +94,18 @@ def test_attention_kernel_compiles_for_hopper(exp, split):
     ptx = compile_sm90(_attn_fwd, dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32",
                                        vs_ptr="*fp32", o_ptr=o, o2_ptr=o, inv_ptr="*fp32", inv2_ptr="*fp32",
                                        qk_scale="fp32"),
-                       dict(D=64, BLOCK_M=64, BLOCK_N=64, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
+                       dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
                             PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3)
     assert "wgmma" in ptx and "e4m3" in ptx and "ex2.approx" in ptx
     compile_sm90(_quant_kv, dict(k_ptr="*bf16", v_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv",
-                                 ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=64, V_FP8=True))
+                                 ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=block_n, V_FP8=True))
 
 
-@pytest.mark.parametrize("fp8_kv", [False, True])
-def test_joint_prologue_compiles_for_hopper(fp8_kv):
+@pytest.mark.parametrize("fp8_kv,block_n", [(False, 64), (True, 64), (True, 128)])
+def test_joint_prologue_compiles_for_hopper(fp8_kv, block_n):
     from fp8.joint import _joint_prologue
     kv = "*fp8e4nv" if fp8_kv else "*bf16"
     compile_sm90(_joint_prologue, dict(c_ptr="*bf16", x_ptr="*bf16", wqc_ptr="*bf16", wkc_ptr="*bf16",
                                        wqx_ptr="*bf16", wkx_ptr="*bf16", q_ptr="*bf16", k_ptr=kv, v_ptr=kv,
                                        ks_ptr="*fp32", vs_ptr="*fp32", eps="fp32"),
-                 dict(D=64, BLOCK_N=64, NORM=True, FP8_KV=fp8_kv))
+                 dict(D=64, BLOCK_N=block_n, NORM=True, FP8_KV=fp8_kv))
