@@ -25,19 +25,23 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, aligned=()):
     """PTX of ``fn`` for sm_90: ``types`` for its non-constexpr arguments (default i32), ``constexprs`` for the
-    others (an omitted one takes its default)."""
-    sig, const = {}, {}
-    for p in fn.params:
+    others (an omitted one takes its default). As at a real launch, pointers are 16-byte aligned and the integer
+    arguments named in ``aligned`` divisible by 16 (Triton specializes on both: without it, loads would compile
+    as single bytes and not be what the GPU runs)."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
             const[p.name] = constexprs[p.name] if p.name in constexprs else p.default
         else:
             sig[p.name] = types.get(p.name, "i32")
-    unknown = set(types) - set(sig) | set(constexprs) - set(const)
+            if sig[p.name].startswith("*") or p.name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    unknown = set(types) - set(sig) | set(constexprs) - set(const) | set(aligned) - set(sig)
     assert not unknown, f"not arguments of {fn.__name__}: {unknown}"
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=HOPPER,
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=HOPPER,
                        options={"num_warps": num_warps, "num_stages": num_stages})
     return c.asm["ptx"]
 
@@ -95,10 +99,13 @@ def test_attention_kernel_compiles_for_hopper(exp, block_n, split):
                                        vs_ptr="*fp32", o_ptr=o, o2_ptr=o, inv_ptr="*fp32", inv2_ptr="*fp32",
                                        qk_scale="fp32"),
                        dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
-                            PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3)
+                            PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3,
+                       aligned=("S_PAD", "stride_qb", "stride_qs", "stride_ob", "stride_os"))
     assert "wgmma" in ptx and "e4m3" in ptx and "ex2.approx" in ptx
+    assert "cp.async" in ptx and "ld.global.u8" not in ptx  # K/V tiles pipelined, in 16-byte copies
     compile_sm90(_quant_kv, dict(k_ptr="*bf16", v_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv",
-                                 ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=block_n, V_FP8=True))
+                                 ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=block_n, V_FP8=True),
+                 aligned=("S_PAD", "stride_kb", "stride_ks", "stride_vb", "stride_vs"))
 
 
 @pytest.mark.parametrize("fp8_kv,block_n", [(False, 64), (True, 64), (True, 128)])
