@@ -38,8 +38,8 @@ from .kernels import custom_op_once
 # 0.0486 simulated; promoted 0.0488, bench/results/2026-12-02_h200_fp8_attention_accumulation.md). By default
 # each block's P·V is a fresh MMA added to the fp32 accumulator with the rescale's FMA (Triton's
 # max_num_imprecise_acc=0 promotes too, but measured 1.6x the kernel time; the FMA: +2.5% at 64-key blocks).
-# Measured slower, and removed: half of the exponentials as an FMA-unit polynomial (the kernel is not bound by the MUFU unit:
-# bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum instead of ×448,
+# Measured slower, and removed: half of the exponentials as an FMA-unit polynomial (the kernel is not bound by
+# the MUFU unit: bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum instead of ×448,
 # lazy rescaling, K/V scales loaded a step ahead, register caps (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
 # With the promotion, 128-key blocks time 799.8 µs at Large joint b2 vs 819.8 for 64 (one FMA rescale per 128 keys;
 # the unpromoted 64-key kernel: 797.4; H200, bench/results/2026-12-02_h200_fp8_attention_accumulation.md); kept at
