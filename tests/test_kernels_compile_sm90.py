@@ -25,11 +25,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, aligned=()):
+def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, aligned=(),
+                 sass: bool = False):
     """PTX of ``fn`` for sm_90: ``types`` for its non-constexpr arguments (default i32), ``constexprs`` for the
     others (an omitted one takes its default). As at a real launch, pointers are 16-byte aligned and the integer
     arguments named in ``aligned`` divisible by 16 (Triton specializes on both: without it, loads would compile
-    as single bytes and not be what the GPU runs)."""
+    as single bytes and not be what the GPU runs). ``sass``: the machine code instead of the PTX."""
     sig, const, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -43,7 +44,20 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stag
     assert not unknown, f"not arguments of {fn.__name__}: {unknown}"
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=HOPPER,
                        options={"num_warps": num_warps, "num_stages": num_stages})
-    return c.asm["ptx"]
+    return c.asm["ptx"] if not sass else _disassemble(c.asm["cubin"])
+
+
+def _disassemble(cubin: bytes) -> str:
+    """SASS of a cubin (nvdisasm from Triton's CUDA backend)."""
+    import subprocess
+    import tempfile
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        pytest.skip("Triton's wheel has no nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def _gemm_types(fmt: str, c_block=None):
@@ -106,6 +120,34 @@ def test_attention_kernel_compiles_for_hopper(exp, block_n, split):
     compile_sm90(_quant_kv, dict(k_ptr="*bf16", v_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv",
                                  ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=block_n, V_FP8=True),
                  aligned=("S_PAD", "stride_kb", "stride_ks", "stride_vb", "stride_vs"))
+
+
+ATTN_TYPES = dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32", vs_ptr="*fp32",
+                  o_ptr="*bf16", o2_ptr="*bf16", inv_ptr="*fp32", inv2_ptr="*fp32", qk_scale="fp32")
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_attention_promotes_pv_out_of_the_fp8_mma_accumulator(block_n):
+    """By default every FP8 MMA chain of the attention loop starts from a zero accumulator (``RZ``): each key
+    block's P·V is added to the fp32 accumulator outside the MMA (Hopper's FP8 MMA keeps fewer accumulator bits:
+    over 4250 keys that was measurable error on the GPU). Exp mode bit 1 (the old kernel) chains P·V onto the
+    running accumulator inside the MMA: the same check sees it."""
+    import re
+    from fp8.attention import _attn_fwd
+
+    def chain_starts(in_mma):
+        code = compile_sm90(_attn_fwd, ATTN_TYPES, dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=1,
+                                                        SPLIT_FP8=False, PV_IN_MMA=in_mma), sass=True,
+                            aligned=("S_PAD", "stride_qb", "stride_qs", "stride_ob", "stride_os"))
+        # each MMA chain (one tl.dot: K in steps of 32) opens with WARPGROUP.ARRIVE; its first MMA's accumulator
+        # operand is RZ (starts from zero) or a register (adds onto that accumulator)
+        starts = re.findall(r"WARPGROUP\.ARRIVE[^;]*;(?:(?!QGMMA).)*?QGMMA\.\S+ R\d+, \S+, gdesc\[\w+\], (\w+)",
+                            code, re.S)
+        assert starts, "no FP8 MMA in the attention kernel"
+        return starts
+
+    assert set(chain_starts(False)) == {"RZ"}
+    assert set(chain_starts(True)) != {"RZ"}
 
 
 @pytest.mark.parametrize("fp8_kv,block_n", [(False, 64), (True, 64), (True, 128)])
