@@ -229,8 +229,7 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
     M, K = xq.shape
     N = w8.shape[0]
     int8 = _int8(xq, w8)
-    if int8 and x_scale.shape != (M,):
-        raise ValueError(f"INT8 activations take one scale per row: expected x_scale [{M}], got {tuple(x_scale.shape)}")
+    _check_fc1_scale(xq, x_scale)
     config = config or FC1_CONFIG
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
@@ -241,6 +240,13 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
                       HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
                       INT8=int8, num_warps=warps, num_stages=stages)
     return out
+
+
+def _check_fc1_scale(xq: torch.Tensor, x_scale: torch.Tensor) -> None:
+    """fc1's INT8 activations come with one scale per row (per token)."""
+    if xq.dtype == torch.int8 and x_scale.shape != (xq.shape[0],):
+        raise ValueError(f"INT8 activations take one scale per row: expected x_scale [{xq.shape[0]}], got "
+                         f"{tuple(x_scale.shape)}")
 
 
 def _dequant_input(xq, x_scale) -> torch.Tensor:
@@ -349,9 +355,7 @@ def fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w
     if approximate not in GELU_MODES:
         raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
     _check_operands(xq, w8)
-    if xq.dtype == torch.int8 and x_scale.shape != (xq.shape[0],):
-        raise ValueError(f"INT8 activations take one scale per row: expected x_scale [{xq.shape[0]}], got "
-                         f"{tuple(x_scale.shape)}")
+    _check_fc1_scale(xq, x_scale)
     return _fp8_linear_gelu(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
 
 

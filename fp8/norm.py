@@ -24,7 +24,7 @@ try:
 except Exception:  # noqa: BLE001
     triton = None
 
-from .formats import E4M3, quantize_inv
+from .formats import E4M3, MIN_SCALE, quantize_inv
 from .kernels import custom_op_once
 from .linear import int8_quantize_rows
 
@@ -108,7 +108,6 @@ def _launch(x, y, gate, shift, scale, inv, eps):
 
 
 def _launch_int8(x, y, gate, shift, scale, eps):
-    from .formats import MIN_SCALE
     B, L, C = x.shape
     h8 = torch.empty((B * L, C), device=x.device, dtype=torch.int8)
     rs = torch.empty((B * L,), device=x.device, dtype=torch.float32)
