@@ -95,16 +95,15 @@ INT8_CONFIGS = [FC1_CONFIG, FC2_CONFIG, (128, 256, 128, 8, 8, 3), (128, 256, 128
 def mlp_operands(fmt: str, x, w1, w2):
     """(x_q, x_scale, fc1 weight and scale, fc2 weight and scale, h scale) of one format: INT8 per token / per row,
     or E4M3 per tensor; fc2's input scale from the exact hidden activation's amax (a calibrated static scale)."""
+    from fp8.formats import saturating_cast
+    from fp8.linear import int8_quantize_rows
     from fp8.quant import quantize_weight
     h_amax = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1), approximate="tanh").abs().amax()
     if fmt == "int8":
-        sx = (x.abs().amax(1) / 127).clamp_min(1e-8)
-        xq = (x / sx[:, None]).round().clamp(-127, 127).to(torch.int8)
-        return (xq, sx, *quantize_weight(w1, "int8_per_channel"), *quantize_weight(w2, "int8_per_channel"),
-                (h_amax / 127).reshape(()))
+        return (*int8_quantize_rows(x), *quantize_weight(w1, "int8_per_channel"),
+                *quantize_weight(w2, "int8_per_channel"), (h_amax / 127).reshape(()))
     sx = (x.abs().amax() / 448).reshape(())
-    return ((x / sx).clamp(-448, 448).to(E4M3), sx, *quantize_weight(w1), *quantize_weight(w2),
-            (h_amax / 448).reshape(()))
+    return saturating_cast(x, sx), sx, *quantize_weight(w1), *quantize_weight(w2), (h_amax / 448).reshape(())
 
 
 def int8_main():
