@@ -102,28 +102,30 @@ def test_norm_kernel_compiles_for_hopper(int8, res):
     assert ("0f4B400000" in ptx) == int8
 
 
+def compile_attention(block_n: int, exp: int = 1, split: bool = False, sass: bool = False) -> str:
+    """The attention kernel as fp8.attention.attend launches it (BF16 q, E4M3 K/V, BF16 or split E4M3 output)."""
+    from fp8.attention import _attn_fwd
+    o = "*fp8e4nv" if split else "*bf16"
+    return compile_sm90(_attn_fwd, dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32",
+                                        vs_ptr="*fp32", o_ptr=o, o2_ptr=o, inv_ptr="*fp32", inv2_ptr="*fp32",
+                                        qk_scale="fp32"),
+                        dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
+                             PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3, sass=sass,
+                        aligned=("S_PAD", "stride_qb", "stride_qs", "stride_ob", "stride_os"))
+
+
 @pytest.mark.parametrize("exp,block_n", [(0, 64), (1, 64), (2, 64), (3, 64), (1, 128)])
 @pytest.mark.parametrize("split", [False, True])
 def test_attention_kernel_compiles_for_hopper(exp, block_n, split):
     """Both exp2 forms and both P·V accumulations (by default a fresh MMA per key block added with an FMA, with
     exp mode bit 1 inside the MMA's accumulator), BF16 or split E4M3 output."""
-    from fp8.attention import _attn_fwd, _quant_kv
-    o = "*fp8e4nv" if split else "*bf16"
-    ptx = compile_sm90(_attn_fwd, dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32",
-                                       vs_ptr="*fp32", o_ptr=o, o2_ptr=o, inv_ptr="*fp32", inv2_ptr="*fp32",
-                                       qk_scale="fp32"),
-                       dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=exp & 1, SPLIT_FP8=split,
-                            PV_IN_MMA=bool(exp & 2)), num_warps=4, num_stages=3,
-                       aligned=("S_PAD", "stride_qb", "stride_qs", "stride_ob", "stride_os"))
+    from fp8.attention import _quant_kv
+    ptx = compile_attention(block_n, exp, split)
     assert "wgmma" in ptx and "e4m3" in ptx and "ex2.approx" in ptx
     assert "cp.async" in ptx and "ld.global.u8" not in ptx  # K/V tiles pipelined, in 16-byte copies
     compile_sm90(_quant_kv, dict(k_ptr="*bf16", v_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv",
                                  ks_ptr="*fp32", vs_ptr="*fp32"), dict(D=64, BLOCK_N=block_n, V_FP8=True),
                  aligned=("S_PAD", "stride_kb", "stride_ks", "stride_vb", "stride_vs"))
-
-
-ATTN_TYPES = dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32", vs_ptr="*fp32",
-                  o_ptr="*bf16", o2_ptr="*bf16", inv_ptr="*fp32", inv2_ptr="*fp32", qk_scale="fp32")
 
 
 @pytest.mark.parametrize("block_n", [64, 128])
@@ -133,12 +135,9 @@ def test_attention_promotes_pv_out_of_the_fp8_mma_accumulator(block_n):
     over 4250 keys that was measurable error on the GPU). Exp mode bit 1 (the old kernel) chains P·V onto the
     running accumulator inside the MMA: the same check sees it."""
     import re
-    from fp8.attention import _attn_fwd
 
     def chain_starts(in_mma):
-        code = compile_sm90(_attn_fwd, ATTN_TYPES, dict(D=64, BLOCK_M=64, BLOCK_N=block_n, WARP_SPEC=False, EXP=1,
-                                                        SPLIT_FP8=False, PV_IN_MMA=in_mma), sass=True,
-                            aligned=("S_PAD", "stride_qb", "stride_qs", "stride_ob", "stride_os"))
+        code = compile_attention(block_n, exp=3 if in_mma else 1, sass=True)
         # each MMA chain (one tl.dot: K in steps of 32) opens with WARPGROUP.ARRIVE; its first MMA's accumulator
         # operand is RZ (starts from zero) or a register (adds onto that accumulator)
         starts = re.findall(r"WARPGROUP\.ARRIVE[^;]*;(?:(?!QGMMA).)*?QGMMA\.\S+ R\d+, \S+, gdesc\[\w+\], (\w+)",
