@@ -6,6 +6,7 @@ as cuBLAS + that add compiled.
 
     python3 bench/fc1_sweep.py [--fc2]    # Large (hidden 2432) and Medium (1536), CFG batch 2
     python3 bench/fc1_sweep.py --int8     # the W8A8 INT8 kernels vs the E4M3 ones: µs and the MLP's error
+    python3 bench/fc1_sweep.py --gelu     # fc1's epilogue GELU instructions (fp8.gemm.GELU_IMPL 0/1/2), both formats
 
 ``--int8`` times fc1 and fc2 with INT8 operands (per-token input scales into fc1, INT8 output at a static scale,
 per-row weight scales) against the same kernels with E4M3 operands, for a few configs each, and the MLP's relative
@@ -141,8 +142,42 @@ def int8_main():
                     print(f"  {fmt} {cfg}: fc1 {t1[cfg] * 1e3:.1f} µs, fc2 {t2[cfg] * 1e3:.1f} µs", flush=True)
 
 
+def gelu_main():
+    """fc1 with each of fp8.gemm.GELU_IMPL's epilogue GELUs (default config), E4M3 and INT8: µs, the share of outputs
+    that differ from the unfused fp32 reference (E4M3 by more than a step's tolerance, INT8 by any step) and the MLP
+    branch's error vs fp32 (what the model sees)."""
+    from fp8.gemm import reference as fc1_reference
+    print("| shape | format | GELU_IMPL | fc1 µs | outputs off the reference | INT8 max step diff | MLP err vs fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(m, c, device="cuda", generator=g)
+        w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
+        w2 = torch.randn(c, 4 * c, device="cuda", generator=g) * 0.02
+        b1, b2 = (torch.randn(n, device="cuda", generator=g).bfloat16() * 0.02 for n in (4 * c, c))
+        res = torch.randn(m, c, device="cuda", generator=g).bfloat16()
+        gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
+        h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
+        exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
+        for fmt in ("e4m3", "int8"):
+            xq, sx, q1, s1, q2, s2, sh = mlp_operands(fmt, x, w1, w2)
+            ref = fc1_reference(xq, q1, sx, s1, b1, 1 / sh).float()
+            for impl in (0, 1, 2):
+                h8 = _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh", gelu_impl=impl)
+                ms = triton.testing.do_bench(lambda: _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh", gelu_impl=impl),
+                                             warmup=25, rep=200)
+                d = (h8.float() - ref).abs()
+                off = float((d > (0 if fmt == "int8" else ref.abs() * 0.13 + 1e-2)).float().mean())
+                out = _launch_residual(h8, q2, sh, s2, b2, res, gate)
+                err = float((out.float() - res.float() - exact).norm() / exact.norm())
+                step = f"{float(d.max()):.0f}" if fmt == "int8" else "-"
+                print(f"| {name} | {fmt} | {impl} | {ms * 1e3:.1f} | {off:.2e} | {step} | {err:.5f} |", flush=True)
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if "--gelu" in sys.argv:
+        return gelu_main()
     if "--fc2" in sys.argv:
         return fc2_main()
     if "--int8" in sys.argv:

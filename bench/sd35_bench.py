@@ -100,7 +100,8 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
-                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp")
+                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
+                    "cuDNN attention; its FP8-attention row still runs)")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--out")
@@ -284,6 +285,8 @@ def main():
             cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
                                      "euler", "sgm_uniform", a.size, a.size, 0)
             for attn in attns:
+                if key == "int8_mlp" and attn == "auto" and "int8_mlp_cudnn" in skip:
+                    continue
                 torch._dynamo.reset()
                 i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
                 measure(variant, f"ours FP8 with {label}, all speed features"

@@ -42,9 +42,11 @@ from .kernels import custom_op_once
 # the MUFU unit: bench/results/2026-11-27_h200_attention_exp_fc1_sweep.md); P scaled by a shifted row maximum instead of ×448,
 # lazy rescaling, K/V scales loaded a step ahead, register caps (bench/results/2026-12-02_h200_sd35_bench_fc2_ws.md).
 # With the promotion, 128-key blocks time 799.8 µs at Large joint b2 vs 819.8 for 64 (one FMA rescale per 128 keys;
-# the unpromoted 64-key kernel: 797.4; H200, bench/results/2026-12-02_h200_fp8_attention_accumulation.md); kept at
-# 64 until the model-level error and the runtime's GPU tests have run with 128-key K/V scale blocks.
-ATTN_CONFIG = {64: (64, 64, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
+# the unpromoted 64-key kernel: 797.4; H200, bench/results/2026-12-02_h200_fp8_attention_accumulation.md). With
+# 128-key K/V scale blocks the full Large model's error equals cuDNN BF16 attention's (denoiser 0.0645 vs 0.0646,
+# final latent 0.0887 vs 0.0881; bench/results/2026-12-02_h200_sd35_bench_int8_mlp_full_depth.md), so they are the
+# default for head dim 64 (SD3.5); head dim 128 keeps 64-key blocks (not measured).
+ATTN_CONFIG = {64: (64, 128, 4, 3, False, 1), 128: (64, 64, 4, 3, False, 1)}
 HEAD_DIMS = (64, 128)
 EXP_MODES = (0, 1, 2, 3)
 

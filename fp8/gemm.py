@@ -47,6 +47,17 @@ FC1_CONFIG = (128, 256, 128, 8, 8, 4, True, False)
 FC2_CONFIG = (128, 256, 128, 8, 8, 3, True, True)
 FC2_CONFIG_FEW_TILES = (128, 128, 128, 8, 8, 4)
 GELU_MODES = ("tanh", "none")
+# How fc1's epilogue computes the tanh GELU on a GPU (Triton's interpreter, i.e. CPU tensors, always takes 0):
+# 0 ``h·tl.sigmoid(2u)``: exp2 and division with denormal fix-ups (≈58 SASS instructions per INT8 element, the
+#   epilogue's bulk; it does not overlap the MMAs on Hopper, where the accumulator lives in the MMA warps' registers);
+# 1 the same formula with ``ex2.approx.ftz`` and ``rcp.approx.ftz`` (two MUFU instructions, no fix-ups; both are
+#   exact to ~2^-22, far under the 8-bit output's step);
+# 2 ``0.5·h·(1 + tanh.approx(u))``: one MUFU instruction (max error ~2^-11 in tanh: within an E4M3 step, a few
+#   INT8 outputs one step off). The default: H200, ``bench/fc1_sweep.py --gelu`` (2026-12-02), Large fc1 INT8
+#   395.5 / 361.4 / 349.3 µs for 0 / 1 / 2, E4M3 318.1 / 319.7 / 307.4; Medium INT8 196.5 / 168.1 / 161.3, E4M3
+#   154.5 / 142.7 / 135.0; the MLP's error vs fp32 unchanged (0.02424 INT8, 0.05401 E4M3, every impl), INT8 outputs
+#   off the reference 2.4e-5 (vs 7.6e-6), never more than one step.
+GELU_IMPL = 2
 _SMS: dict[int, int] = {}  # SM count per device; filled inside the custom op only (never in traced code)
 
 
@@ -121,27 +132,48 @@ if triton is not None:
         return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
 
     @triton.jit
+    def _asm1(x, op: tl.constexpr):
+        """One PTX unary float instruction ``op`` (e.g. "tanh.approx.f32") per element."""
+        return tl.inline_asm_elementwise(op + " $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _gelu_tanh_scaled(h, inv, IMPL: tl.constexpr):
+        """inv·GELU_tanh(h) = inv·0.5·h·(1 + tanh(u)) = inv·h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); IMPL as
+        GELU_IMPL."""
+        if IMPL == 2:
+            t = _asm1(h * (0.7978845608028654 + 0.035677408136300125 * (h * h)), "tanh.approx.f32")
+            hi = h * (0.5 * inv)
+            g = tl.fma(hi, t, hi)
+        elif IMPL == 1:  # 1 / (1 + 2^(-2u·log2 e)): -2√(2/π)·log2(e) and its 0.044715 multiple folded
+            e = _asm1(h * (-2.302208198144325 + -0.1029432395800235 * (h * h)), "ex2.approx.ftz.f32")
+            g = (h * inv) * _asm1(1.0 + e, "rcp.approx.ftz.f32")
+        else:
+            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h)) * inv
+        return g
+
+    @triton.jit
     def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                TANH: tl.constexpr, INT8: tl.constexpr = False):
+                TANH: tl.constexpr, INT8: tl.constexpr = False, IMPL: tl.constexpr = 0):
         """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, scaled by fc2's static input scale and
         clamped (before the cast: out of range becomes NaN on CUDA); for INT8 to ±127 and rounded to nearest
-        (fp8.kernels.round_int8), with per-row ``sa``."""
+        (fp8.kernels.round_int8), with per-row ``sa``. ``IMPL``: the tanh GELU's instructions (GELU_IMPL)."""
         h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS, INT8)
-        if TANH:  # 0.5·h·(1 + tanh(u)) = h·sigmoid(2u), u = √(2/π)·(h + 0.044715·h³); 2√(2/π) below
-            g = h * tl.sigmoid(1.5957691216057308 * (h + 0.044715 * h * h * h))
+        if TANH:
+            g = _gelu_tanh_scaled(h, inv, IMPL)
         else:  # exact GELU
-            g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+            g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476)) * inv
         if INT8:  # one return: Triton compiles both returns of an early-return and needs one type (int32 here)
-            q = round_int8(tl.clamp(g * inv, -127.0, 127.0))
+            q = round_int8(tl.clamp(g, -127.0, 127.0))
         else:
-            q = tl.clamp(g * inv, -448.0, 448.0)
+            q = tl.clamp(g, -448.0, 448.0)
         return q
 
     @triton.jit
     def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
-                    WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False, INT8: tl.constexpr = False):
+                    WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False, INT8: tl.constexpr = False,
+                    IMPL: tl.constexpr = 0):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
         inv = tl.load(inv_ptr)
@@ -156,13 +188,14 @@ if triton is not None:
             if SUBTILE:  # c_desc's block is [BM, BN / 2]
                 a0, a1 = _halves(acc, BM, BN)
                 rn = pn * BN + tl.arange(0, BN // 2)
-                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
+                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL)
                 c_desc.store([pm * BM, pn * BN], g0.to(c_desc.dtype))
-                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
+                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH, INT8,
+                             IMPL)
                 c_desc.store([pm * BM, pn * BN + BN // 2], g1.to(c_desc.dtype))
             else:
                 rn = pn * BN + tl.arange(0, BN)
-                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8)
+                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL)
                 c_desc.store([pm * BM, pn * BN], g.to(c_desc.dtype))
 
     @triton.jit
@@ -223,7 +256,7 @@ def _int8(xq, w8) -> bool:
     return xq.dtype == torch.int8
 
 
-def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None):
+def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None, gelu_impl=None):
     """fc1's kernel. E4M3 operands: ``x_scale`` 0-d, E4M3 output. INT8 operands (W8A8): ``x_scale`` one scale per
     row of ``xq`` (per token) and the output is INT8 (``out_inv`` the static inverse scale of fc2's INT8 input)."""
     M, K = xq.shape
@@ -238,8 +271,16 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
                       x_scale.to(torch.float32), ws, bias if bias is not None else ws, out_inv.to(torch.float32), M, N,
                       K, NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1,
                       HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
-                      INT8=int8, num_warps=warps, num_stages=stages)
+                      INT8=int8, IMPL=_gelu_impl(xq, gelu_impl), num_warps=warps, num_stages=stages)
     return out
+
+
+def _gelu_impl(xq: torch.Tensor, impl=None) -> int:
+    """GELU_IMPL (or ``impl``) on a GPU; 0 under Triton's interpreter (CPU tensors: no PTX to run)."""
+    impl = GELU_IMPL if impl is None else int(impl)
+    if impl not in (0, 1, 2):
+        raise ValueError(f"gelu_impl must be 0, 1 or 2, got {impl}")
+    return impl if xq.is_cuda else 0
 
 
 def _check_fc1_scale(xq: torch.Tensor, x_scale: torch.Tensor) -> None:

@@ -223,13 +223,15 @@ def test_fused_joint_prologue_computes_comfyuis_split_norm_concat(lc, lx, d, nor
 
 
 @fp8_gpu
-def test_fused_joint_attention_with_128_key_blocks_matches_the_unfused_prologue(monkeypatch):
-    """The 128-key-block config (``sd35_bench --attn-config 64,128,4,3,0,1``): the joint prologue's K/V scale
-    blocks follow ATTN_CONFIG's BLOCK_N; at SD3.5 Large's joint shape (154 + 4096 tokens: a partial tail block)
-    the fused path and the unfused prologue + kernel are equally close to the exact attention."""
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_fused_joint_attention_with_either_key_block_matches_the_unfused_prologue(monkeypatch, block_n):
+    """Both key-block sizes (the default 128 and the earlier 64, ``sd35_bench --attn-config 64,64,4,3,0,1``): the
+    joint prologue's K/V scale blocks follow ATTN_CONFIG's BLOCK_N; at SD3.5 Large's joint shape (154 + 4096
+    tokens: a partial tail block) the fused path and the unfused prologue + kernel are equally close to the exact
+    attention."""
     from fp8 import attention as fa
     from fp8.joint import joint_fp8_attention, joint_qkv_reference
-    monkeypatch.setitem(fa.ATTN_CONFIG, 64, (64, 128, 4, 3, False, 1))
+    monkeypatch.setitem(fa.ATTN_CONFIG, 64, (64, block_n, 4, 3, False, 1))
     h = 3
     ctx, x, ws = joint_inputs(2, 154, 4096, h, 64, True, "cuda", seed=12)
     ref = joint_qkv_reference(ctx, x, *ws, 1e-6, h)

@@ -185,6 +185,40 @@ def test_fused_fc1_gelu_kernel_equals_the_unfused_computation(gran, bias, approx
 
 
 @hopper
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+@pytest.mark.parametrize("impl", [0, 1, 2])
+def test_fc1_epilogue_gelu_variants_match_the_unfused_computation(fmt, impl):
+    """Each of fp8.gemm.GELU_IMPL's epilogue GELUs (Triton's sigmoid; ftz exp2 + reciprocal; tanh.approx) against
+    the unfused fp32 computation: E4M3 outputs within the accumulation-order tolerance, INT8 outputs at most one
+    step off and rarely (tanh.approx's ~2^-11 error moves a few values across a rounding boundary); an input far
+    past the output scale saturates, never NaN."""
+    from fp8.gemm import _launch, reference
+    from fp8.linear import int8_quantize_rows
+    from fp8.quant import quantize_weight
+    g = torch.Generator(device="cuda").manual_seed(4)
+    m, k, n = 1000, 768, 3072
+    x = torch.randn(m, k, device="cuda", generator=g)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    b = (torch.randn(n, device="cuda", generator=g) * 0.1).bfloat16()
+    if fmt == "int8":
+        (xq, sx), (w8, ws) = int8_quantize_rows(x), quantize_weight(w, "int8_per_channel")
+        inv = torch.tensor(127 / 1.5, device="cuda")
+    else:
+        sx = (x.abs().amax() / 448).reshape(())
+        xq, (w8, ws) = (x / sx).clamp(-448, 448).to(torch.float8_e4m3fn), quantize_weight(w)
+        inv = torch.tensor(448 / 1.5, device="cuda")
+    out = _launch(xq, w8, sx, ws, b, inv, "tanh", gelu_impl=impl).float()
+    ref = reference(xq, w8, sx, ws, b, inv).float()
+    if fmt == "int8":
+        d = (out - ref).abs()
+        assert float(d.max()) <= 1 and float((d > 0).float().mean()) < (1e-2 if impl == 2 else 1e-3)
+    else:
+        assert rel(out, ref) < 1e-2
+    big = _launch(xq, w8, sx, ws, b, torch.tensor(1e6, device="cuda"), "tanh", gelu_impl=impl).float()
+    assert bool(torch.isfinite(big).all()) and float(big.abs().max()) == (127.0 if fmt == "int8" else 448.0)
+
+
+@hopper
 @pytest.mark.parametrize("gran,bias,m,precise", [("per_tensor", True, 308, False), ("per_channel", True, 8192, False),
                                                  ("per_tensor", False, 1000, True)])
 def test_fused_fc2_residual_kernel_equals_the_unfused_computation(gran, bias, m, precise):
