@@ -6,6 +6,7 @@ as cuBLAS + that add compiled.
 
     python3 bench/fc1_sweep.py [--fc2]    # Large (hidden 2432) and Medium (1536), CFG batch 2
     python3 bench/fc1_sweep.py --int8     # the W8A8 INT8 kernels vs the E4M3 ones: µs and the MLP's error
+    python3 bench/fc1_sweep.py --int8 --large-int8   # only Large's INT8 kernels, every config
     python3 bench/fc1_sweep.py --gelu     # fc1's epilogue GELU instructions (fp8.gemm.GELU_IMPL 0/1/2), both formats
 
 ``--int8`` times fc1 and fc2 with INT8 operands (per-token input scales into fc1, INT8 output at a static scale,
@@ -89,8 +90,13 @@ def fc2_main():
     print_table("cuBLAS GEMM + add", table, FC2_CONFIG)
 
 
+# BLOCK_K 256: Triton never pipelines an INT8 (int32-accumulator) MMA across loop iterations (its WGMMA pipeliner
+# makes only fp32-accumulator dots "properly async"; the SASS waits for every MMA before the next load/issue), so
+# each K step pays a bubble; twice the K per step halves the bubbles (2 stages fit in 227 KB of shared memory)
 INT8_CONFIGS = [FC1_CONFIG, FC2_CONFIG, (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4, True, True),
-                (128, 128, 128, 8, 8, 4, True, True)]
+                (128, 128, 128, 8, 8, 4, True, True), (128, 256, 256, 8, 8, 2, True, False),
+                (128, 256, 256, 8, 8, 2, True, True), (128, 128, 256, 8, 8, 3, True, True),
+                (128, 128, 256, 8, 4, 3, True, True)]
 
 
 def mlp_operands(fmt: str, x, w1, w2):
@@ -107,10 +113,12 @@ def mlp_operands(fmt: str, x, w1, w2):
     return saturating_cast(x, sx), sx, *quantize_weight(w1), *quantize_weight(w2), (h_amax / 448).reshape(())
 
 
-def int8_main():
+def int8_main(shapes=("Large", "Medium"), formats=("e4m3", "int8")):
     print("| shape | format | fc1 µs (best config) | fc2 µs (best config) | MLP branch err vs fp32 |")
     print("|---|---|---|---|---|")
     for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
+        if name not in shapes:
+            continue
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(m, c, device="cuda", generator=g)
         w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
@@ -120,7 +128,7 @@ def int8_main():
         gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
         h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
         exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
-        for fmt in ("e4m3", "int8"):
+        for fmt in formats:
             xq, sx, q1, s1, q2, s2, sh = mlp_operands(fmt, x, w1, w2)
             t1, t2 = {}, {}
             for cfg in INT8_CONFIGS:
@@ -180,8 +188,8 @@ def main():
         return gelu_main()
     if "--fc2" in sys.argv:
         return fc2_main()
-    if "--int8" in sys.argv:
-        return int8_main()
+    if "--int8" in sys.argv:  # --large-int8: Large's INT8 kernels only (a short run)
+        return int8_main(("Large",), ("int8",)) if "--large-int8" in sys.argv else int8_main()
     table = []
     for name, m, k in (("Large fc1", 8192, 2432), ("Medium fc1", 8192, 1536)):
         n = 4 * k
