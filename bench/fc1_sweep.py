@@ -92,7 +92,9 @@ def fc2_main():
 
 # BLOCK_K 256: Triton never pipelines an INT8 (int32-accumulator) MMA across loop iterations (its WGMMA pipeliner
 # makes only fp32-accumulator dots "properly async"; the SASS waits for every MMA before the next load/issue), so
-# each K step pays a bubble; twice the K per step halves the bubbles (2 stages fit in 227 KB of shared memory)
+# each K step pays a bubble; twice the K per step halves the bubbles (2 stages fit in 227 KB of shared memory).
+# Measured slower (H200, 2026-12-02: Large fc1 491.9 / fc2 494.6 µs at 128x256x256 vs 349.6 / 330.5 for the
+# defaults; bench/results/2026-12-02_h200_sd35_bench_int8_mlp_full_depth.md): two stages do not hide the loads
 INT8_CONFIGS = [FC1_CONFIG, FC2_CONFIG, (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4, True, True),
                 (128, 128, 128, 8, 8, 4, True, True), (128, 256, 256, 8, 8, 2, True, False),
                 (128, 256, 256, 8, 8, 2, True, True), (128, 128, 256, 8, 8, 3, True, True),
