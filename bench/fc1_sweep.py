@@ -115,21 +115,28 @@ def mlp_operands(fmt: str, x, w1, w2):
     return saturating_cast(x, sx), sx, *quantize_weight(w1), *quantize_weight(w2), (h_amax / 448).reshape(())
 
 
+def mlp_data(m: int, c: int):
+    """Seeded fp32 MLP data on the GPU: x [m, c], w1 [4c, c], w2 [c, 4c], BF16 biases, residual and per-sample gate
+    (2 samples), and the exact gated MLP branch gate·fc2(gelu(fc1(x))) in fp32."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, c, device="cuda", generator=g)
+    w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
+    w2 = torch.randn(c, 4 * c, device="cuda", generator=g) * 0.02
+    b1, b2 = (torch.randn(n, device="cuda", generator=g).bfloat16() * 0.02 for n in (4 * c, c))
+    res = torch.randn(m, c, device="cuda", generator=g).bfloat16()
+    gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
+    exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
+    return x, w1, w2, b1, b2, res, gate, exact
+
+
 def int8_main(shapes=("Large", "Medium"), formats=("e4m3", "int8")):
     print("| shape | format | fc1 µs (best config) | fc2 µs (best config) | MLP branch err vs fp32 |")
     print("|---|---|---|---|---|")
     for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
         if name not in shapes:
             continue
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(m, c, device="cuda", generator=g)
-        w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
-        w2 = torch.randn(c, 4 * c, device="cuda", generator=g) * 0.02
-        b1, b2 = (torch.randn(n, device="cuda", generator=g).bfloat16() * 0.02 for n in (4 * c, c))
-        res = torch.randn(m, c, device="cuda", generator=g).bfloat16()
-        gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
-        h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
-        exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
+        x, w1, w2, b1, b2, res, gate, exact = mlp_data(m, c)
         for fmt in formats:
             xq, sx, q1, s1, q2, s2, sh = mlp_operands(fmt, x, w1, w2)
             t1, t2 = {}, {}
@@ -160,15 +167,7 @@ def gelu_main():
     print("| shape | format | GELU_IMPL | fc1 µs | outputs off the reference | INT8 max step diff | MLP err vs fp32 |")
     print("|---|---|---|---|---|---|---|")
     for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(m, c, device="cuda", generator=g)
-        w1 = torch.randn(4 * c, c, device="cuda", generator=g) * 0.02
-        w2 = torch.randn(c, 4 * c, device="cuda", generator=g) * 0.02
-        b1, b2 = (torch.randn(n, device="cuda", generator=g).bfloat16() * 0.02 for n in (4 * c, c))
-        res = torch.randn(m, c, device="cuda", generator=g).bfloat16()
-        gate = torch.randn(2, c, device="cuda", generator=g).bfloat16()
-        h = torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1.float()), approximate="tanh")
-        exact = (gate.float()[:, None] * torch.nn.functional.linear(h, w2, b2.float()).view(2, -1, c)).view(m, c)
+        x, w1, w2, b1, b2, res, gate, exact = mlp_data(m, c)
         for fmt in ("e4m3", "int8"):
             xq, sx, q1, s1, q2, s2, sh = mlp_operands(fmt, x, w1, w2)
             ref = fc1_reference(xq, q1, sx, s1, b1, 1 / sh).float()
