@@ -34,6 +34,10 @@ CONFIGS = [FC1_CONFIG, (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4), (256, 
 CONFIGS += [(*c, ws, sub) for c in ((128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 4),
                                     (128, 128, 128, 8, 4, 4), (256, 128, 128, 8, 8, 3))
             for ws, sub in ((False, True), (True, False), (True, True))]
+# 64-row tiles (one warpgroup): for the text stream's 308 rows, whose 128-row tiles leave most SMs idle
+FEW_TILE_CONFIGS = [(64, 128, 128, 8, 4, 4), (64, 256, 128, 8, 4, 4), (64, 128, 128, 8, 4, 6, True, False),
+                    (64, 64, 128, 8, 4, 6)]
+CONFIGS += FEW_TILE_CONFIGS
 
 
 def sweep(name, cub, run, ref):
@@ -98,7 +102,7 @@ def fc2_main():
 INT8_CONFIGS = [FC1_CONFIG, FC2_CONFIG, (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4, True, True),
                 (128, 128, 128, 8, 8, 4, True, True), (128, 256, 256, 8, 8, 2, True, False),
                 (128, 256, 256, 8, 8, 2, True, True), (128, 128, 256, 8, 8, 3, True, True),
-                (128, 128, 256, 8, 4, 3, True, True)]
+                (128, 128, 256, 8, 4, 3, True, True), *FEW_TILE_CONFIGS]
 
 
 def mlp_operands(fmt: str, x, w1, w2):
@@ -133,7 +137,7 @@ def mlp_data(m: int, c: int):
 def int8_main(shapes=("Large", "Medium"), formats=("e4m3", "int8")):
     print("| shape | format | fc1 µs (best config) | fc2 µs (best config) | MLP branch err vs fp32 |")
     print("|---|---|---|---|---|")
-    for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536)):
+    for name, m, c in (("Large", 8192, 2432), ("Medium", 8192, 1536), ("Large text", 308, 2432)):
         if name not in shapes:
             continue
         x, w1, w2, b1, b2, res, gate, exact = mlp_data(m, c)
@@ -190,9 +194,11 @@ def main():
     if "--fc2" in sys.argv:
         return fc2_main()
     if "--int8" in sys.argv:  # --large-int8: Large's INT8 kernels only (a short run)
-        return int8_main(("Large",), ("int8",)) if "--large-int8" in sys.argv else int8_main()
+        return int8_main(("Large", "Large text"), ("int8",)) if "--large-int8" in sys.argv else int8_main(
+            ("Large", "Medium", "Large text"))
     table = []
-    for name, m, k in (("Large fc1", 8192, 2432), ("Medium fc1", 8192, 1536)):
+    for name, m, k in (("Large fc1", 8192, 2432), ("Medium fc1", 8192, 1536), ("Large fc1 text", 308, 2432),
+                       ("Medium fc1 text", 308, 1536)):
         n = 4 * k
         _, xq, w8, sx, sw, bias = gemm_data(m, k, n)
         inv = torch.tensor(40.0, device="cuda")

@@ -46,6 +46,9 @@ FC1_CONFIG = (128, 256, 128, 8, 8, 4, True, False)
 # tiles would not fill the GPU (the text stream: 308 rows, 37.3 vs 58.6 µs at Large's fc2)
 FC2_CONFIG = (128, 256, 128, 8, 8, 3, True, True)
 FC2_CONFIG_FEW_TILES = (128, 128, 128, 8, 8, 4)
+# fc1 where FC1_CONFIG's tiles would not fill the GPU (the text stream: 308 rows give 3 x 38 tiles for 132 SMs);
+# the same config until bench/fc1_sweep.py's "text" rows (64-row tiles among the candidates) have run on a GPU
+FC1_CONFIG_FEW_TILES = FC1_CONFIG
 GELU_MODES = ("tanh", "none")
 # How fc1's epilogue computes the tanh GELU on a GPU (Triton's interpreter, i.e. CPU tensors, always takes 0):
 # 0 ``h·tl.sigmoid(2u)``: exp2 and division with denormal fix-ups (≈58 SASS instructions per INT8 element, the
@@ -243,6 +246,11 @@ def _operands(xq, w8, w_scale, config):
             w_scale.to(torch.float32).contiguous())
 
 
+def _default_config(M: int, N: int, device, main: tuple, few: tuple) -> tuple:
+    """``main``, or ``few`` (smaller tiles) where ``main``'s tiles of an [M, N] output would leave SMs idle."""
+    return few if triton.cdiv(M, main[0]) * triton.cdiv(N, main[1]) < _sm_count(device) else main
+
+
 def _config(config) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, warp_specialize, epilogue in halves); the last
     two are optional (off)."""
@@ -263,7 +271,7 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
     N = w8.shape[0]
     int8 = _int8(xq, w8)
     _check_fc1_scale(xq, x_scale)
-    config = config or FC1_CONFIG
+    config = config or _default_config(M, N, xq.device, FC1_CONFIG, FC1_CONFIG_FEW_TILES)
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
@@ -307,9 +315,7 @@ def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh"
 def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
     M, K = xq.shape
     N = w8.shape[0]
-    if config is None:  # the smaller tile where the default's tiles would leave SMs idle
-        few = triton.cdiv(M, FC2_CONFIG[0]) * triton.cdiv(N, FC2_CONFIG[1]) < _sm_count(xq.device)
-        config = FC2_CONFIG_FEW_TILES if few else FC2_CONFIG
+    config = config or _default_config(M, N, xq.device, FC2_CONFIG, FC2_CONFIG_FEW_TILES)
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     int8 = _int8(xq, w8)
     out = torch.empty_like(res)

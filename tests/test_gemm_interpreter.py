@@ -19,7 +19,7 @@ sys.path.insert(0, sys.argv[1])
 from fp8 import gemm
 from fp8.formats import E4M3
 g = torch.Generator().manual_seed(0)
-M, K, N = 200, 256, 400   # one full and one masked tile each way at 128 x 256
+M, K, N = 200, 256, 400   # one full and one masked tile each way at 128 x 256 (more at the 64-row tiles)
 xq = torch.randn(M, K, generator=g).mul(40).clamp(-448, 448).to(E4M3)
 w8 = torch.randn(N, K, generator=g).mul(40).clamp(-448, 448).to(E4M3)
 sx, sw = torch.tensor(0.025), torch.tensor(0.0005)
@@ -28,7 +28,7 @@ inv = torch.tensor(40.0)
 res = torch.randn(M, N, generator=g).to(torch.bfloat16)
 gate = torch.randn(2, N, generator=g).to(torch.bfloat16)
 configs = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 3, False, True), (128, 256, 128, 8, 8, 3, True, True),
-           gemm.FC1_CONFIG, gemm.FC2_CONFIG]
+           gemm.FC1_CONFIG, gemm.FC2_CONFIG, (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 6)]  # + few-tile configs
 ref1 = gemm.reference(xq, w8, sx, sw, bias, inv).float()
 ref2 = gemm.residual_reference(xq, w8, sx, sw, bias, res, gate).float()
 out = {"fc1": [], "fc2": []}
@@ -121,3 +121,15 @@ def test_norm_kernel_int8_output_in_the_interpreter():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["dtype"] == "torch.int8" and out["differ"] == 0.0 and out["scale_rel"] < 1e-6, out
     assert out["saturated"] >= 10 and out["nan_scale"] and out["others_finite"], out  # each row's max is ±127
+
+
+def test_small_outputs_take_the_few_tile_config():
+    """Both MLP kernels switch to their FEW_TILES config where the default tiles would leave SMs idle (the text
+    stream's 308 rows): that is the config the text-stream sweeps set (CPU tensors count 4 SMs)."""
+    import torch
+    from fp8 import gemm
+    cpu = torch.device("cpu")
+    main, few = (128, 256, 128, 8, 8, 4), (64, 128, 128, 8, 4, 4)
+    assert gemm._default_config(100, 200, cpu, main, few) == few  # 1 tile < 4 SMs
+    assert gemm._default_config(256, 512, cpu, main, few) == main  # 4 tiles
+    assert gemm._default_config(129, 512, cpu, main, few) == main  # 2 x 2 tiles, a masked tail row tile
