@@ -2,6 +2,7 @@
 """Where the time of our compiled FP8 model goes, and what Inductor options buy (GPU).
 
     python3 bench/compiled_profile.py [--variant large] [--depth 6] [--variants default,tree,autotune,...]
+    python3 bench/compiled_profile.py --variant large --depth 0 --variants fp8attn --host-profile   # host side
 
 Builds the first ``depth - 1`` blocks + the last block of the real SD3.5 shapes through ComfyUI's
 model code (random weights), calibrates ours quickly (apply_model at 7 sigmas, max), then per
@@ -67,6 +68,27 @@ def host_and_pipelined(fn, n: int = 10):
     return statistics.median(hosts), common.back_to_back_ms(fn, n)
 
 
+def host_profile(fn, n: int = 20, top: int = 30) -> str:
+    """cProfile of ``n`` calls of ``fn`` (host side only: no sync inside), by cumulative time: what a CUDA-graph
+    call spends on the host before and after its replay (ComfyUI's apply_model, the wrappers, the graph runner's
+    signature and weight-version checks, the input copies, the output clone)."""
+    import cProfile
+    import io
+    import pstats
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+    return f"  host profile, {n} calls (cumulative s over all calls):\n" + out.getvalue()
+
+
 def profile_groups(fn, top: int):
     """Kernel time by group and the top kernels of one call; plus the call's timeline: host time until
     the call returns (no sync), wall time to the end of its GPU work, GPU span and kernel busy time."""
@@ -116,6 +138,8 @@ def main():
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--stock", action="store_true", help="also stock BF16 and fp8_e4m3fn_fast + compile")
     ap.add_argument("--profile-graphs", action="store_true", help="also profile the CUDA-graph runs")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the host side of 20 CUDA-graph calls (where a synced call's host time goes)")
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (the benchmark of record uses bfloat16)")
     a = ap.parse_args()
     glue = common.import_glue(a.comfy)
@@ -177,6 +201,8 @@ def main():
                     host, piped = host_and_pipelined(lambda: common.call(q, x, sigma, ctx, y))
                     print(f"  {name}{' + graphs' if graphs else ''}: {ms:.2f} ms per call (synced), host {host:.2f} ms "
                           f"until return, {piped:.2f} ms per call back to back", flush=True)
+                    if graphs and a.host_profile:
+                        print(host_profile(lambda: common.call(q, x, sigma, ctx, y)), flush=True)
                     if not graphs or a.profile_graphs:
                         profiles.append(f"{name}{' + graphs' if graphs else ''}:\n" + profile_groups(lambda: common.call(q, x, sigma, ctx, y), a.top))
                         print(profiles[-1], flush=True)
