@@ -158,15 +158,15 @@ if triton is not None:
     def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 TANH: tl.constexpr, INT8: tl.constexpr = False, IMPL: tl.constexpr = 0):
         """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, scaled by fc2's static input scale and
-        clamped (before the cast: out of range becomes NaN on CUDA); for INT8 to ±127 and rounded to nearest
-        (fp8.kernels.round_int8), with per-row ``sa``. ``IMPL``: the tanh GELU's instructions (GELU_IMPL)."""
+        clamped (before the cast: out of range becomes NaN on CUDA); for INT8 clamped to ±127 and rounded to nearest
+        by fp8.kernels.round_int8, with per-row ``sa``. ``IMPL``: the tanh GELU's instructions (GELU_IMPL)."""
         h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS, INT8)
         if TANH:
             g = _gelu_tanh_scaled(h, inv, IMPL)
         else:  # exact GELU
             g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476)) * inv
         if INT8:  # one return: Triton compiles both returns of an early-return and needs one type (int32 here)
-            q = round_int8(tl.clamp(g, -127.0, 127.0))
+            q = round_int8(g)
         else:
             q = tl.clamp(g, -448.0, 448.0)
         return q

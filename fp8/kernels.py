@@ -28,12 +28,14 @@ def _dequant_linear(x, w8, w_scale, bias):
 
 if triton is not None:
     @triton.jit
-    def round_int8(q):
-        """Values already clamped to ±127 → int32 whose low byte is the INT8 ``round(q)`` (halves to even, as
-        fp8.formats.quantize_inv_int8); NaN → 0 (INT8 has none). FP32 adds instead of a float-to-int conversion
-        (a quarter-rate unit): q + 1.5·2^23 is the integer's float in the exponent 2^23, whose mantissa's low byte
-        is round(q) in two's complement; the caller's cast to int8 keeps that byte."""
-        return (tl.where(q == q, q, 0.0) + 12582912.0).to(tl.int32, bitcast=True)
+    def round_int8(x):
+        """fp32 → int32 whose low byte is the INT8 ``round(clamp(x, ±127))`` (halves to even, as
+        fp8.formats.quantize_inv_int8); NaN → 0 (INT8 has none). NaN is tested on ``x`` itself: on CUDA the clamp's
+        min/max returns the non-NaN operand, so after it a NaN would already be ±127. FP32 adds instead of a
+        float-to-int conversion (a quarter-rate unit): q + 1.5·2^23 is the integer's float in the exponent 2^23,
+        whose mantissa's low byte is round(q) in two's complement; the caller's cast to int8 keeps that byte."""
+        q = tl.clamp(x, -127.0, 127.0)
+        return (tl.where(x == x, q, 0.0) + 12582912.0).to(tl.int32, bitcast=True)
 
     @triton.jit
     def _gemv_fp8w(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,

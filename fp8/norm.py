@@ -59,7 +59,7 @@ if triton is not None:
             s = tl.maximum(tl.max(tl.where(m, tl.abs(h), 0.0), 0) / 127.0, MIN_SCALE)
             s = tl.where(tl.sum(tl.where(h == h, 0.0, 1.0), 0) > 0, float("nan"), s)
             tl.store(inv_ptr + row, s)
-            q = round_int8(tl.clamp(h * (1.0 / s), -127.0, 127.0))
+            q = round_int8(h * (1.0 / s))
             tl.store(h_ptr + off, q.to(h_ptr.dtype.element_ty), mask=m)
         else:
             h = (xn * (1.0 + sc) + sh) * tl.load(inv_ptr)

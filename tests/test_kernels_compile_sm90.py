@@ -79,6 +79,11 @@ def test_fc1_kernel_compiles_for_hopper(fmt, ws, sub):
                             TANH=True, WARP_SPEC=ws, SUBTILE=sub, INT8=fmt == "int8"), num_warps=8, num_stages=4)
     if fmt == "int8":  # exact int32 MMA; rounding by the FP32 magic-number add, no float-to-int conversion
         assert "wgmma" in ptx and ".s8.s8" in ptx and "0f4B400000" in ptx and "cvt.rzi" not in ptx
+        # NaN -> 0 is decided on the value before the clamp: CUDA's min/max return the non-NaN operand, so a test
+        # after the clamp would never see a NaN (it would come out as ±127)
+        tested = set(re.findall(r"setp\.(?:num|nan)\.f32\s+%p\d+, (%r\d+), \1;", ptx))
+        clamped = set(re.findall(r"\bmin\.[\w.]*f32\s+%r\d+, (%r\d+),", ptx))
+        assert tested and tested <= clamped, (len(tested), len(tested & clamped))
     else:
         assert "e4m3" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
 
