@@ -11,7 +11,8 @@ next tile's loads are in flight during this tile's last MMAs and epilogue.
 
     python3 bench/gluon_int8_gemm.py        # GPU (Hopper): correctness vs fp8.gemm.residual_reference, µs
 
-Bench-only until measured faster; fp8.gemm stays the runtime's kernel.
+Measured slower than fp8.gemm's Triton kernel (H200, 2026-12-02: Large 368 vs 332 µs, bit-identical output;
+bench/results/2026-12-02_h200_sd35_bench_int8_mlp_full_depth.md): fp8.gemm stays the runtime's kernel.
 """
 from __future__ import annotations
 
