@@ -69,8 +69,8 @@ def host_and_pipelined(fn, n: int = 10):
 
 
 def host_profile(fn, n: int = 20, top: int = 30) -> str:
-    """cProfile of ``n`` calls of ``fn`` (host side only: no sync inside), by cumulative time: what a CUDA-graph
-    call spends on the host before and after its replay (ComfyUI's apply_model, the wrappers, the graph runner's
+    """cProfile of ``n`` calls of ``fn`` (host side only: each call profiled from an idle GPU, the sync after it
+    not profiled), by cumulative time: what a CUDA-graph call spends on the host before and after its replay (ComfyUI's apply_model, the wrappers, the graph runner's
     signature and weight-version checks, the input copies, the output clone)."""
     import cProfile
     import io
@@ -79,14 +79,36 @@ def host_profile(fn, n: int = 20, top: int = 30) -> str:
     fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
+    for _ in range(n):  # each call with the GPU idle (as a synced call), the sync itself not profiled: calls
+        prof.enable()   # issued back to back would show the host blocked on a full launch queue instead
         fn()
-    prof.disable()
-    torch.cuda.synchronize()
+        prof.disable()
+        torch.cuda.synchronize()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
     return f"  host profile, {n} calls (cumulative s over all calls):\n" + out.getvalue()
+
+
+def gaps(kev, top: int = 8) -> str:
+    """Idle time between consecutive GPU activities of one call (the GPU's own launch latency between dependent
+    kernels, which CUDA graphs do not remove and programmatic dependent launch would hide): total, per gap, and
+    summed by the (previous -> next) kernel pair."""
+    ev = sorted(kev, key=lambda e: e.time_range.start)
+    by, total, n, end = {}, 0.0, 0, None
+    for prev, e in zip(ev, ev[1:]):
+        end = max(end or prev.time_range.end, prev.time_range.end)
+        g = e.time_range.start - end
+        if g <= 0:
+            continue
+        key = f"{prev.name[:40]} -> {e.name[:40]}"
+        t, c = by.get(key, (0.0, 0))
+        by[key] = (t + g, c + 1)
+        total, n = total + g, n + 1
+    lines = [f"  gaps: {total / 1000:.2f} ms idle in {n} gaps between {len(ev)} activities "
+             f"({total / max(n, 1):.2f} µs each)"]
+    lines += [f"    {t / 1000:6.3f} ms x{c:<4d} ({t / c:.2f} µs) {k}" for k, (t, c) in
+              sorted(by.items(), key=lambda kv: -kv[1][0])[:top]]
+    return "\n".join(lines)
 
 
 def profile_groups(fn, top: int):
@@ -111,7 +133,7 @@ def profile_groups(fn, top: int):
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
     timeline = (f"  timeline: wall {1000 * min(walls):.2f} ms, host until return {1000 * min(hosts):.2f} ms, GPU span "
-                f"{span:.2f} ms, kernels busy {busy:.2f} ms ({len(kev)} kernels)")
+                f"{span:.2f} ms, kernels busy {busy:.2f} ms ({len(kev)} kernels)\n" + gaps(kev))
     ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     tot, groups, kern = 0.0, {}, []
     for e in ev:

@@ -1,10 +1,11 @@
 """Tile/pipelining sweep for the adaLN GEMV (BF16 activations x FP8 weights, fp32 accumulation).
 
-    python3 bench/gemv_tune.py [--all-layers]
+    python3 bench/gemv_tune.py [--all-layers] [--quick]
 
 Prints, per SD3.5 adaLN shape, µs and achieved weight bandwidth of the current GEMV_CONFIG, of the best
 config found, and of cuBLAS BF16 F.linear (BF16 weight) for reference.
 
+``--quick``: only the Large batch-2 shape, then ``--all-layers`` for the current and that shape's best config.
 ``--all-layers``: every adaLN modulation layer of SD3.5 Large (38 blocks x 2 streams, the same input c in all of
 them) as today, one launch per layer back to back, against one launch over all their weights concatenated (per-row
 scales): what computing every block's modulation at once would buy (full-depth profile, 2026-12-02: 76 launches,
@@ -30,7 +31,7 @@ CONFIGS = [c for c in itertools.product((16, 32, 64, 128), (64, 128, 256, 512), 
            if c[0] * c[1] <= 64 * 512]
 
 
-def all_layers(depth: int = 38, hidden: int = 2432) -> None:
+def all_layers(depth: int = 38, hidden: int = 2432, configs=None) -> None:
     """76 per-layer launches (the model's adaLN GEMVs, the last block's context layer 2·hidden wide) vs one launch
     over the concatenated weights, for the current config and the best of CONFIGS."""
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def all_layers(depth: int = 38, hidden: int = 2432) -> None:
     ref = torch.cat(per_layer(GEMV_CONFIG), 1).float()
     print(f"| config | {len(layers)} launches µs (TB/s) | one launch µs (TB/s) | max abs diff |\n|---|---|---|---|")
     best = None
-    for c in [GEMV_CONFIG] + [c for c in CONFIGS if c != GEMV_CONFIG]:
+    for c in [GEMV_CONFIG] + [c for c in (configs or CONFIGS) if c != GEMV_CONFIG]:
         try:
             y = gemv_launch(x, w_all, s_all, b_all, c)
             t_one = triton.testing.do_bench(lambda: gemv_launch(x, w_all, s_all, b_all, c)) * 1e3
@@ -70,7 +71,8 @@ def main():
         return all_layers()
     best_overall = {}
     rows = []
-    for name, m, k, n in SHAPES:
+    quick = "--quick" in sys.argv
+    for name, m, k, n in SHAPES[:1] if quick else SHAPES:
         torch.manual_seed(0)
         w8, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -98,6 +100,8 @@ def main():
         print(f"| {name} | {m} x {k} -> {n} | {cur:.1f} ({gbs(cur):.0f}) | {best} | {tb:.1f} ({gbs(tb):.0f}) | {t16:.1f} |")
     pick = min(best_overall, key=best_overall.get)
     print(f"best config summed over the shapes: {pick} (current {GEMV_CONFIG})")
+    if quick:
+        all_layers(configs=[pick])
 
 
 if __name__ == "__main__":

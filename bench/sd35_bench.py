@@ -104,6 +104,8 @@ def main():
                     "cuDNN attention; its FP8-attention row still runs)")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="for our CUDA-graph rows: cProfile of 10 synced calls (where host time before the GPU's work goes)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -140,7 +142,10 @@ def main():
         return time.perf_counter() - t0, out
 
     attn_calls = sys.modules["sd35pack.fp8.attention"].CALLS
-    gemm_calls = importlib.import_module("sd35pack.fp8.gemm").CALLS
+    gemm_mod = importlib.import_module("sd35pack.fp8.gemm")
+    gemm_calls = gemm_mod.CALLS
+    notes.append("MLP kernel configs: " + ", ".join(f"{n} {getattr(gemm_mod, n)}" for n in gemm_mod.CONFIG_NAMES)
+                 + f"; GELU_IMPL {gemm_mod.GELU_IMPL}")
 
     def measure(variant, name, p, ref=None):
         calls0, gemm0 = attn_calls.copy(), gemm_calls.copy()
@@ -150,6 +155,11 @@ def main():
         f2, _ = first_call(p, b2)
         ms2, d = common.time_cuda(lambda: denoise(p, b2), n=12)
         b2b = common.back_to_back_ms(lambda: denoise(p, b2), 12)
+        if a.host_profile and name.startswith("ours") and "all speed features" in name:
+            from compiled_profile import host_and_pipelined, host_profile
+            host = host_and_pipelined(lambda: denoise(p, b2))[0]
+            notes.append(f"{variant}: {name}: host ms until a synced b2 call returns (median of 10): {host:.2f}\n"
+                         + host_profile(lambda: denoise(p, b2), n=10, top=25))
         d = d.float().cpu()
         torch.cuda.synchronize()
         t0 = time.perf_counter()

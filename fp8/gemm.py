@@ -19,6 +19,7 @@ fidelity target needs in the MLP (bench/results/2026-11-27_cpu_fidelity_sim.md);
 from __future__ import annotations
 
 import collections
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,15 @@ FC1_CONFIG = (128, 256, 128, 8, 8, 4, True, False)
 FC2_CONFIG = (128, 256, 128, 8, 8, 3, True, True)
 FC2_CONFIG_FEW_TILES = (128, 128, 128, 8, 8, 4)
 # fc1 where FC1_CONFIG's tiles would not fill the GPU (the text stream: 308 rows give 3 x 38 tiles for 132 SMs);
-# the same config until bench/fc1_sweep.py's "text" rows (64-row tiles among the candidates) have run on a GPU
+# the same config until bench/fc1_sweep.py --text (64-row tiles among the candidates, CUDA-graph timing) has picked
 FC1_CONFIG_FEW_TILES = FC1_CONFIG
+# The same four for INT8 operands (W8A8: Triton's int32-accumulator MMAs are synchronous, so other tiles may win);
+# the E4M3 configs until bench/fc1_sweep.py --int8-configs has picked
+FC1_CONFIG_INT8, FC2_CONFIG_INT8 = FC1_CONFIG, FC2_CONFIG
+FC1_CONFIG_FEW_TILES_INT8, FC2_CONFIG_FEW_TILES_INT8 = FC1_CONFIG_FEW_TILES, FC2_CONFIG_FEW_TILES
+CONFIG_NAMES = ("FC1_CONFIG", "FC2_CONFIG", "FC1_CONFIG_FEW_TILES", "FC2_CONFIG_FEW_TILES", "FC1_CONFIG_INT8",
+                "FC2_CONFIG_INT8", "FC1_CONFIG_FEW_TILES_INT8", "FC2_CONFIG_FEW_TILES_INT8")
+CONFIG_ENV = "SD35FP8_GEMM_CONFIGS"  # JSON {name: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, ws, halves]}
 GELU_MODES = ("tanh", "none")
 # How fc1's epilogue computes the tanh GELU on a GPU (Triton's interpreter, i.e. CPU tensors, always takes 0):
 # 0 ``h·tl.sigmoid(2u)``: exp2 and division with denormal fix-ups (≈58 SASS instructions per INT8 element, the
@@ -246,6 +254,42 @@ def _operands(xq, w8, w_scale, config):
             w_scale.to(torch.float32).contiguous())
 
 
+def configs_from_env(text: str | None) -> dict:
+    """Kernel configs overriding the defaults above, from ``SD35FP8_GEMM_CONFIGS`` (JSON: name -> config list, e.g.
+    ``{"FC1_CONFIG_INT8": [128, 256, 128, 8, 8, 4, true, false]}``; what bench/fc1_sweep.py prints for a GPU
+    other than the one the defaults were tuned on). Unknown names and malformed configs are refused."""
+    import json
+    if not text:
+        return {}
+    try:
+        got = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{CONFIG_ENV} is not JSON: {e}") from None
+    if not isinstance(got, dict):
+        raise ValueError(f"{CONFIG_ENV} must be a JSON object of config names, got {type(got).__name__}")
+    out = {}
+    for name, cfg in got.items():
+        if name not in CONFIG_NAMES:
+            raise ValueError(f"{CONFIG_ENV}: unknown config {name!r}; known: {', '.join(CONFIG_NAMES)}")
+        if not isinstance(cfg, list) or not 6 <= len(cfg) <= 8 or not all(isinstance(v, (int, bool)) for v in cfg) \
+                or any(int(v) <= 0 for v in cfg[:6]):
+            raise ValueError(f"{CONFIG_ENV}: {name} must be [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, "
+                             f"num_stages] (positive integers) plus optional warp_specialize and halves, got {cfg!r}")
+        out[name] = tuple(bool(v) if i >= 6 else int(v) for i, v in enumerate(cfg))
+    return out
+
+
+globals().update(configs_from_env(os.environ.get(CONFIG_ENV)))
+
+
+def _configs(int8: bool) -> tuple:
+    """(fc1 main, fc1 few-tile, fc2 main, fc2 few-tile) configs for INT8 or E4M3 operands (module globals: what
+    tests and sweeps set)."""
+    g = globals()
+    sfx = "_INT8" if int8 else ""
+    return tuple(g[n + sfx] for n in ("FC1_CONFIG", "FC1_CONFIG_FEW_TILES", "FC2_CONFIG", "FC2_CONFIG_FEW_TILES"))
+
+
 def _default_config(M: int, N: int, device, main: tuple, few: tuple) -> tuple:
     """``main``, or ``few`` (smaller tiles) where ``main``'s tiles of an [M, N] output would leave SMs idle."""
     return few if triton.cdiv(M, main[0]) * triton.cdiv(N, main[1]) < _sm_count(device) else main
@@ -271,7 +315,7 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
     N = w8.shape[0]
     int8 = _int8(xq, w8)
     _check_fc1_scale(xq, x_scale)
-    config = config or _default_config(M, N, xq.device, FC1_CONFIG, FC1_CONFIG_FEW_TILES)
+    config = config or _default_config(M, N, xq.device, *_configs(int8)[:2])
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
@@ -315,9 +359,9 @@ def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh"
 def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
     M, K = xq.shape
     N = w8.shape[0]
-    config = config or _default_config(M, N, xq.device, FC2_CONFIG, FC2_CONFIG_FEW_TILES)
-    bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     int8 = _int8(xq, w8)
+    config = config or _default_config(M, N, xq.device, *_configs(int8)[2:])
+    bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty_like(res)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
     _fc2_residual[grid](a_desc, b_desc, x_scale.to(torch.float32), ws, bias if bias is not None else ws, res, gate,

@@ -133,3 +133,33 @@ def test_small_outputs_take_the_few_tile_config():
     assert gemm._default_config(100, 200, cpu, main, few) == few  # 1 tile < 4 SMs
     assert gemm._default_config(256, 512, cpu, main, few) == main  # 4 tiles
     assert gemm._default_config(129, 512, cpu, main, few) == main  # 2 x 2 tiles, a masked tail row tile
+
+
+def test_int8_operands_take_their_own_configs_and_the_environment_overrides_them():
+    """INT8 (W8A8) launches read the *_INT8 configs, E4M3 launches the plain ones; SD35FP8_GEMM_CONFIGS (what
+    bench/fc1_sweep.py --text/--int8-configs prints) overrides them at import; unknown names or malformed configs
+    are refused with the name in the message."""
+    import subprocess as sp
+    import pytest
+    from fp8 import gemm
+    old = gemm.FC1_CONFIG_INT8, gemm.FC2_CONFIG_FEW_TILES_INT8
+    try:
+        gemm.FC1_CONFIG_INT8 = (256, 128, 128, 8, 8, 3, True, False)
+        gemm.FC2_CONFIG_FEW_TILES_INT8 = (64, 64, 128, 8, 4, 6)
+        assert gemm._configs(True)[0] == (256, 128, 128, 8, 8, 3, True, False)
+        assert gemm._configs(True)[3] == (64, 64, 128, 8, 4, 6)
+        assert gemm._configs(False)[0] == gemm.FC1_CONFIG and gemm._configs(False)[3] == gemm.FC2_CONFIG_FEW_TILES
+    finally:
+        gemm.FC1_CONFIG_INT8, gemm.FC2_CONFIG_FEW_TILES_INT8 = old
+    got = gemm.configs_from_env('{"FC2_CONFIG_INT8": [128, 128, 128, 8, 8, 4, true, true]}')
+    assert got == {"FC2_CONFIG_INT8": (128, 128, 128, 8, 8, 4, True, True)}
+    assert gemm.configs_from_env("") == {}
+    for bad, what in (('{"FC9": [1, 2, 3, 4, 5, 6]}', "unknown config 'FC9'"), ('{"FC1_CONFIG": [128, 256]}', "FC1_CONFIG"),
+                      ("[1]", "JSON object"), ("{", "not JSON")):
+        with pytest.raises(ValueError, match=what):
+            gemm.configs_from_env(bad)
+    code = "import fp8.gemm as g; print(g.FC1_CONFIG_FEW_TILES_INT8, g.FC1_CONFIG_FEW_TILES)"
+    env = dict(os.environ, SD35FP8_GEMM_CONFIGS='{"FC1_CONFIG_FEW_TILES_INT8": [64, 256, 128, 8, 4, 4]}')
+    r = sp.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split(")")[0] + ")" == "(64, 256, 128, 8, 4, 4)" and str(gemm.FC1_CONFIG_FEW_TILES) in r.stdout
