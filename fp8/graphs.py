@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from itertools import chain
 
 import torch
 from torch.utils import _pytree as pytree
@@ -30,6 +31,7 @@ from .runtime import static_key
 
 log = logging.getLogger("sd35fp8")
 PLAIN = (int, float, bool, str, bytes, type(None))
+_DATA_PTR = torch.Tensor.data_ptr
 
 
 def signature(args: tuple, kwargs: dict):
@@ -68,7 +70,10 @@ def state_version(module: torch.nn.Module):
         cache = module.__dict__["_sd35fp8_modules"] = (
             [d for m in mods for d in (m._parameters, m._buffers) if d], [m.__dict__ for m in mods])
     dicts, attrs = cache
-    out = [0 if t is None else t.data_ptr() for d in dicts for t in d.values()]
+    try:  # C-level iteration: ~25% less host time than a comprehension (2280 tensors at Large: ~0.35 ms on a CPU)
+        out = list(map(_DATA_PTR, chain.from_iterable(map(dict.values, dicts))))
+    except TypeError:  # a None parameter or buffer somewhere (e.g. bias=None registered as a parameter)
+        out = [0 if t is None else t.data_ptr() for d in dicts for t in d.values()]
     for a in attrs:
         te = a.get("_fp8_te_modules")
         if te:
