@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--host-profile", action="store_true",
-                    help="for our CUDA-graph rows: cProfile of 10 synced calls (where host time before the GPU's work goes)")
+                    help="for our CUDA-graph rows: host timestamps of 12 synced calls (where host time before the GPU's work goes)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -156,10 +156,7 @@ def main():
         ms2, d = common.time_cuda(lambda: denoise(p, b2), n=12)
         b2b = common.back_to_back_ms(lambda: denoise(p, b2), 12)
         if a.host_profile and name.startswith("ours") and "all speed features" in name:
-            from compiled_profile import host_and_pipelined, host_profile
-            host = host_and_pipelined(lambda: denoise(p, b2))[0]
-            notes.append(f"{variant}: {name}: host ms until a synced b2 call returns (median of 10): {host:.2f}\n"
-                         + host_profile(lambda: denoise(p, b2), n=10, top=25))
+            notes.append(f"{variant}: {name}: " + host_trace(p))
         d = d.float().cpu()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -190,6 +187,41 @@ def main():
                 for what, r in glue.graph_runners(p.model.diffusion_model).items()))
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
+
+    def host_trace(p, n: int = 12) -> str:
+        """Where a synced b2 call's host time goes, from timestamps (no profiler: cProfile's per-call overhead on
+        the weight-version check's ~2300 data_ptr calls made it look like most of the call): the CUDA-graph
+        runner's own steps (fp8.graphs.GraphedModule.trace) between ComfyUI's part before it and after it.
+        Medians over ``n`` calls, each from an idle GPU."""
+        import statistics
+        runners = glue.graph_runners(p.model.diffusion_model)
+        r = runners.get("compiled") or runners.get("TE")
+        if r is None:
+            return "host trace: no CUDA-graph runner on this model"
+        r.__dict__["trace"] = []
+        spans = []
+        try:
+            for _ in range(n):
+                torch.cuda.synchronize()
+                t_in = time.perf_counter()
+                denoise(p, b2)
+                t_out = time.perf_counter()
+                if r.trace:
+                    t = r.trace[-1]
+                    spans.append((t[0] - t_in, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[5] - t[4],
+                                  t_out - t[5]))
+                r.trace.clear()
+        finally:
+            r.__dict__["trace"] = None
+        torch.cuda.synchronize()
+        if not spans:
+            return "host trace: the runner replayed no graph in these calls"
+        names = ("ComfyUI + wrappers before the runner", "weight version check", "signature + lookup",
+                 "input copies", "graph replay launch", "output clone", "ComfyUI after the runner")
+        med = [statistics.median(c) * 1e3 for c in zip(*spans)]
+        return ("host ms of a synced b2 call (median of %d): " % len(spans) + ", ".join(
+            f"{k} {v:.3f}" for k, v in zip(names, med)) + f"; total {sum(med):.3f} (until the replay call returns: "
+            f"{sum(med[:5]):.3f})")
 
     def weight_census(p):
         """What the weights column counts: ComfyUI's (cached) model_size, the state dict now, and its largest

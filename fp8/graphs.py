@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from itertools import chain
 
 import torch
@@ -106,6 +107,10 @@ class GraphedModule(torch.nn.Module):
         self.__dict__["failed"] = set()
         self.__dict__["pool"] = None
         self.__dict__["replays"] = 0
+        # a list to append each replayed call's host timestamps to (perf_counter s: entry, weight version checked,
+        # signature looked up, inputs copied, replay launched, output cloned), or None (off): bench/sd35_bench.py
+        # --host-profile reads it to say where a synced call's host time before the GPU's work goes
+        self.__dict__["trace"] = None
 
     def __getattr__(self, name):  # dtype, config, ... of the wrapped model
         return getattr(self.__dict__["module"], name)
@@ -122,6 +127,8 @@ class GraphedModule(torch.nn.Module):
         self.__dict__["pool"] = None
 
     def forward(self, *args, **kwargs):
+        trace = self.trace
+        t0 = time.perf_counter() if trace is not None else 0.0
         leaves, spec = pytree.tree_flatten((args, kwargs))
         dev = next((t.device for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda), None)
         if dev is None:
@@ -130,6 +137,7 @@ class GraphedModule(torch.nn.Module):
         if v != self.seen_version:
             self.reset()
             self.__dict__["seen_version"] = v
+        t1 = time.perf_counter() if trace is not None else 0.0
         key = _signature(leaves, spec)
         if key in self.failed:
             return self._eager(args, kwargs)
@@ -166,12 +174,18 @@ class GraphedModule(torch.nn.Module):
                             "for this input shape (same results, slower)", type(e).__name__,
                             str(e).splitlines()[0][:300] if str(e) else "")
                 return self._eager(args, kwargs)
+        t2 = time.perf_counter() if trace is not None else 0.0
         for dst, src in zip(g.inputs, leaves):
             if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
+        t3 = time.perf_counter() if trace is not None else 0.0
         g.graph.replay()
+        t4 = time.perf_counter() if trace is not None else 0.0
         self.__dict__["replays"] += 1
-        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, g.output)
+        out = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, g.output)
+        if trace is not None:
+            trace.append((t0, t1, t2, t3, t4, time.perf_counter()))
+        return out
 
     def _capture(self, g: _Graph, leaves: list, spec) -> None:
         static = [t.clone() if isinstance(t, torch.Tensor) else t for t in leaves]

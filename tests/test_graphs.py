@@ -67,6 +67,11 @@ def test_state_version_sees_replaced_tensors_not_in_place_updates():
     assert state_version(net) != v1
     net.a.__dict__["_fp8_te_modules"] = {torch.bfloat16: object()}  # a (re)built TE module
     assert state_version(net) != state_version(Net())
+    nb = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4))  # a None parameter
+    v2 = state_version(nb)
+    assert v2 == state_version(nb) and 0 in v2[:-1]  # None counts as address 0 (the comprehension's fallback)
+    nb[1].weight = torch.nn.Parameter(torch.zeros(4, 4))
+    assert state_version(nb) != v2
 
 
 def test_cpu_calls_run_eager_with_after_once_per_call_and_attributes_fall_through():
@@ -108,6 +113,10 @@ def test_replay_matches_eager_per_shape_and_outputs_are_not_aliased():
         assert torch.allclose(out4, ref4, rtol=1e-5, atol=1e-6) and len(gm.graphs) == 2
         a, k = runs[0]
         assert torch.allclose(gm(*a, **k), refs[0], rtol=1e-5, atol=1e-6)
+        gm.__dict__["trace"] = []  # host timestamps of each replayed call, in order
+        for _ in range(3):
+            gm(*a, **k)
+        assert len(gm.trace) == 3 and all(len(t) == 6 and list(t) == sorted(t) for t in gm.trace)
 
 
 @cuda
