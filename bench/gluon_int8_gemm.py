@@ -10,6 +10,7 @@ is refilled by TMA while the current MMA runs). One flattened (tile, K step) loo
 next tile's loads are in flight during this tile's last MMAs and epilogue.
 
     python3 bench/gluon_int8_gemm.py        # GPU (Hopper): correctness vs fp8.gemm.residual_reference, µs
+    python3 bench/gluon_int8_gemm.py --pingpong   # the ping-pong INT8 fc1 and fc2 vs fp8.gemm's kernels (CUDA graphs)
 
 Measured slower than fp8.gemm's Triton kernel (H200, 2026-12-02: Large 368 vs 332 µs, bit-identical output;
 bench/results/2026-12-02_h200_sd35_bench_int8_mlp_full_depth.md): fp8.gemm stays the runtime's kernel.
@@ -26,6 +27,7 @@ import triton  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait  # noqa: E402,E501
+from fp8.gluon_int8 import PP_CONFIG_FC1, PP_CONFIG_FC2, _residual_epilogue, launch_pp_fc1, launch_pp_fc2  # noqa: E402,E501
 
 
 @gluon.jit
@@ -50,26 +52,6 @@ def _issue_load(p, total, pid, k_tiles, npm, npn, a_desc, b_desc, a_bufs, b_bufs
                                     a_bufs.index(s), ok)
     tma.async_copy_global_to_shared(b_desc, [pn * b_desc.block_type.shape[0], kk * b_desc.block_type.shape[1]], bar,
                                     b_bufs.index(s), ok)
-
-
-@gluon.jit
-def _residual_epilogue(acc, sa, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, m0, n0, M, N, L, stride_gate,
-                       BM: gl.constexpr, BN: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """res + gate·(acc·x_scale·w_scale + bias) for the [BM, BN] block at (m0, n0), in the accumulator's layout."""
-    lay: gl.constexpr = acc.type.layout
-    rm = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lay))
-    rn = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, lay))
-    col_ok = rn < N
-    h = acc.to(gl.float32) * gl.expand_dims(sa * gl.load(sb_ptr + rn, mask=col_ok, other=0.0), 0)
-    if HAS_BIAS:
-        h = h + gl.expand_dims(gl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(gl.float32), 0)
-    rm2 = gl.expand_dims(rm, 1)
-    rn2 = gl.expand_dims(rn, 0)
-    mask = (rm2 < M) & (rn2 < N)
-    offs = rm2 * N + rn2
-    gate = gl.load(gate_ptr + gl.expand_dims(rm // L, 1) * stride_gate + rn2, mask=mask, other=0.0)
-    r = gl.load(res_ptr + offs, mask=mask, other=0.0)
-    gl.store(out_ptr + offs, (r.to(gl.float32) + gate.to(gl.float32) * h).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -117,6 +99,55 @@ def fc2_int8_residual(a_desc, b_desc, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_pt
                                    stride_gate, BM, BN, HAS_BIAS)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
+
+
+PP_CONFIGS = [PP_CONFIG_FC1, PP_CONFIG_FC2, (128, 128, 128, 8, 5, True, 232), (64, 256, 128, 8, 4, False, 232),
+              (64, 256, 128, 8, 4, True, 232), (128, 128, 64, 8, 8, True, 232)]
+
+
+def pingpong_main():
+    """The ping-pong INT8 fc1 and fc2 against fp8.gemm's Triton kernels (INT8, and E4M3 on the same data) at SD3.5
+    Large's image and text shapes: CUDA-graph µs (L2 flushed, bench/fc1_sweep.graph_us) per config, and whether the
+    output equals the Triton INT8 kernel's (fc2: bit for bit; fc1: INT8 steps off)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fc1_sweep import graph_us, mlp_data, mlp_operands
+    from fp8.gemm import _launch, _launch_residual
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    rows = []
+    for name, m, c in (("Large", 8192, 2432), ("Large text", 308, 2432), ("Medium", 8192, 1536)):
+        x, w1, w2, b1, b2, res, gate, exact = mlp_data(m, c)
+        xq, sx, q1, s1, q2, s2, sh = mlp_operands("int8", x, w1, w2)
+        e = mlp_operands("e4m3", x, w1, w2)
+        h8 = _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh")
+        he = _launch(e[0], e[2], e[1], e[3], b1, 1 / e[6], "tanh")
+        ref1, ref2 = h8, _launch_residual(h8, q2, sh, s2, b2, res, gate)
+        base = {"fc1": (graph_us(lambda: _launch(xq, q1, sx, s1, b1, 1 / sh, "tanh")),
+                        graph_us(lambda: _launch(e[0], e[2], e[1], e[3], b1, 1 / e[6], "tanh"))),
+                "fc2": (graph_us(lambda: _launch_residual(h8, q2, sh, s2, b2, res, gate)),
+                        graph_us(lambda: _launch_residual(he, e[4], e[6], e[5], b2, res, gate)))}
+        for cfg in PP_CONFIGS:
+            for layer, run, ref in (("fc1", lambda: launch_pp_fc1(xq, q1, sx, s1, b1, 1 / sh, cfg), ref1),
+                                    ("fc2", lambda: launch_pp_fc2(h8, q2, sh, s2, b2, res, gate, cfg), ref2)):
+                try:
+                    out = run()
+                    torch.cuda.synchronize()
+                    if layer == "fc1":
+                        d = (out.float() - ref.float()).abs()
+                        same = f"{float((d > 0).float().mean()):.1e} off, max {float(d.max()):.0f} steps"
+                    else:
+                        same = "bit-identical" if torch.equal(out, ref) else \
+                            f"max diff {float((out.float() - ref.float()).abs().max()):.3g}"
+                    us = graph_us(run)
+                except Exception as ex:  # noqa: BLE001 - a config that does not fit, or an API this Triton lacks
+                    print(f"{name} {layer} {cfg}: failed: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
+                    continue
+                rows.append((name, layer, cfg, us, *base[layer], same))
+                print(rows[-1], flush=True)
+    print("\n| shape | layer | ping-pong config (BM, BN, BK, G, stages, halves, regs) | ping-pong INT8 µs | Triton INT8 µs "
+          "| Triton E4M3 µs | vs Triton INT8's output |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} | {r[6]} |")
 
 
 def launch(xq, w8, x_scale, w_scale, bias, res, gate, config=(128, 256, 128, 8, 8, 4, 128, True)):
@@ -182,4 +213,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    pingpong_main() if "--pingpong" in sys.argv else main()

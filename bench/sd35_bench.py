@@ -101,7 +101,8 @@ def main():
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
-                    "cuDNN attention; its FP8-attention row still runs)")
+                    "cuDNN attention; its FP8-attention row still runs), int8_mlp_pingpong (that row again with "
+                    "fp8.gluon_int8's ping-pong INT8 kernels)")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--host-profile", action="store_true",
@@ -326,14 +327,25 @@ def main():
                 continue
             cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
                                      "euler", "sgm_uniform", a.size, a.size, 0)
+            kernels = [gemm_mod.INT8_GEMM]
+            if key == "int8_mlp" and "int8_mlp_pingpong" not in skip and gemm_mod.INT8_GEMM != "pingpong" \
+                    and importlib.import_module("sd35pack.fp8.gluon_int8").AVAILABLE:
+                kernels.append("pingpong")  # the same row with fp8.gluon_int8's INT8 kernels
             for attn in attns:
                 if key == "int8_mlp" and attn == "auto" and "int8_mlp_cudnn" in skip:
                     continue
-                torch._dynamo.reset()
-                i8 = glue.set_autocast(cal8, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
-                measure(variant, f"ours FP8 with {label}, all speed features"
-                                 + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
-                del i8
+                for kern in kernels if attn == "fp8" else kernels[:1]:
+                    old_kern, gemm_mod.INT8_GEMM = gemm_mod.INT8_GEMM, kern
+                    try:
+                        torch._dynamo.reset()
+                        i8 = glue.set_autocast(cal8, True, None,
+                                               dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
+                        measure(variant, f"ours FP8 with {label}, all speed features"
+                                         + (" with FP8 attention" if attn == "fp8" else "")
+                                         + (", ping-pong INT8 kernels" if kern == "pingpong" else ""), i8, ref)
+                        del i8
+                    finally:
+                        gemm_mod.INT8_GEMM = old_kern
             del cal8
             drop()
         os.remove(path)

@@ -61,6 +61,13 @@ FC1_CONFIG_FEW_TILES_INT8, FC2_CONFIG_FEW_TILES_INT8 = FC1_CONFIG_FEW_TILES, (12
 CONFIG_NAMES = ("FC1_CONFIG", "FC2_CONFIG", "FC1_CONFIG_FEW_TILES", "FC2_CONFIG_FEW_TILES", "FC1_CONFIG_INT8",
                 "FC2_CONFIG_INT8", "FC1_CONFIG_FEW_TILES_INT8", "FC2_CONFIG_FEW_TILES_INT8")
 CONFIG_ENV = "SD35FP8_GEMM_CONFIGS"  # JSON {name: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages, ws, halves]}
+# Which kernels take INT8 (W8A8) operands where the caller names no config: "triton" (the kernels below) or
+# "pingpong" (fp8.gluon_int8: Gluon, asynchronous int32 MMAs, two consumer warpgroups; needs Gluon). Off by default
+# until bench/gluon_int8_gemm.py --pingpong has shown it faster and equal on a GPU.
+INT8_GEMM_ENV = "SD35FP8_INT8_GEMM"
+INT8_GEMM = os.environ.get(INT8_GEMM_ENV, "triton")
+if INT8_GEMM not in ("triton", "pingpong"):
+    raise ValueError(f"{INT8_GEMM_ENV} must be 'triton' or 'pingpong', got {INT8_GEMM!r}")
 GELU_MODES = ("tanh", "none")
 # How fc1's epilogue computes the tanh GELU on a GPU (Triton's interpreter, i.e. CPU tensors, always takes 0):
 # 0 ``h·tl.sigmoid(2u)``: exp2 and division with denormal fix-ups (≈58 SASS instructions per INT8 element, the
@@ -319,6 +326,10 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
     N = w8.shape[0]
     int8 = _int8(xq, w8)
     _check_fc1_scale(xq, x_scale)
+    if config is None and int8 and _pingpong(w_scale) and approximate == "tanh" and _gelu_impl(xq, gelu_impl) == 2:
+        from .gluon_int8 import launch_pp_fc1
+        CALLS["fc1_pingpong"] += 1
+        return launch_pp_fc1(xq, w8, x_scale, w_scale, bias, out_inv)
     config = config or _default_config(M, N, xq.device, *_configs(int8)[:2])
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
@@ -329,6 +340,15 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
                       HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
                       INT8=int8, IMPL=_gelu_impl(xq, gelu_impl), num_warps=warps, num_stages=stages)
     return out
+
+
+def _pingpong(w_scale: torch.Tensor) -> bool:
+    """Whether INT8 operands go to fp8.gluon_int8's ping-pong kernels (INT8_GEMM, Gluon importable, per-channel
+    weight scales as INT8 weights have)."""
+    if INT8_GEMM != "pingpong" or w_scale.dim() != 1:
+        return False
+    from .gluon_int8 import AVAILABLE
+    return AVAILABLE
 
 
 def _gelu_impl(xq: torch.Tensor, impl=None) -> int:
@@ -364,6 +384,10 @@ def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = 
     M, K = xq.shape
     N = w8.shape[0]
     int8 = _int8(xq, w8)
+    if config is None and int8 and _pingpong(w_scale):
+        from .gluon_int8 import launch_pp_fc2
+        CALLS["fc2_pingpong"] += 1
+        return launch_pp_fc2(xq, w8, x_scale, w_scale, bias, res, gate)
     config = config or _default_config(M, N, xq.device, *_configs(int8)[2:])
     bm, bn, bk, grp, warps, stages, wspec, sub = _config(config)
     out = torch.empty_like(res)

@@ -4,11 +4,16 @@ The CPU tests cannot see the failure that matters most on a GPU: an out-of-range
 gives NaN (CPU saturates). These tests check the real sm_89+/sm_90 ``_scaled_mm`` path against the
 same error bounds as the CPU tests, at SD3.5-Large shapes, and that no input produces NaN.
 """
+import os
+import sys
+
 import pytest
 import torch
 
 import fp8
 from fp8 import DelayedScaling, FP8Linear, fp8_autocast
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fp8.device_supports_fp8_matmul("cuda")),
@@ -318,6 +323,47 @@ def test_int8_mlp_kernels_equal_the_unfused_computation_and_beat_e4m3s_error(m):
         assert bool(torch.isfinite(out).all())
         errs[fmt] = rel(out.float() - res.float(), exact.view(m, k) - res.float())
     assert errs["int8"] < 0.6 * errs["e4m3"], errs
+
+
+@hopper
+@pytest.mark.parametrize("m", [308, 8192])
+def test_pingpong_int8_kernels_equal_the_triton_ones(m, monkeypatch):
+    """fp8.gluon_int8's ping-pong kernels (SD35FP8_INT8_GEMM=pingpong) against fp8.gemm's Triton INT8 kernels on the
+    same operands, at the text stream's and the image stream's row counts and every ping-pong candidate config:
+    fc2 bit-identical (exact int32 accumulation, the same epilogue); fc1 at most one INT8 step off (the GELU's
+    instruction order), in under 0.1% of the outputs; and the op counts say the ping-pong kernels ran."""
+    from fp8 import gemm, gluon_int8
+    from fp8.quant import quantize_weight
+    if not gluon_int8.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from gluon_int8_gemm import PP_CONFIGS
+    g = torch.Generator(device="cuda").manual_seed(5)
+    k, n = 2432, 9728
+    x = torch.randn(m, k, device="cuda", generator=g)
+    sx = (x.abs().amax(1) / 127).clamp_min(1e-8)
+    xq = (x / sx[:, None]).round().clamp(-127, 127).to(torch.int8)
+    (q1, s1), (q2, s2) = (quantize_weight(torch.randn(*shape, device="cuda", generator=g) * 0.02, "int8_per_channel")
+                          for shape in ((n, k), (k, n)))
+    b1, b2 = (torch.randn(c, device="cuda", generator=g).bfloat16() * 0.02 for c in (n, k))
+    res = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    gate = torch.randn(2, k, device="cuda", generator=g).bfloat16()
+    inv = torch.tensor(40.0, device="cuda")
+    tri1 = gemm._launch(xq, q1, sx, s1, b1, inv, "tanh")
+    tri2 = gemm._launch_residual(tri1, q2, torch.tensor(0.05, device="cuda"), s2, b2, res, gate)
+    monkeypatch.setattr(gemm, "INT8_GEMM", "pingpong")
+    calls = dict(gemm.CALLS)
+    h8 = gemm._launch(xq, q1, sx, s1, b1, inv, "tanh")
+    out = gemm._launch_residual(tri1, q2, torch.tensor(0.05, device="cuda"), s2, b2, res, gate)
+    assert gemm.CALLS["fc1_pingpong"] == calls.get("fc1_pingpong", 0) + 1
+    assert gemm.CALLS["fc2_pingpong"] == calls.get("fc2_pingpong", 0) + 1
+    for cfg in PP_CONFIGS:
+        h = gluon_int8.launch_pp_fc1(xq, q1, sx, s1, b1, inv, cfg) if cfg != gluon_int8.PP_CONFIG_FC1 else h8
+        d = (h.int() - tri1.int()).abs()
+        assert h.dtype == torch.int8 and int(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-3, cfg
+        o = gluon_int8.launch_pp_fc2(tri1, q2, torch.tensor(0.05, device="cuda"), s2, b2, res, gate, cfg) \
+            if cfg != gluon_int8.PP_CONFIG_FC2 else out
+        assert torch.equal(o, tri2), cfg
 
 
 @hopper

@@ -163,3 +163,18 @@ def test_int8_operands_take_their_own_configs_and_the_environment_overrides_them
     r = sp.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split(")")[0] + ")" == "(64, 256, 128, 8, 4, 4)" and str(gemm.FC1_CONFIG_FEW_TILES) in r.stdout
+
+
+def test_int8_gemm_switch_is_validated_and_needs_per_channel_scales(monkeypatch):
+    """SD35FP8_INT8_GEMM takes "triton" or "pingpong" (anything else fails the import, naming the variable); the
+    ping-pong kernels take only per-channel weight scales (what INT8 weights have); "triton" never routes to them."""
+    import subprocess as sp
+    import torch
+    from fp8 import gemm, gluon_int8
+    env = dict(os.environ, SD35FP8_INT8_GEMM="cutlass")
+    r = sp.run([sys.executable, "-c", "import fp8.gemm"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "SD35FP8_INT8_GEMM" in r.stderr
+    assert not gemm._pingpong(torch.ones(8))  # the default: Triton's kernels
+    monkeypatch.setattr(gemm, "INT8_GEMM", "pingpong")
+    assert not gemm._pingpong(torch.tensor(1.0))
+    assert gemm._pingpong(torch.ones(8)) == gluon_int8.AVAILABLE

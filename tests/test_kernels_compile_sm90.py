@@ -193,3 +193,57 @@ def test_joint_prologue_compiles_for_hopper(fp8_kv, block_n):
                                        wqx_ptr="*bf16", wkx_ptr="*bf16", q_ptr="*bf16", k_ptr=kv, v_ptr=kv,
                                        ks_ptr="*fp32", vs_ptr="*fp32", eps="fp32"),
                  dict(D=64, BLOCK_N=block_n, NORM=True, FP8_KV=fp8_kv))
+
+
+def compile_gluon_sm90(fn, types: dict, constexprs: dict, num_warps: int, maxnreg=None):
+    """A Gluon kernel compiled for sm_90 (``types``: type strings, or host TensorDescriptors whose mangled type is
+    the argument's); the integer arguments named N and K are taken as divisible by 16, pointers as 16-byte aligned."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const[p.name] = constexprs[p.name] if p.name in constexprs else p.default
+        else:
+            v = types[p.name]
+            sig[p.name] = v if isinstance(v, str) else mangle_type(v)
+            if sig[p.name].startswith("*") or p.name in ("N", "K"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=HOPPER,
+                          options=options)
+
+
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_pingpong_int8_mlp_kernels_compile_async_and_without_spills(layer):
+    """fp8.gluon_int8's ping-pong INT8 kernels, default configs, at Large's shapes: they compile for
+    Hopper with register reallocation between the partitions (setmaxnreg), keep one MMA in flight (a wait for
+    <= 1 outstanding wgmma: the point of them, as Triton waits for every int32 MMA) and spill nothing."""
+    import torch
+    gluon_mod = pytest.importorskip("triton.experimental.gluon")  # noqa: F841
+    from fp8 import gluon_int8 as g
+    if not g.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    bm, bn, bk, grp, stages, split, regs = g.PP_CONFIG_FC1 if layer == "fc1" else g.PP_CONFIG_FC2
+    k_dim, n_dim = (2432, 9728) if layer == "fc1" else (9728, 2432)
+    x, w = torch.empty(8192, k_dim, dtype=torch.int8), torch.empty(n_dim, k_dim, dtype=torch.int8)
+    descs = {"a_desc": TensorDescriptor.from_tensor(x, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
+             "b_desc": TensorDescriptor.from_tensor(w, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
+    scalars = {n: "i32" for n in ("M", "N", "K", "L", "stride_gate")}
+    if layer == "fc1":
+        fn, ptrs = g.fc1_int8_pingpong, {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16", "inv_ptr": "*fp32",
+                                         "out_ptr": "*i8"}
+        del scalars["L"], scalars["stride_gate"]
+    else:
+        fn, ptrs = g.fc2_int8_pingpong, {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
+                                         "gate_ptr": "*bf16", "out_ptr": "*bf16"}
+    k = compile_gluon_sm90(fn, {**descs, **ptrs, **scalars},
+                           dict(NUM_SMS=132, G=grp, STAGES=stages, HAS_BIAS=True, HALVES=split, CONSUMER_REGS=regs),
+                           4, g.MAXNREG)
+    sass = _disassemble(k.asm["cubin"])
+    assert "USETMAXREG" in sass  # setmaxnreg: the loader warp gives its registers to the consumer warpgroups
+    assert re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass), "no wgmma left in flight: the MMAs are synchronous"
+    assert not re.search(r"\b(STL|LDL)\b", sass), "the kernel spills to local memory"
