@@ -99,22 +99,42 @@ if AVAILABLE:
 
 
     @gluon.jit
+    def _pp_tile_acc(a_desc, b_desc, a_bufs, b_bufs, ready, empty, t, K):
+        """The int32 accumulator of this program's ``t``-th tile (one consumer warpgroup, the MMA layout)."""
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        # INT8 wgmma: N <= 128 per instruction in Triton's lowering
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BN if BN <= 128 else 128, 32])
+        k_tiles = gl.cdiv(K, BK)
+        return _pp_mainloop(a_bufs, b_bufs, ready, empty, t * k_tiles, k_tiles, gl.zeros((BM, BN), gl.int32, mma))
+
+    @gluon.jit
+    def _pp_alloc(a_desc, b_desc, STAGES: gl.constexpr):
+        """The shared-memory ring (A and B stages) and its ready / empty mbarriers, initialized."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        return a_bufs, b_bufs, ready, empty
+
+    @gluon.jit
     def _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
                          out_ptr, M, N, K, L, stride_gate, NUM_SMS: gl.constexpr, G: gl.constexpr,
                          HAS_BIAS: gl.constexpr, HALVES: gl.constexpr, WHICH: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BN if BN <= 128 else 128, 32])  # INT8 wgmma: N <= 128 in Triton's lowering
         npm = gl.cdiv(M, BM)
         npn = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
         pid = gl.program_id(0)
         sa = gl.load(sa_ptr)
         for t in range(WHICH, gl.cdiv(npm * npn - pid, NUM_SMS), 2):
             pm, pn = _pp_tile(pid + t * NUM_SMS, npm, npn, G)
-            acc = _pp_mainloop(a_bufs, b_bufs, ready, empty, t * k_tiles, k_tiles, gl.zeros((BM, BN), gl.int32, mma))
+            acc = _pp_tile_acc(a_desc, b_desc, a_bufs, b_bufs, ready, empty, t, K)
             if HALVES:  # four column quarters: the residual, gate and output of a whole tile would spill
                 a0, a1 = gl.reshape(acc, [BM, 2, BN // 2]).permute(0, 2, 1).split()
                 q0, q1 = gl.reshape(a0, [BM, 2, BN // 4]).permute(0, 2, 1).split()
@@ -161,13 +181,7 @@ if AVAILABLE:
                           HALVES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """fc2 (INT8 x INT8 -> int32, then res + gate·(acc·x_scale·w_scale + bias)) with the ping-pong schedule above;
         ``num_warps`` must be 4 (the default partition is consumer warpgroup 0)."""
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
                 K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES)
         gl.warp_specialize([(_pp_fc2_consumer0, args), (_pp_fc2_consumer1, args), (_pp_fc2_loader, args)], [4, 1],
@@ -209,18 +223,14 @@ if AVAILABLE:
                          K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr,
                          WHICH: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BN if BN <= 128 else 128, 32])  # INT8 wgmma: N <= 128 in Triton's lowering
         npm = gl.cdiv(M, BM)
         npn = gl.cdiv(N, BN)
-        k_tiles = gl.cdiv(K, BK)
         pid = gl.program_id(0)
         inv = gl.load(inv_ptr)
         for t in range(WHICH, gl.cdiv(npm * npn - pid, NUM_SMS), 2):
             pm, pn = _pp_tile(pid + t * NUM_SMS, npm, npn, G)
-            acc = _pp_mainloop(a_bufs, b_bufs, ready, empty, t * k_tiles, k_tiles, gl.zeros((BM, BN), gl.int32, mma))
+            acc = _pp_tile_acc(a_desc, b_desc, a_bufs, b_bufs, ready, empty, t, K)
             if HALVES:
                 a0, a1 = gl.reshape(acc, [BM, 2, BN // 2]).permute(0, 2, 1).split()
                 _gelu_int8_epilogue(a0, sa_ptr, sb_ptr, bias_ptr, inv, out_ptr, pm * BM, pn * BN, M, N, BM, BN // 2,
@@ -257,13 +267,7 @@ if AVAILABLE:
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """fc1 (INT8 x INT8 -> int32, per-token and per-channel scales, bias, tanh GELU, INT8 out at fc2's static scale)
         with the ping-pong schedule; ``num_warps`` must be 4."""
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
                 NUM_SMS, G, HAS_BIAS, HALVES)
         gl.warp_specialize([(_pp_fc1_consumer0, args), (_pp_fc1_consumer1, args), (_pp_fc1_loader, args)], [4, 1],
