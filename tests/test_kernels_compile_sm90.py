@@ -36,19 +36,29 @@ def compile_sm90(fn, types: dict, constexprs: dict, num_warps: int = 4, num_stag
     return c.asm["ptx"] if not sass else _disassemble(c.asm["cubin"])
 
 
-def _compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, aligned=()):
-    """The compiled kernel of :func:`compile_sm90` (both its PTX and its cubin)."""
+def _signature(fn, types: dict, constexprs: dict, aligned=()):
+    """(signature, constexprs, attrs) of ``fn`` for ASTSource as a real launch specializes it: ``types`` for its
+    non-constexpr arguments (default i32; a non-string is mangled, e.g. a Gluon TensorDescriptor), pointers and the
+    integers named in ``aligned`` divisible by 16."""
+    from triton.runtime.jit import mangle_type
     sig, const, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
             const[p.name] = constexprs[p.name] if p.name in constexprs else p.default
         else:
-            sig[p.name] = types.get(p.name, "i32")
+            v = types.get(p.name, "i32")
+            sig[p.name] = v if isinstance(v, str) else mangle_type(v)
             if sig[p.name].startswith("*") or p.name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     unknown = set(types) - set(sig) | set(constexprs) - set(const) | set(aligned) - set(sig)
     assert not unknown, f"not arguments of {fn.__name__}: {unknown}"
+    return sig, const, attrs
+
+
+def _compile_sm90(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int, aligned=()):
+    """The compiled kernel of :func:`compile_sm90` (both its PTX and its cubin)."""
+    sig, const, attrs = _signature(fn, types, constexprs, aligned)
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=HOPPER,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -196,20 +206,9 @@ def test_joint_prologue_compiles_for_hopper(fp8_kv, block_n):
 
 
 def compile_gluon_sm90(fn, types: dict, constexprs: dict, num_warps: int, maxnreg=None):
-    """A Gluon kernel compiled for sm_90 (``types``: type strings, or host TensorDescriptors whose mangled type is
-    the argument's); the integer arguments named N and K are taken as divisible by 16, pointers as 16-byte aligned."""
+    """A Gluon kernel compiled for sm_90, its arguments as :func:`_signature` takes them (N and K divisible by 16)."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-    sig, const, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            const[p.name] = constexprs[p.name] if p.name in constexprs else p.default
-        else:
-            v = types[p.name]
-            sig[p.name] = v if isinstance(v, str) else mangle_type(v)
-            if sig[p.name].startswith("*") or p.name in ("N", "K"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, const, attrs = _signature(fn, types, constexprs, tuple(n for n in ("N", "K") if n in types))
     options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=HOPPER,
                           options=options)
