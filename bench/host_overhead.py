@@ -18,8 +18,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+import common  # noqa: E402
 
 from fp8.graphs import GraphedModule, state_version  # noqa: E402
 
@@ -56,26 +59,6 @@ def host_ms(fn, n: int = 50) -> float:
     return statistics.median(ts)
 
 
-def synced_and_b2b(fn, n: int = 20) -> tuple[float, float]:
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return statistics.median(ts), a.elapsed_time(b) / n
-
-
 def main():
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     m = Model().cuda()
@@ -103,9 +86,8 @@ def main():
     for _ in range(4):
         gm(x)
     rows.append(("GraphedModule call (until return)", host_ms(lambda: gm(x))))
-    sy, bb = synced_and_b2b(lambda: gm(x))
-    rows.append(("GraphedModule call, GPU ms synced", sy))
-    rows.append(("GraphedModule call, GPU ms back to back", bb))
+    rows.append(("GraphedModule call, GPU ms synced", common.time_cuda(lambda: gm(x), n=20)[0]))
+    rows.append(("GraphedModule call, GPU ms back to back", common.back_to_back_ms(lambda: gm(x), 20)))
     print("\n| what | ms |\n|---|---|")
     for what, ms in rows:
         print(f"| {what} | {ms:.3f} |")
