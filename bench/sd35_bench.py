@@ -99,7 +99,7 @@ def main():
     ap.add_argument("--variants", default="large,medium")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma list of rows to skip: bf16_compile, fp8, fast, fast_compile, te, "
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
                     "cuDNN attention; its FP8-attention row still runs), int8_mlp_pingpong (that row again with "
                     "fp8.gluon_int8's ping-pong INT8 kernels)")
@@ -240,6 +240,49 @@ def main():
         mm.soft_empty_cache()
         torch._dynamo.reset()
 
+    def e4m3_rows(variant, path, prompts, ref):
+        """Our E4M3 loader's rows (weight_scaling=per_tensor): eager, TransformerEngine, compiled, CUDA graphs, FP8
+        attention; skipped whole with --skip e4m3 (its load and calibration too)."""
+        t0 = time.perf_counter()
+        ours, _, _, _ = glue.load_sd35_fp8(path, "per_tensor")
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cal, _ = glue.calibrate(ours, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform",
+                                a.size, a.size, 0)
+        t_cal = time.perf_counter() - t0
+        notes.append(f"{variant}: our loader (read + quantize on load) {t_load:.1f} s; calibration "
+                     f"{a.cal_prompts} prompts x {a.steps} steps (CFG 4.5, {a.size}², max) {t_cal:.1f} s")
+        print(notes[-1], flush=True)
+        eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
+        measure(variant, "ours FP8 calibrated, eager", eager, ref)
+        te_ok, te_why = sys.modules["sd35pack.fp8.te_backend"].availability()
+        if "te" not in skip and not te_ok:
+            notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
+        elif "te" not in skip:
+            for scaling, graphs in (("delayed", False), ("current", False), ("delayed", True), ("current", True)):
+                te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
+                                                             scaling=scaling, cudagraphs=graphs))
+                measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling"
+                                 + (", CUDA graphs)" if graphs else ")"), te, ref)
+                del te
+            glue.set_te(cal.model.diffusion_model, None)
+            glue.drop_graphs(cal.model.diffusion_model)
+        full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
+        if "no_cudagraphs" not in skip:
+            measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)
+        if "cudagraphs" not in skip:
+            torch._dynamo.reset()
+            cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
+            measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
+            del cg
+        if "fp8_attention" not in skip:
+            torch._dynamo.reset()
+            fa = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention="fp8"))
+            measure(variant, "ours FP8, all speed features with FP8 attention (attention=fp8)", fa, ref)
+            del fa
+        del ours, cal, eager, full
+        drop()
+
     tmp = tempfile.mkdtemp(prefix="sd35bench-", dir="/tmp")
     for variant in a.variants.split(","):
         t0 = time.perf_counter()
@@ -277,46 +320,9 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
 
-        t0 = time.perf_counter()
-        ours, _, _, _ = glue.load_sd35_fp8(path, "per_tensor")
-        t_load = time.perf_counter() - t0
         prompts = [common.cond(100 + i) for i in range(a.cal_prompts)]
-        t0 = time.perf_counter()
-        cal, _ = glue.calibrate(ours, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform",
-                                a.size, a.size, 0)
-        t_cal = time.perf_counter() - t0
-        notes.append(f"{variant}: our loader (read + quantize on load) {t_load:.1f} s; calibration "
-                     f"{a.cal_prompts} prompts x {a.steps} steps (CFG 4.5, {a.size}², max) {t_cal:.1f} s")
-        print(notes[-1], flush=True)
-        eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
-        measure(variant, "ours FP8 calibrated, eager", eager, ref)
-        te_ok, te_why = sys.modules["sd35pack.fp8.te_backend"].availability()
-        if "te" not in skip and not te_ok:
-            notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
-        elif "te" not in skip:
-            for scaling, graphs in (("delayed", False), ("current", False), ("delayed", True), ("current", True)):
-                te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
-                                                             scaling=scaling, cudagraphs=graphs))
-                measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling"
-                                 + (", CUDA graphs)" if graphs else ")"), te, ref)
-                del te
-            glue.set_te(cal.model.diffusion_model, None)
-            glue.drop_graphs(cal.model.diffusion_model)
-        full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
-        if "no_cudagraphs" not in skip:
-            measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)
-        if "cudagraphs" not in skip:
-            torch._dynamo.reset()
-            cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
-            measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
-            del cg
-        if "fp8_attention" not in skip:
-            torch._dynamo.reset()
-            fa = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention="fp8"))
-            measure(variant, "ours FP8, all speed features with FP8 attention (attention=fp8)", fa, ref)
-            del fa
-        del ours, cal, eager, full
-        drop()
+        if "e4m3" not in skip:
+            e4m3_rows(variant, path, prompts, ref)
         # the loader's INT8 options (weight_scaling): adaLN weights as INT8 rows; that plus the MLP as W8A8 INT8 (the
         # fidelity rows, with cuDNN and with FP8 attention)
         for key, scaling, label, attns in (
@@ -325,8 +331,12 @@ def main():
                  ("auto", "fp8"))):
             if key in skip:
                 continue
+            t0 = time.perf_counter()
             cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
                                      "euler", "sgm_uniform", a.size, a.size, 0)
+            notes.append(f"{variant}: {scaling}: load + calibration {a.cal_prompts} prompts x {a.steps} steps "
+                         f"{time.perf_counter() - t0:.1f} s")
+            print(notes[-1], flush=True)
             kernels = [gemm_mod.INT8_GEMM]
             if key == "int8_mlp" and "int8_mlp_pingpong" not in skip and gemm_mod.INT8_GEMM != "pingpong" \
                     and importlib.import_module("sd35pack.fp8.gluon_int8").AVAILABLE:
