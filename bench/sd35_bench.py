@@ -99,7 +99,7 @@ def main():
     ap.add_argument("--variants", default="large,medium")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
-    ap.add_argument("--skip", default="", help="comma list of rows to skip: e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
+    ap.add_argument("--skip", default="", help="comma list of rows to skip, each KEY or VARIANT:KEY (that variant only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
                     "cuDNN attention; its FP8-attention row still runs), int8_mlp_pingpong (that row again with "
                     "fp8.gluon_int8's ping-pong INT8 kernels)")
@@ -111,6 +111,10 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+
+    def skipped(key: str, variant: str) -> bool:
+        """--skip KEY skips a row everywhere, --skip VARIANT:KEY for one variant only (e.g. large:bf16_compile)."""
+        return key in skip or f"{variant}:{key}" in skip
     notes = []
     glue = common.import_glue(a.comfy)
     if a.attn_config:
@@ -256,9 +260,9 @@ def main():
         eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
         measure(variant, "ours FP8 calibrated, eager", eager, ref)
         te_ok, te_why = sys.modules["sd35pack.fp8.te_backend"].availability()
-        if "te" not in skip and not te_ok:
+        if not skipped("te", variant) and not te_ok:
             notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
-        elif "te" not in skip:
+        elif not skipped("te", variant):
             for scaling, graphs in (("delayed", False), ("current", False), ("delayed", True), ("current", True)):
                 te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
                                                              scaling=scaling, cudagraphs=graphs))
@@ -268,14 +272,14 @@ def main():
             glue.set_te(cal.model.diffusion_model, None)
             glue.drop_graphs(cal.model.diffusion_model)
         full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
-        if "no_cudagraphs" not in skip:
+        if not skipped("no_cudagraphs", variant):
             measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)
-        if "cudagraphs" not in skip:
+        if not skipped("cudagraphs", variant):
             torch._dynamo.reset()
             cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
             measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
             del cg
-        if "fp8_attention" not in skip:
+        if not skipped("fp8_attention", variant):
             torch._dynamo.reset()
             fa = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention="fp8"))
             measure(variant, "ours FP8, all speed features with FP8 attention (attention=fp8)", fa, ref)
@@ -295,7 +299,7 @@ def main():
 
         stock = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16})
         ref = measure(variant, "stock BF16", stock)
-        if "bf16_compile" not in skip:
+        if not skipped("bf16_compile", variant):
             c = stock.clone()
             set_torch_compile_wrapper(model=c, backend="inductor")
             measure(variant, "stock BF16 + torch.compile", c, ref)
@@ -305,11 +309,11 @@ def main():
         for key, name, opts in (("fp8", "stock fp8_e4m3fn", {"dtype": torch.float8_e4m3fn}),
                                 ("fast", "stock fp8_e4m3fn_fast", {"dtype": torch.float8_e4m3fn,
                                                                    "fp8_optimizations": True})):
-            if key in skip:
+            if skipped(key, variant):
                 continue
             m = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
             measure(variant, name, m, ref)
-            if key == "fast" and "fast_compile" not in skip:
+            if key == "fast" and not skipped("fast_compile", variant):
                 c = m.clone()
                 set_torch_compile_wrapper(model=c, backend="inductor")
                 measure(variant, name + " + torch.compile", c, ref)
@@ -321,7 +325,7 @@ def main():
         torch.cuda.empty_cache()
 
         prompts = [common.cond(100 + i) for i in range(a.cal_prompts)]
-        if "e4m3" not in skip:
+        if not skipped("e4m3", variant):
             e4m3_rows(variant, path, prompts, ref)
         # the loader's INT8 options (weight_scaling): adaLN weights as INT8 rows; that plus the MLP as W8A8 INT8 (the
         # fidelity rows, with cuDNN and with FP8 attention)
@@ -329,7 +333,7 @@ def main():
                 ("int8_adaln", glue.INT8_ADALN, "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
                 ("int8_mlp", glue.INT8_MLP, "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
                  ("auto", "fp8"))):
-            if key in skip:
+            if skipped(key, variant):
                 continue
             t0 = time.perf_counter()
             cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
@@ -338,11 +342,11 @@ def main():
                          f"{time.perf_counter() - t0:.1f} s")
             print(notes[-1], flush=True)
             kernels = [gemm_mod.INT8_GEMM]
-            if key == "int8_mlp" and "int8_mlp_pingpong" not in skip and gemm_mod.INT8_GEMM != "pingpong" \
+            if key == "int8_mlp" and not skipped("int8_mlp_pingpong", variant) and gemm_mod.INT8_GEMM != "pingpong" \
                     and importlib.import_module("sd35pack.fp8.gluon_int8").AVAILABLE:
                 kernels.append("pingpong")  # the same row with fp8.gluon_int8's INT8 kernels
             for attn in attns:
-                if key == "int8_mlp" and attn == "auto" and "int8_mlp_cudnn" in skip:
+                if key == "int8_mlp" and attn == "auto" and skipped("int8_mlp_cudnn", variant):
                     continue
                 for kern in kernels if attn == "fp8" else kernels[:1]:
                     old_kern, gemm_mod.INT8_GEMM = gemm_mod.INT8_GEMM, kern

@@ -152,20 +152,36 @@ if AVAILABLE:
                                    stride_gate, BM, BN, HAS_BIAS)
 
 
+    # The partitions' entry points, one per (consumer, epilogue split): the split and the consumer index reach the
+    # consumer as literals. Triton 3.6 hands warp_specialize's arguments to the partitions as run-time values, so a
+    # constexpr flag passed through them would compile both branches (and 3.6 cannot lower the split's 3-D reshape
+    # in a branch it does not take); the kernel picks the entry points with its own constexpr.
     @gluon.jit
-    def _pp_fc2_consumer0(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
-                          out_ptr, M, N, K, L, stride_gate, NUM_SMS: gl.constexpr, G: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
-                         out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES, 0)
+    def _pp_fc2_c0w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
+                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, False, 0)
 
 
     @gluon.jit
-    def _pp_fc2_consumer1(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
-                          out_ptr, M, N, K, L, stride_gate, NUM_SMS: gl.constexpr, G: gl.constexpr,
-                          HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
-                         out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES, 1)
+    def _pp_fc2_c0s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
+                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, True, 0)
+
+
+    @gluon.jit
+    def _pp_fc2_c1w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
+                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, False, 1)
+
+
+    @gluon.jit
+    def _pp_fc2_c1s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
+                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, True, 1)
 
 
     @gluon.jit
@@ -184,8 +200,12 @@ if AVAILABLE:
         a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
                 K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES)
-        gl.warp_specialize([(_pp_fc2_consumer0, args), (_pp_fc2_consumer1, args), (_pp_fc2_loader, args)], [4, 1],
-                           [CONSUMER_REGS, 40])
+        if HALVES:
+            gl.warp_specialize([(_pp_fc2_c0s, args), (_pp_fc2_c1s, args), (_pp_fc2_loader, args)], [4, 1],
+                               [CONSUMER_REGS, 40])
+        else:
+            gl.warp_specialize([(_pp_fc2_c0w, args), (_pp_fc2_c1w, args), (_pp_fc2_loader, args)], [4, 1],
+                               [CONSUMER_REGS, 40])
 
 
     @gluon.jit
@@ -241,18 +261,33 @@ if AVAILABLE:
                 _gelu_int8_epilogue(acc, sa_ptr, sb_ptr, bias_ptr, inv, out_ptr, pm * BM, pn * BN, M, N, BM, BN, HAS_BIAS)
 
 
+    # fc1's partition entry points (see fc2's)
     @gluon.jit
-    def _pp_fc1_consumer0(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                          K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                         K, NUM_SMS, G, HAS_BIAS, HALVES, 0)
+    def _pp_fc1_c0w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                    K, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
+                         NUM_SMS, G, HAS_BIAS, False, 0)
 
 
     @gluon.jit
-    def _pp_fc1_consumer1(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                          K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                         K, NUM_SMS, G, HAS_BIAS, HALVES, 1)
+    def _pp_fc1_c0s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                    K, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
+                         NUM_SMS, G, HAS_BIAS, True, 0)
+
+
+    @gluon.jit
+    def _pp_fc1_c1w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                    K, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
+                         NUM_SMS, G, HAS_BIAS, False, 1)
+
+
+    @gluon.jit
+    def _pp_fc1_c1s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                    K, NUM_SMS, G, HAS_BIAS, HALVES):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
+                         NUM_SMS, G, HAS_BIAS, True, 1)
 
 
     @gluon.jit
@@ -270,8 +305,12 @@ if AVAILABLE:
         a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
                 NUM_SMS, G, HAS_BIAS, HALVES)
-        gl.warp_specialize([(_pp_fc1_consumer0, args), (_pp_fc1_consumer1, args), (_pp_fc1_loader, args)], [4, 1],
-                           [CONSUMER_REGS, 40])
+        if HALVES:
+            gl.warp_specialize([(_pp_fc1_c0s, args), (_pp_fc1_c1s, args), (_pp_fc1_loader, args)], [4, 1],
+                               [CONSUMER_REGS, 40])
+        else:
+            gl.warp_specialize([(_pp_fc1_c0w, args), (_pp_fc1_c1w, args), (_pp_fc1_loader, args)], [4, 1],
+                               [CONSUMER_REGS, 40])
 
 
     def _pp_descs(xq, w8, bm, bn, bk):
