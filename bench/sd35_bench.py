@@ -101,8 +101,11 @@ def main():
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip, each KEY or VARIANT:KEY (that variant only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
-                    "cuDNN attention; its FP8-attention row still runs), int8_mlp_pingpong (that row again with "
-                    "fp8.gluon_int8's ping-pong INT8 kernels)")
+                    "cuDNN attention; its FP8-attention row still runs)")
+    ap.add_argument("--pingpong-row", action="store_true",
+                    help="add the INT8 MLP FP8-attention row again with fp8.gluon_int8's ping-pong INT8 kernels (opt-in: "
+                    "on the 12-02 H200 with Triton 3.6 they failed with 'unspecified launch failure', which ends the "
+                    "process and every row after it)")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--host-profile", action="store_true",
@@ -162,6 +165,7 @@ def main():
         b2b = common.back_to_back_ms(lambda: denoise(p, b2), 12)
         if a.host_profile and name.startswith("ours") and "all speed features" in name:
             notes.append(f"{variant}: {name}: " + host_trace(p))
+            print(notes[-1], flush=True)  # now: a later row that crashes the process must not take it along
         d = d.float().cpu()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -190,6 +194,7 @@ def main():
             notes.append(f"{variant}: {name}: fp8_attention / fused MLP op calls {used or 'none'}; " + "; ".join(
                 f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
                 for what, r in glue.graph_runners(p.model.diffusion_model).items()))
+            print("\n".join(notes[-2:]), flush=True)
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
 
@@ -342,7 +347,7 @@ def main():
                          f"{time.perf_counter() - t0:.1f} s")
             print(notes[-1], flush=True)
             kernels = [gemm_mod.INT8_GEMM]
-            if key == "int8_mlp" and not skipped("int8_mlp_pingpong", variant) and gemm_mod.INT8_GEMM != "pingpong" \
+            if key == "int8_mlp" and a.pingpong_row and gemm_mod.INT8_GEMM != "pingpong" \
                     and importlib.import_module("sd35pack.fp8.gluon_int8").AVAILABLE:
                 kernels.append("pingpong")  # the same row with fp8.gluon_int8's INT8 kernels
             for attn in attns:
