@@ -125,7 +125,7 @@ if AVAILABLE:
     @gluon.jit
     def _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
                          out_ptr, M, N, K, L, stride_gate, NUM_SMS: gl.constexpr, G: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, HALVES: gl.constexpr, WHICH: gl.constexpr):
+                         HAS_BIAS: gl.constexpr, HALVES: gl.constexpr, WHICH):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = b_desc.block_type.shape[0]
         npm = gl.cdiv(M, BM)
@@ -152,42 +152,28 @@ if AVAILABLE:
                                    stride_gate, BM, BN, HAS_BIAS)
 
 
-    # The partitions' entry points, one per (consumer, epilogue split): the split and the consumer index reach the
-    # consumer as literals. Triton 3.6 hands warp_specialize's arguments to the partitions as run-time values, so a
-    # constexpr flag passed through them would compile both branches (and 3.6 cannot lower the split's 3-D reshape
-    # in a branch it does not take); the kernel picks the entry points with its own constexpr.
+    # The consumers' entry points, one per epilogue split, which reaches the consumer as a literal: Triton 3.6 hands
+    # warp_specialize's arguments to the partitions as run-time values, so a constexpr flag passed through them compiles
+    # both branches (and 3.6 cannot lower the split's 3-D reshape in a branch it does not take). The kernel picks the
+    # entry point with its own constexpr; the consumer index (WHICH, its first tile) is a run-time argument.
     @gluon.jit
-    def _pp_fc2_c0w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
-                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
-                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, False, 0)
-
-
-    @gluon.jit
-    def _pp_fc2_c0s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
-                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
-                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, True, 0)
+    def _pp_fc2_whole(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
+                      out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES, WHICH):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
+                         out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, False, WHICH)
 
 
     @gluon.jit
-    def _pp_fc2_c1w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
-                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
-                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, False, 1)
-
-
-    @gluon.jit
-    def _pp_fc2_c1s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
-                    M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
-                         K, L, stride_gate, NUM_SMS, G, HAS_BIAS, True, 1)
+    def _pp_fc2_split(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
+                      out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES, WHICH):
+        _pp_fc2_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
+                         out_ptr, M, N, K, L, stride_gate, NUM_SMS, G, HAS_BIAS, True, WHICH)
 
 
     @gluon.jit
     def _pp_fc2_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr,
                        out_ptr, M, N, K, L, stride_gate, NUM_SMS: gl.constexpr, G: gl.constexpr,
-                       HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
+                       HAS_BIAS: gl.constexpr, HALVES: gl.constexpr, WHICH):  # WHICH unused: workers take one signature
         _pp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, NUM_SMS, G)
 
 
@@ -200,12 +186,13 @@ if AVAILABLE:
         a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr, M, N,
                 K, L, stride_gate, NUM_SMS, G, HAS_BIAS, HALVES)
+        first = gl.program_id(0) * 0  # consumer 0's first tile, a run-time value (a partition argument)
         if HALVES:
-            gl.warp_specialize([(_pp_fc2_c0s, args), (_pp_fc2_c1s, args), (_pp_fc2_loader, args)], [4, 1],
-                               [CONSUMER_REGS, 40])
+            gl.warp_specialize([(_pp_fc2_split, args + (first,)), (_pp_fc2_split, args + (first + 1,)),
+                                (_pp_fc2_loader, args + (first + 1,))], [4, 1], [CONSUMER_REGS, 40])
         else:
-            gl.warp_specialize([(_pp_fc2_c0w, args), (_pp_fc2_c1w, args), (_pp_fc2_loader, args)], [4, 1],
-                               [CONSUMER_REGS, 40])
+            gl.warp_specialize([(_pp_fc2_whole, args + (first,)), (_pp_fc2_whole, args + (first + 1,)),
+                                (_pp_fc2_loader, args + (first + 1,))], [4, 1], [CONSUMER_REGS, 40])
 
 
     @gluon.jit
@@ -241,7 +228,7 @@ if AVAILABLE:
     @gluon.jit
     def _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
                          K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr,
-                         WHICH: gl.constexpr):
+                         WHICH):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BN: gl.constexpr = b_desc.block_type.shape[0]
         npm = gl.cdiv(M, BM)
@@ -263,36 +250,23 @@ if AVAILABLE:
 
     # fc1's partition entry points (see fc2's)
     @gluon.jit
-    def _pp_fc1_c0w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                    K, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
-                         NUM_SMS, G, HAS_BIAS, False, 0)
+    def _pp_fc1_whole(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                      K, NUM_SMS, G, HAS_BIAS, HALVES, WHICH):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                         K, NUM_SMS, G, HAS_BIAS, False, WHICH)
 
 
     @gluon.jit
-    def _pp_fc1_c0s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                    K, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
-                         NUM_SMS, G, HAS_BIAS, True, 0)
-
-
-    @gluon.jit
-    def _pp_fc1_c1w(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                    K, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
-                         NUM_SMS, G, HAS_BIAS, False, 1)
-
-
-    @gluon.jit
-    def _pp_fc1_c1s(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                    K, NUM_SMS, G, HAS_BIAS, HALVES):
-        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
-                         NUM_SMS, G, HAS_BIAS, True, 1)
+    def _pp_fc1_split(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                      K, NUM_SMS, G, HAS_BIAS, HALVES, WHICH):
+        _pp_fc1_consumer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
+                         K, NUM_SMS, G, HAS_BIAS, True, WHICH)
 
 
     @gluon.jit
     def _pp_fc1_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N,
-                       K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr):
+                       K, NUM_SMS: gl.constexpr, G: gl.constexpr, HAS_BIAS: gl.constexpr, HALVES: gl.constexpr,
+                       WHICH):  # unused: the workers take one signature
         _pp_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, NUM_SMS, G)
 
 
@@ -305,12 +279,13 @@ if AVAILABLE:
         a_bufs, b_bufs, ready, empty = _pp_alloc(a_desc, b_desc, STAGES)
         args = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, sa_ptr, sb_ptr, bias_ptr, inv_ptr, out_ptr, M, N, K,
                 NUM_SMS, G, HAS_BIAS, HALVES)
+        first = gl.program_id(0) * 0
         if HALVES:
-            gl.warp_specialize([(_pp_fc1_c0s, args), (_pp_fc1_c1s, args), (_pp_fc1_loader, args)], [4, 1],
-                               [CONSUMER_REGS, 40])
+            gl.warp_specialize([(_pp_fc1_split, args + (first,)), (_pp_fc1_split, args + (first + 1,)),
+                                (_pp_fc1_loader, args + (first + 1,))], [4, 1], [CONSUMER_REGS, 40])
         else:
-            gl.warp_specialize([(_pp_fc1_c0w, args), (_pp_fc1_c1w, args), (_pp_fc1_loader, args)], [4, 1],
-                               [CONSUMER_REGS, 40])
+            gl.warp_specialize([(_pp_fc1_whole, args + (first,)), (_pp_fc1_whole, args + (first + 1,)),
+                                (_pp_fc1_loader, args + (first + 1,))], [4, 1], [CONSUMER_REGS, 40])
 
 
     def _pp_descs(xq, w8, bm, bn, bk):
