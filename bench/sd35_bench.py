@@ -210,18 +210,31 @@ def main():
         if r is None:
             return "host trace: no CUDA-graph runner on this model"
         r.__dict__["trace"] = []
-        spans = []
+        r.trace_events.clear()
+        spans, gpu = [], []
         try:
             for _ in range(n):
                 torch.cuda.synchronize()
+                e_in, e_out = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 t_in = time.perf_counter()
+                e_in.record()
                 denoise(p, b2)
+                e_out.record()
                 t_out = time.perf_counter()
-                if r.trace:
+                e_out.synchronize()
+                if r.trace and r.trace_events:
                     t = r.trace[-1]
                     spans.append((t[0] - t_in, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[5] - t[4],
                                   t_out - t[5]))
+                    g0, g1 = r.trace_events[-1]
+                    gpu.append((e_in.elapsed_time(g0), g0.elapsed_time(g1), g1.elapsed_time(e_out)))
                 r.trace.clear()
+                r.trace_events.clear()
+            for _ in range(n):  # the same calls back to back: is the graph itself slower after an idle GPU?
+                denoise(p, b2)
+            torch.cuda.synchronize()
+            b2b = statistics.median(a.elapsed_time(b) for a, b in r.trace_events) if r.trace_events else float("nan")
+            r.trace_events.clear()
         finally:
             r.__dict__["trace"] = None
         torch.cuda.synchronize()
@@ -230,9 +243,11 @@ def main():
         names = ("ComfyUI + wrappers before the runner", "weight version check", "signature + lookup",
                  "input copies", "graph replay launch", "output clone", "ComfyUI after the runner")
         med = [statistics.median(c) * 1e3 for c in zip(*spans)]
+        gmed = [statistics.median(c) for c in zip(*gpu)]
         return ("host ms of a synced b2 call (median of %d): " % len(spans) + ", ".join(
             f"{k} {v:.3f}" for k, v in zip(names, med)) + f"; total {sum(med):.3f} (until the replay call returns: "
-            f"{sum(med[:5]):.3f})")
+            f"{sum(med[:5]):.3f}); GPU ms (CUDA events): call start -> graph start {gmed[0]:.3f}, the graph "
+            f"{gmed[1]:.3f} (back to back: {b2b:.3f}), graph end -> call end {gmed[2]:.3f}")
 
     def weight_census(p):
         """What the weights column counts: ComfyUI's (cached) model_size, the state dict now, and its largest

@@ -109,8 +109,11 @@ class GraphedModule(torch.nn.Module):
         self.__dict__["replays"] = 0
         # a list to append each replayed call's host timestamps to (perf_counter s: entry, weight version checked,
         # signature looked up, inputs copied, replay launched, output cloned), or None (off): bench/sd35_bench.py
-        # --host-profile reads it to say where a synced call's host time before the GPU's work goes
+        # --host-profile reads it to say where a synced call's host time before the GPU's work goes; with it on, each
+        # replay also appends (event before, event after) to ``trace_events``: the graph's own GPU time, apart from
+        # the GPU's idle time and ComfyUI's kernels around it
         self.__dict__["trace"] = None
+        self.__dict__["trace_events"] = []
 
     def __getattr__(self, name):  # dtype, config, ... of the wrapped model
         return getattr(self.__dict__["module"], name)
@@ -179,7 +182,14 @@ class GraphedModule(torch.nn.Module):
             if isinstance(dst, torch.Tensor) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         t3 = time.perf_counter() if trace is not None else 0.0
-        g.graph.replay()
+        if trace is not None:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+            g.graph.replay()
+            ev[1].record()
+            self.trace_events.append(ev)
+        else:
+            g.graph.replay()
         t4 = time.perf_counter() if trace is not None else 0.0
         self.__dict__["replays"] += 1
         out = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, g.output)

@@ -117,6 +117,8 @@ def test_replay_matches_eager_per_shape_and_outputs_are_not_aliased():
         for _ in range(3):
             gm(*a, **k)
         assert len(gm.trace) == 3 and all(len(t) == 6 and list(t) == sorted(t) for t in gm.trace)
+        torch.cuda.synchronize()
+        assert len(gm.trace_events) == 3 and all(b.elapsed_time(e) > 0 for b, e in gm.trace_events)
 
 
 @cuda
