@@ -37,7 +37,7 @@ from ..fp8.policy import LayerDecision
 from ..fp8.quant import dequantize_weight, qmax, quantize_to_scale
 from ..fp8.runtime import RuntimeConfig, attention, clear_static, set_static, static_key
 from ..fp8.attention import fp8_attention
-from ..fp8.graphs import GraphedModule
+from ..fp8.graphs import GraphedModule, quick_version
 from ..fp8.te_backend import set_te, te_autocast, te_recipe, te_step
 
 log = logging.getLogger("sd35fp8")
@@ -451,6 +451,10 @@ def prepare_run(patcher):
         clear_static(dm)
     if te:
         set_te(dm, recipe, rt.get("scaling", "delayed"), rt.get("adaln", "weight_only"))
+    # the graphs check every weight's address once per run, on the first call (the sampler loads and patches the
+    # model after this, before that call), and per call only cheaply (fp8.graphs.quick_version)
+    for runner in graph_runners(dm).values():
+        runner.recheck()
     if cfg.get("input_amax") is None and enabled and cfg.get("recipe") is not None:
         log.warning("sd35fp8: this MODEL is not calibrated; its FP8 layers use delayed scaling from their own "
                     "amax history. Put SD35FP8Calibrate before SD35FP8Autocast for static calibrated scales.")
@@ -601,7 +605,7 @@ def te_wrapper(graphs: bool):
             return out
         runner = dm.__dict__.get(TE_GRAPHS)
         if runner is None:
-            runner = dm.__dict__[TE_GRAPHS] = GraphedModule(dm, after=te_step)
+            runner = dm.__dict__[TE_GRAPHS] = GraphedModule(dm, after=te_step, quick=quick_version)
         with _swapped(executor.class_obj, runner):
             return executor(*args, **kwargs)
     return wrapper
@@ -626,7 +630,7 @@ def compile_wrapper(graphs: bool):
             run = cache[COMPILED] = torch.compile(dm, dynamic=False)
         if graphs and static_key(dm) is not None:  # the static FP8 runtime only
             if GRAPHS not in cache:
-                cache[GRAPHS] = GraphedModule(run)
+                cache[GRAPHS] = GraphedModule(run, quick=quick_version)
             run = cache[GRAPHS]
         try:
             with _swapped(executor.class_obj, run):

@@ -397,3 +397,21 @@ def test_sampling_state_installs_the_joint_forward_and_norm_kernels_only_with_cu
     assert not any(JOINT in b.__dict__ or "forward" in b.__dict__ for b in blocks)
     out = denoise(env, env.glue.set_autocast(env.cal, True, None))  # and the model still runs after all that
     assert torch.isfinite(out).all()
+
+
+def test_every_sampling_run_asks_the_cuda_graphs_for_a_full_weight_check(env):
+    """The graph runners check every weight's address only on a run's first call (per call only a quick
+    fingerprint: fp8.graphs.quick_version); prepare_run, which every sampling run calls before ComfyUI loads
+    and patches the model, must request that check on the runners that exist."""
+    from sd35pack.fp8.graphs import GraphedModule, quick_version
+    dm = env.cal.model.diffusion_model
+    runner = GraphedModule(dm, quick=quick_version)
+    dm.__dict__.setdefault("_sd35fp8_compiled", {})[env.glue.GRAPHS] = runner
+    try:
+        assert env.glue.graph_runners(dm)["compiled"] is runner
+        runner.__dict__["stale"] = False
+        p = env.glue.set_autocast(env.cal, True, None, dict(env.glue.DEFAULT_RUNTIME, cudagraphs=True))
+        env.glue.prepare_run(p)
+        assert runner.stale and env.glue.graph_runners(dm)["compiled"] is runner
+    finally:
+        env.glue.drop_graphs(dm)

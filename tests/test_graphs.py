@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from fp8.graphs import GraphedModule, signature, state_version
+from fp8.graphs import GraphedModule, quick_version, signature, state_version
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -169,6 +169,67 @@ def test_replaced_weights_are_recaptured_and_uncapturable_models_run_eager(caplo
     a = torch.randn(64, 64, device="cuda")
     torch.nn.init.normal_(torch.empty(8, device="cuda"))
     assert torch.isfinite(a @ a).all()
+
+
+class Deep(torch.nn.Module):
+    def __init__(self, n=40, d=32):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x, t, context=None, transformer_options=None):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x)) * t[:, None, None]
+        return x
+
+
+def test_quick_version_sees_replaced_and_moved_weights_and_the_runtime_config_not_in_place_updates():
+    from fp8.runtime import RuntimeConfig, set_static
+    from test_runtime import quantized_block
+    net = Deep()
+    q0 = quick_version(net)
+    assert len(q0) == 2 + 16 + 1 and q0 == quick_version(net)  # 80 tensors: every 5th + the last
+    with torch.no_grad():
+        net.layers[7].weight.mul_(2)  # in place: the graphs still read the right memory
+    assert quick_version(net) == q0
+    net.layers[7].weight = torch.nn.Parameter(net.layers[7].weight.detach().clone())  # as ComfyUI's set_attr_param
+    q1 = quick_version(net)
+    assert q1 != q0
+    net.layers[3].register_buffer("extra", torch.zeros(1))  # any registration counts
+    assert quick_version(net) != q1
+    q2 = quick_version(net)
+    for p in net.parameters():  # the whole model offloaded and reloaded: new storage everywhere, no registration
+        p.data = p.data.clone()
+    assert quick_version(net) != q2
+    q3, v3 = quick_version(net), state_version(net)
+    net.layers[2].weight.data = net.layers[2].weight.data.clone()  # one tensor that no probe covers
+    assert quick_version(net) == q3 and state_version(net) != v3  # what recheck() is for
+    b, _, _, _ = quantized_block()
+    qb = quick_version(b)
+    set_static(b, RuntimeConfig(fast_accum=False))
+    assert quick_version(b) != qb
+
+
+@cuda
+def test_quick_checked_graphs_run_the_full_check_once_and_recheck_on_request():
+    torch.manual_seed(0)
+    net = Deep().cuda()
+    gm = GraphedModule(net, warmup=1, quick=quick_version)
+    a, k = args(d=32, device="cuda")
+    with torch.no_grad():
+        ref = net(*a, **k)
+        outs = [gm(*a, **k) for _ in range(6)]
+        assert all(torch.allclose(o, ref, rtol=1e-5, atol=1e-6) for o in outs) and gm.replays >= 4
+        assert gm.full_checks == 1  # the first call only: later calls compare the quick fingerprint
+        net.layers[5].weight = torch.nn.Parameter(net.layers[5].weight * 2)  # replaced: seen at the next call
+        ref2 = net(*a, **k)
+        assert torch.allclose(gm(*a, **k), ref2, rtol=1e-5, atol=1e-6) and gm.full_checks == 2
+        old = net.layers[2].weight.data
+        net.layers[2].weight.data = old * 3  # moved alone, no probe on it: the caller says so
+        del old
+        ref3 = net(*a, **k)
+        gm.recheck()
+        outs = [gm(*a, **k) for _ in range(4)]
+        assert all(torch.allclose(o, ref3, rtol=1e-5, atol=1e-6) for o in outs) and gm.full_checks == 3
 
 
 def test_state_version_follows_the_static_fp8_runtime_config():
