@@ -434,7 +434,8 @@ def prepare_run(patcher):
     install_scales(dm, cfg.get("input_amax"))
     rt = cfg.get("runtime") or {}
     te = enabled and rt.get("backend") == "transformer_engine"
-    set_te(dm, None)
+    if dm.__dict__.pop(TE_ON, False):  # a walk over every module: only where a run put TE on
+        set_te(dm, None)
     graphs = bool(rt.get("cudagraphs")) and enabled
     # graphs this run will not replay hold a memory pool each: free them
     drop_graphs(dm, te=not (te and graphs), compiled=not (not te and graphs and rt.get("compile")))
@@ -451,6 +452,7 @@ def prepare_run(patcher):
         clear_static(dm)
     if te:
         set_te(dm, recipe, rt.get("scaling", "delayed"), rt.get("adaln", "weight_only"))
+        dm.__dict__[TE_ON] = True
     # the graphs check every weight's address once per run, on the first call (the sampler loads and patches the
     # model after this, before that call), and per call only cheaply (fp8.graphs.quick_version)
     for runner in graph_runners(dm).values():
@@ -557,6 +559,7 @@ def apply_runtime_options(m, rt: dict) -> None:
 _compile_broken: set[str] = set()
 COMPILED, GRAPHS = "compiled", "cuda_graphs"  # keys of a diffusion model's compile cache
 TE_GRAPHS = "_sd35fp8_graphed"  # the TE backend's GraphedModule, on the diffusion model
+TE_ON = "_sd35fp8_te_on"  # set where prepare_run routed the layers through TE (the next run without TE undoes it)
 
 
 def graph_runners(dm: torch.nn.Module) -> dict:
