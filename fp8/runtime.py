@@ -72,8 +72,7 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     key = dataclasses.astuple(cfg)
     state = model.__dict__.get(STATIC_STATE)
     if state is not None and model.__dict__.get(STATIC_KEY) == key and all(
-            m.fp8_static == mode and m.input_scale is s and (s is None or s._version == v)
-            for m, mode, s, v in state):
+            m.fp8_static == mode and m.input_scale is s and _version(s) == v for m, mode, s, v in state):
         return len(state)  # already in this state (same config, same calibrated scales, nothing reset)
     layers = fp8_layers(model)
     int8_modes = _int8_mlp_modes(model)
@@ -92,10 +91,15 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     # what the layers now do, for whole-model CUDA graphs (fp8.graphs.state_version): the same config
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     model.__dict__[STATIC_KEY] = key
-    model.__dict__[STATIC_STATE] = [(m, m.fp8_static, m.input_scale,
-                                     None if m.input_scale is None else m.input_scale._version)
-                                    for m in layers.values()]
+    model.__dict__[STATIC_STATE] = [(m, m.fp8_static, m.input_scale, _version(m.input_scale)) for m in layers.values()]
     return len(layers)
+
+
+def _version(t: torch.Tensor | None):
+    """The in-place version counter of ``t``; None for None and for inference tensors (ComfyUI loads and
+    calibrates under ``torch.inference_mode``: those have no counter, and an in-place update of such a scale is
+    not seen. The pack never updates scales in place: a calibration installs new tensors)."""
+    return None if t is None or t.is_inference() else t._version
 
 
 def clear_static(model: torch.nn.Module) -> None:

@@ -113,6 +113,13 @@ def test_repeated_set_static_is_free_until_a_layer_or_its_scale_changes(monkeypa
     clear_static(b)
     set_static(b, cfg)
     assert is_static(b) and len(calls) == n + 4 + 3 + 3
+    with torch.inference_mode():  # as in ComfyUI's server: scales without a version counter still work
+        b.fc1.fp8_set_input_amax(2 * float(b.fc1.input_scale) * 448.0)
+        set_static(b, cfg)
+        assert float(b.fc1.fp8_in_scale) == pytest.approx(float(b.fc1.input_scale))
+        n = len(calls)
+        set_static(b, cfg)
+        assert len(calls) == n
 
 
 def test_static_path_clamps_out_of_range_and_keeps_nan_visible():
