@@ -78,7 +78,7 @@ def state_version(module: torch.nn.Module):
     """A cheap fingerprint of where ``module``'s tensors live: every parameter's and buffer's storage
     address, the identity of per-layer TE modules (``_fp8_te_modules``), and the static FP8 runtime's
     configuration (``fp8.runtime.static_key``: plain attributes such as fast accumulation steer the
-    captured code without changing any tensor). It runs on every call, so
+    captured code without changing any tensor). It runs on every call (once per run with ``quick``), so
     the parameter/buffer dicts of the modules that hold tensors are cached (modules are not replaced;
     their tensors are)."""
     dicts, attrs = _tensor_dicts(module)

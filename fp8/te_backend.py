@@ -167,14 +167,12 @@ def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str =
     from .model import fp8_layers
     from .runtime import ADALN
     layers = fp8_layers(model)
-    if recipe is None:  # every sampling run calls this: assign only what changes (a Module setattr each)
+    if recipe is None:
         for layer in layers.values():
-            if layer.fp8_te is not None:
-                layer.fp8_te = None
-            if getattr(layer, "_fp8_te_weight_only", False):
-                if layer.fp8_static == "weight_only":
-                    layer.fp8_set_static(None)
-                layer._fp8_te_weight_only = False
+            layer.fp8_te = None
+            if layer.fp8_static == "weight_only" and getattr(layer, "_fp8_te_weight_only", False):
+                layer.fp8_set_static(None)
+            layer._fp8_te_weight_only = False
         return 0
     ok, why = availability()
     if not ok:
