@@ -9,6 +9,13 @@ import sys
 import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _p in (REPO, os.path.join(REPO, "scripts")):  # the library as ``sd35fp8`` (one import name), the tools
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+# the in-process adapter and denoiser calls are the tests' helpers (tests/support/adapter.py)
+from tests.support.adapter import (Denoiser, call, cond, denoiser_inputs, import_adapter,  # noqa: E402,F401
+                                   quick_calibrate)
 
 # name: (depth, MMDiT-X blocks with attn2, pos_embed_max_size)
 SHAPES = {"large": (38, 0, 192), "medium": (24, 13, 384)}
@@ -27,42 +34,15 @@ def arg_parser(variant: bool = True, size: bool = True):
     return ap
 
 
-def import_glue(comfy_dir: str, cpu: bool = False):
-    """Import ComfyUI's model code (no server) and this pack's glue as package ``sd35pack``.
-    TransformerEngine, when installed, is imported first (before torch loads cuDNN: fp8/te_backend.py)."""
-    if not cpu:
-        sys.path.insert(0, REPO)
-        from fp8.te_backend import preload
-        preload()
-    sys.path.insert(0, os.path.abspath(comfy_dir))
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    saved, sys.argv = sys.argv, [sys.argv[0]] + (["--cpu"] if cpu else [])
-    import comfy.cli_args  # noqa: F401  (parse ComfyUI's defaults, not our flags)
-    sys.argv = saved
-    # the pack as a package without running nodes/__init__ (which needs comfy_api.latest and thus PyAV)
-    for name, path in (("sd35pack", REPO), ("sd35pack.nodes", os.path.join(REPO, "nodes"))):
-        m = types.ModuleType(name)
-        m.__path__ = [path]
-        sys.modules[name] = m
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    return importlib.import_module("sd35pack.nodes.glue")
-
-
 def set_attention_config(head_dim: int, spec: str) -> tuple:
     """Run the FP8 attention kernel with ``spec`` ("BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode") for
-    ``head_dim`` instead of fp8.attention.ATTN_CONFIG's, in every import of the module (the pack is imported
-    as ``fp8`` and as ``sd35pack.fp8``; the custom op runs the first one's code). Returns the config."""
+    ``head_dim`` instead of sd35fp8.kernels.attention.ATTN_CONFIG's. Returns the config."""
     import importlib
     cfg = tuple(int(v) for v in spec.split(","))
     if len(cfg) != 6:
         raise SystemExit(f"--attn-config needs 6 comma-separated integers, got {spec!r}")
     cfg = (*cfg[:4], bool(cfg[4]), cfg[5])
-    for name in ("fp8.attention", "sd35pack.fp8.attention"):
-        try:
-            importlib.import_module(name).ATTN_CONFIG[head_dim] = cfg
-        except ImportError:
-            pass
+    importlib.import_module("sd35fp8.kernels.attention").ATTN_CONFIG[head_dim] = cfg
     return cfg
 
 
@@ -87,71 +67,6 @@ def state_dict(variant: str, device: str = "cuda", seed: int = 0, depth: int | N
         finally:
             torch.randn = real_randn
     return sd
-
-
-def cond(seed: int, batch: int = 1):
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(batch, TEXT_TOKENS, 4096, generator=g),
-             {"pooled_output": torch.randn(batch, 2048, generator=g)}]]
-
-
-def denoiser_inputs(batch: int, size: int, device, seed: int = 5):
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 16, size // 8, size // 8, generator=g).to(device)
-    sigma = torch.full((batch,), 0.8, device=device)
-    ctx = torch.cat([cond(1 + i % 2)[0][0] for i in range(batch)]).to(device)
-    y = torch.cat([cond(1 + i % 2)[0][1]["pooled_output"] for i in range(batch)]).to(device)
-    return x, sigma, ctx, y
-
-
-def call(patcher, x, sigma, ctx, y):
-    """One denoiser call the way ComfyUI's sampler makes it (the patcher's transformer_options, so
-    APPLY_MODEL wrappers and attention overrides apply)."""
-    import copy
-    to = copy.copy(patcher.model_options.get("transformer_options", {}))
-    to["wrappers"] = patcher.wrappers  # the sampler puts them there (comfy.sampler_helpers)
-    return patcher.model.apply_model(x, sigma, c_crossattn=ctx, y=y, transformer_options=to)
-
-
-class Denoiser:
-    """One denoiser call as sampling makes it; for our MODELs with the FP8 run state the sampling
-    wrapper installs (``glue.prepare_run``), installed once per model as the wrapper does once per run."""
-
-    def __init__(self, glue):
-        self.glue = glue
-        self.state: dict = {}
-
-    def clear(self) -> None:
-        self.state.clear()
-
-    def __call__(self, p, inp):
-        import torch
-        with torch.no_grad():
-            if self.glue.KEY not in p.model_options:
-                return call(p, *inp)
-            if self.state.get("p") is not p:
-                self.state["p"], self.state["ctx"] = p, self.glue.prepare_run(p)
-            enabled, recipe = self.state["ctx"]
-            with self.glue.run_context(p, enabled, recipe):
-                return call(p, *inp)
-
-
-def quick_calibrate(glue, patcher, inputs) -> dict:
-    """Calibrate ``patcher``'s FP8 layers from apply_model at 7 sigmas on ``inputs`` (x, sigma, ctx, y), max
-    method, and install the scales; returns the amax table (the benchmarks' stand-in for a sampling run)."""
-    import torch
-    fp8 = sys.modules["sd35pack.fp8"]
-    x, sigma, ctx, y = inputs
-    session = fp8.CalibrationSession("max")
-    with torch.no_grad(), fp8.fp8_autocast(enabled=False, calibrating=session):
-        for s in (1.0, 0.9, 0.75, 0.6, 0.4, 0.2, 0.05):
-            call(patcher, x, torch.full_like(sigma, s), ctx, y)
-    dm = patcher.model.diffusion_model
-    amax = fp8.calibrated_amax(session, dm)
-    glue.install_scales(dm, amax)
-    return amax
 
 
 def time_cuda(fn, n: int = 10, warmup: int = 2):

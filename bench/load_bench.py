@@ -48,12 +48,12 @@ def drop_cache(path: str) -> None:
 
 
 def child(a) -> dict:
-    glue = common.import_glue(a.comfy)
+    adapter = common.import_adapter(a.comfy)
     import torch
     import comfy.model_management as mm
     import comfy.sd
     import folder_paths
-    fp8 = sys.modules["sd35pack.fp8"]
+    fp8 = sys.modules["sd35fp8"]
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     folder_paths.add_model_folder_path("diffusion_models", a.workdir, is_default=True)
@@ -64,7 +64,7 @@ def child(a) -> dict:
     inp = common.denoiser_inputs(2, a.size, "cuda")
     res = {"mode": a.child}
 
-    denoiser = common.Denoiser(glue)
+    denoiser = common.Denoiser(adapter)
 
     def denoise(p):
         return denoiser(p, inp)
@@ -94,32 +94,32 @@ def child(a) -> dict:
         ref = torch.load(ref_path)
         res.update({"err vs ours": common.rel(out, ref), "finite": bool(torch.isfinite(out).all())})
     elif a.child == "ours_bf16":
-        p = timed_load(bf16_path, lambda path: glue.load_sd35_fp8(path)[0])
+        p = timed_load(bf16_path, lambda path: adapter.checkpoints.load_sd35_fp8(path)[0])
         res["fp8 weight GiB"] = fp8.weight_bytes(p.model.diffusion_model) / GiB
         t0 = time.perf_counter()
-        cal, _ = glue.calibrate(p, [common.cond(1)], common.cond(2), 2, 4.5, "euler", "sgm_uniform", 512, 512, 0)
+        cal, _ = adapter.calibration.calibrate(p, [common.cond(1)], common.cond(2), 2, 4.5, "euler", "sgm_uniform", 512, 512, 0)
         res["calibrate s (1 prompt x 2 steps, 512px)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if os.path.exists(fp8_path):
             os.unlink(fp8_path)
-        glue.save_fp8_checkpoint(cal, fp8_name.removesuffix(".safetensors"))
+        adapter.checkpoints.save_fp8_checkpoint(cal, fp8_name.removesuffix(".safetensors"))
         res["save s"] = time.perf_counter() - t0
-        out = denoise(glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False))).float().cpu()
+        out = denoise(adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False))).float().cpu()
         torch.save(out, ref_path)
         res["finite"] = bool(torch.isfinite(out).all())
     elif a.child == "ours_fp8":
-        p = timed_load(fp8_path, lambda path: glue.load_sd35_fp8(path)[0])
-        res["calibrated from file"] = p.model_options[glue.KEY].get("input_amax") is not None
-        out = denoise(glue.set_autocast(p, True, None, dict(glue.DEFAULT_RUNTIME, compile=False))).float().cpu()
+        p = timed_load(fp8_path, lambda path: adapter.checkpoints.load_sd35_fp8(path)[0])
+        res["calibrated from file"] = adapter.state.get(p).input_amax is not None
+        out = denoise(adapter.sampling.set_autocast(p, True, None, adapter.state.Runtime(compile=False))).float().cpu()
         res["identical to saved model"] = bool(torch.equal(out, torch.load(ref_path)))
     elif a.child == "lora":
-        res.update(lora_speed(glue, fp8_path, denoise, torch, mm, comfy.sd, fp8))
+        res.update(lora_speed(adapter, fp8_path, denoise, torch, mm, comfy.sd, fp8))
     return res
 
 
-def lora_speed(glue, fp8_path, denoise, torch, mm, sd_mod, fp8) -> dict:
-    p, _, _, _ = glue.load_sd35_fp8(fp8_path)
-    p = glue.set_autocast(p, True, None)  # every speed feature (static FP8, compile, cuDNN attention)
+def lora_speed(adapter, fp8_path, denoise, torch, mm, sd_mod, fp8) -> dict:
+    p, _, _, _ = adapter.checkpoints.load_sd35_fp8(fp8_path)
+    p = adapter.sampling.set_autocast(p, True, None)  # every speed feature (static FP8, compile, cuDNN attention)
     mm.load_models_gpu([p], force_full_load=True)
     out = {}
     ms0, y0 = common.time_cuda(lambda: denoise(p), n=10, warmup=3)
@@ -148,7 +148,7 @@ def make_file(a) -> None:
     sys.path.insert(0, os.path.join(common.REPO, "scripts"))
     sys.path.insert(0, common.REPO)
     import torch
-    from fp8.files import write_safetensors
+    from sd35fp8.io.files import write_safetensors
     path = os.path.join(a.workdir, f"sd3.5_{a.variant}_bf16.safetensors")
     if os.path.exists(path):
         return

@@ -9,7 +9,7 @@ Stock rows load that state dict with ComfyUI's ``load_diffusion_model_state_dict
 the reference; ``fp8_e4m3fn``; ``fp8_e4m3fn`` + ``fp8_optimizations`` = ``fp8_e4m3fn_fast``), and
 the compiled rows add ComfyUI's own ``set_torch_compile_wrapper`` (what TorchCompileModel does).
 Our rows load a safetensors file of the same weights with the pack's loader (quantize on load),
-calibrate with ``glue.calibrate`` (8 prompts, the full 28-step schedule, CFG) and run as
+calibrate with ``adapter.calibration.calibrate`` (8 prompts, the full 28-step schedule, CFG) and run as
 SD35FP8Autocast configures them: eager (calibrated static scales, no compile) and with every speed
 feature on (static scales fused by torch.compile, cuDNN attention, fast accumulation), with and
 without CUDA graphs.
@@ -33,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from tune import gemm_configs  # noqa: E402
 
 # ms b2: each call synced (CUDA events around one call, the GPU idle before it: host time before the first kernel
 # counts); ms b2 back to back: 12 calls with one sync at the end (a sampling loop without host syncs); sampling
@@ -103,10 +104,8 @@ def main():
                     "only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
                     "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
                     "cuDNN attention; its FP8-attention row still runs)")
-    ap.add_argument("--pingpong-row", action="store_true",
-                    help="add the INT8 MLP FP8-attention row again with fp8.gluon_int8's ping-pong INT8 kernels (opt-in: "
-                    "on the 12-02 H200 with Triton 3.6 they failed with 'unspecified launch failure', which ends the "
-                    "process and every row after it)")
+    ap.add_argument("--gemm-configs", help="JSON of MLP kernel configs to run instead of the shipped ones (what "
+                    "bench/tune/fc1_sweep.py prints), e.g. '{\"FC2_CONFIG_INT8\": [128, 128, 128, 8, 8, 4, true, true]}'")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--host-profile", action="store_true",
@@ -120,7 +119,7 @@ def main():
         """--skip KEY skips a row everywhere, --skip VARIANT:KEY for one variant only (e.g. large:bf16_compile)."""
         return key in skip or f"{variant}:{key}" in skip
     notes = []
-    glue = common.import_glue(a.comfy)
+    adapter = common.import_adapter(a.comfy)
     if a.attn_config:
         notes.append(f"FP8 attention config (head dim 64): {common.set_attention_config(64, a.attn_config)}")
     import torch
@@ -135,7 +134,7 @@ def main():
     b2 = common.denoiser_inputs(2, a.size, dev)
     b8 = common.denoiser_inputs(8, a.size, dev)
 
-    denoise = common.Denoiser(glue)
+    denoise = common.Denoiser(adapter)
 
     def sample(p, seed=123):
         lat = torch.zeros(1, 16, a.size // 8, a.size // 8)
@@ -150,10 +149,11 @@ def main():
         torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
-    attn_calls = sys.modules["sd35pack.fp8.attention"].CALLS
-    gemm_mod = importlib.import_module("sd35pack.fp8.gemm")
+    attn_calls = sys.modules["sd35fp8.kernels.attention"].CALLS
+    gemm_mod = importlib.import_module("sd35fp8.kernels.mlp")
     gemm_calls = gemm_mod.CALLS
-    notes.append("MLP kernel configs: " + ", ".join(f"{n} {getattr(gemm_mod, n)}" for n in gemm_mod.CONFIG_NAMES)
+    gemm_configs.apply(a.gemm_configs)
+    notes.append("MLP kernel configs: " + ", ".join(f"{n} {getattr(gemm_mod, n)}" for n in gemm_configs.CONFIG_NAMES)
                  + f"; GELU_IMPL {gemm_mod.GELU_IMPL}")
 
     def measure(variant, name, p, ref=None):
@@ -194,7 +194,7 @@ def main():
             notes.append(f"{variant}: {name}: weights " + weight_census(p))
             notes.append(f"{variant}: {name}: fp8_attention / fused MLP op calls {used or 'none'}; " + "; ".join(
                 f"{what} CUDA graphs: {len(r.graphs)} captured, {r.replays} replays, {len(r.failed)} failed"
-                for what, r in glue.graph_runners(p.model.diffusion_model).items()))
+                for what, r in adapter.sampling.graph_runners(p.model.diffusion_model).items()))
             print("\n".join(notes[-2:]), flush=True)
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
@@ -202,10 +202,10 @@ def main():
     def host_trace(p, n: int = 12) -> str:
         """Where a synced b2 call's host time goes, from timestamps (no profiler: cProfile's per-call overhead on
         the weight-version check's ~2300 data_ptr calls made it look like most of the call): the CUDA-graph
-        runner's own steps (fp8.graphs.GraphedModule.trace) between ComfyUI's part before it and after it.
+        runner's own steps (sd35fp8.runtime.graphs.GraphedModule.trace) between ComfyUI's part before it and after it.
         Medians over ``n`` calls, each from an idle GPU."""
         import statistics
-        runners = glue.graph_runners(p.model.diffusion_model)
+        runners = adapter.sampling.graph_runners(p.model.diffusion_model)
         r = runners.get("compiled") or runners.get("TE")
         if r is None:
             return "host trace: no CUDA-graph runner on this model"
@@ -269,40 +269,40 @@ def main():
         """Our E4M3 loader's rows (weight_scaling=per_tensor): eager, TransformerEngine, compiled, CUDA graphs, FP8
         attention; skipped whole with --skip e4m3 (its load and calibration too)."""
         t0 = time.perf_counter()
-        ours, _, _, _ = glue.load_sd35_fp8(path, "per_tensor")
+        ours, _, _, _ = adapter.checkpoints.load_sd35_fp8(path, "per_tensor")
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        cal, _ = glue.calibrate(ours, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform",
+        cal, _ = adapter.calibration.calibrate(ours, prompts, common.cond(99), a.steps, 4.5, "euler", "sgm_uniform",
                                 a.size, a.size, 0)
         t_cal = time.perf_counter() - t0
         notes.append(f"{variant}: our loader (read + quantize on load) {t_load:.1f} s; calibration "
                      f"{a.cal_prompts} prompts x {a.steps} steps (CFG 4.5, {a.size}², max) {t_cal:.1f} s")
         print(notes[-1], flush=True)
-        eager = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, compile=False, attention="auto"))
+        eager = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False, attention="auto"))
         measure(variant, "ours FP8 calibrated, eager", eager, ref)
-        te_ok, te_why = sys.modules["sd35pack.fp8.te_backend"].availability()
+        te_ok, te_why = sys.modules["sd35fp8.runtime.te"].availability()
         if not skipped("te", variant) and not te_ok:
             notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
         elif not skipped("te", variant):
             for scaling, graphs in (("delayed", False), ("current", False), ("delayed", True), ("current", True)):
-                te = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, backend="transformer_engine",
+                te = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(backend="transformer_engine",
                                                              scaling=scaling, cudagraphs=graphs))
                 measure(variant, f"ours FP8, TransformerEngine backend ({scaling} scaling"
                                  + (", CUDA graphs)" if graphs else ")"), te, ref)
                 del te
-            glue.set_te(cal.model.diffusion_model, None)
-            glue.drop_graphs(cal.model.diffusion_model)
-        full = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME))
+            sys.modules['sd35fp8.runtime.te'].set_te(cal.model.diffusion_model, None)
+            adapter.sampling.drop_graphs(cal.model.diffusion_model)
+        full = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime())
         if not skipped("no_cudagraphs", variant):
             measure(variant, "ours FP8, compile + cuDNN attn + fast accum", full, ref)
         if not skipped("cudagraphs", variant):
             torch._dynamo.reset()
-            cg = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True))
+            cg = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(cudagraphs=True))
             measure(variant, "ours FP8, all speed features (compile, cuDNN attn, fast accum, CUDA graphs)", cg, ref)
             del cg
         if not skipped("fp8_attention", variant):
             torch._dynamo.reset()
-            fa = glue.set_autocast(cal, True, None, dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention="fp8"))
+            fa = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(cudagraphs=True, attention="fp8"))
             measure(variant, "ours FP8, all speed features with FP8 attention (attention=fp8)", fa, ref)
             del fa
         del ours, cal, eager, full
@@ -351,36 +351,26 @@ def main():
         # the loader's INT8 options (weight_scaling): adaLN weights as INT8 rows; that plus the MLP as W8A8 INT8 (the
         # fidelity rows, with cuDNN and with FP8 attention)
         for key, scaling, label, attns in (
-                ("int8_adaln", glue.INT8_ADALN, "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
-                ("int8_mlp", glue.INT8_MLP, "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
+                ("int8_adaln", adapter.checkpoints.INT8_ADALN, "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
+                ("int8_mlp", adapter.checkpoints.INT8_MLP, "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
                  ("auto", "fp8"))):
             if skipped(key, variant):
                 continue
             t0 = time.perf_counter()
-            cal8, _ = glue.calibrate(glue.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
+            cal8, _ = adapter.calibration.calibrate(adapter.checkpoints.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
                                      "euler", "sgm_uniform", a.size, a.size, 0)
             notes.append(f"{variant}: {scaling}: load + calibration {a.cal_prompts} prompts x {a.steps} steps "
                          f"{time.perf_counter() - t0:.1f} s")
             print(notes[-1], flush=True)
-            kernels = [gemm_mod.INT8_GEMM]
-            if key == "int8_mlp" and a.pingpong_row and gemm_mod.INT8_GEMM != "pingpong" \
-                    and importlib.import_module("sd35pack.fp8.gluon_int8").AVAILABLE:
-                kernels.append("pingpong")  # the same row with fp8.gluon_int8's INT8 kernels
             for attn in attns:
                 if key == "int8_mlp" and attn == "auto" and skipped("int8_mlp_cudnn", variant):
                     continue
-                for kern in kernels if attn == "fp8" else kernels[:1]:
-                    old_kern, gemm_mod.INT8_GEMM = gemm_mod.INT8_GEMM, kern
-                    try:
-                        torch._dynamo.reset()
-                        i8 = glue.set_autocast(cal8, True, None,
-                                               dict(glue.DEFAULT_RUNTIME, cudagraphs=True, attention=attn))
-                        measure(variant, f"ours FP8 with {label}, all speed features"
-                                         + (" with FP8 attention" if attn == "fp8" else "")
-                                         + (", ping-pong INT8 kernels" if kern == "pingpong" else ""), i8, ref)
-                        del i8
-                    finally:
-                        gemm_mod.INT8_GEMM = old_kern
+                torch._dynamo.reset()
+                i8 = adapter.sampling.set_autocast(cal8, True, None,
+                                                   adapter.state.Runtime(cudagraphs=True, attention=attn))
+                measure(variant, f"ours FP8 with {label}, all speed features"
+                                 + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
+                del i8
             del cal8
             drop()
         os.remove(path)

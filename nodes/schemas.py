@@ -1,0 +1,236 @@
+"""The SD3.5 FP8 nodes (V3 schema): what the user sees. Node IDs and input order are public API: never change them;
+the work is done in the modules beside this one."""
+from __future__ import annotations
+
+import logging
+import os
+
+from typing_extensions import override
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+from comfy_api.latest import ComfyExtension, io, ui
+
+from sd35fp8 import METHODS, DelayedScaling, Format
+from sd35fp8.kernels.attention import ATTENTION_BACKENDS
+from sd35fp8.runtime.te import BACKENDS, SCALINGS, availability, preload, resolve_backend
+
+from . import calibration, checkpoints, sampling
+from . import state as st
+
+log = logging.getLogger("sd35fp8")
+
+preload()  # TransformerEngine, when installed, must load before torch's cuDNN (see sd35fp8/runtime/te.py)
+
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_prompts.txt")
+with open(PROMPTS_FILE, encoding="utf-8") as _f:
+    DEFAULT_PROMPTS = _f.read().strip()  # the shipped default calibration set, one prompt per line
+
+
+class SD35FP8CheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8CheckpointLoader",
+            display_name="Load SD3.5 Checkpoint (FP8)",
+            category="loaders/sd35 fp8",
+            description="Loads an SD3.5 Large / Large Turbo / Medium checkpoint (from checkpoints/ or "
+                        "diffusion_models/). A BF16/FP16 file is quantized to FP8 E4M3 tensor by tensor while "
+                        "loading (joint-block Linear layers; embedders and the final layer stay high precision). "
+                        "An FP8 file (saved by SD35FP8SaveCheckpoint, or a stock scaled-FP8 file) loads as "
+                        "stored; with calibrated input scales it needs no re-calibration. CLIP and VAE are "
+                        "returned when the file holds them (otherwise use TripleCLIPLoader / VAELoader).",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=checkpoints.model_file_list(),
+                               tooltip="SD3.5 .safetensors from models/checkpoints or models/diffusion_models"),
+                io.Combo.Input("weight_scaling", options=list(checkpoints.WEIGHT_SCALINGS), default="per_tensor",
+                               tooltip="one fp32 scale per weight tensor, or one per output channel; "
+                                       "per_tensor_int8_adaln: per tensor, and the adaLN modulation weights (a "
+                                       "third of the bytes, run with BF16 activations) as INT8 with one scale per "
+                                       "output channel: less rounding error in the same memory. Applies when "
+                                       "quantizing a BF16/FP16 file; saved FP8 files store E4M3 throughout"),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Vae.Output(display_name="VAE"),
+                io.String.Output(display_name="info"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_scaling="per_tensor") -> io.NodeOutput:
+        path = checkpoints.resolve_model_file(ckpt_name)
+        model, clip, vae, text = checkpoints.load_sd35_fp8(path, weight_scaling)
+        return io.NodeOutput(model, clip, vae, text)
+
+
+class SD35FP8Calibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8Calibrate",
+            display_name="Calibrate SD3.5 FP8",
+            category="sampling/sd35 fp8",
+            description="Samples the calibration prompts with ComfyUI's own sampler (all steps, cond and "
+                        "uncond), records every FP8 layer's input range and returns a MODEL with static "
+                        "calibrated FP8 activation scales that samples inside fp8_autocast, plus a report.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS,
+                                tooltip="one calibration prompt per line"),
+                io.Int.Input("steps", default=28, min=1, max=200),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform"),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="noise seed of the calibration runs (fixed: a new seed would re-calibrate)"),
+                io.Combo.Input("method", options=list(METHODS), default="max",
+                               tooltip="max: largest |x| seen; percentile: clip rare outliers"),
+                io.Float.Input("percentile", default=99.99, min=90.0, max=100.0, step=0.001, round=0.0001,
+                               tooltip="used by method=percentile"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, steps, cfg, sampler_name, scheduler, width, height, seed,
+                method="max", percentile=99.99) -> io.NodeOutput:
+        sampling.require_fp8_model(model)
+        if clip is None:
+            raise ValueError("SD35FP8Calibrate needs a CLIP (the checkpoint had none: use TripleCLIPLoader)")
+        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in lines]
+        pbar = comfy.utils.ProgressBar(len(lines) * steps)
+        out, text = calibration.calibrate(model, positives, negative, steps, cfg, sampler_name, scheduler, width,
+                                   height, seed, method, percentile,
+                                   progress=lambda done, total: pbar.update_absolute(done, total))
+        return io.NodeOutput(out, text)
+
+
+class SD35FP8Autocast(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8Autocast",
+            display_name="SD3.5 FP8 Autocast",
+            category="sampling/sd35 fp8",
+            description="Samples this MODEL inside fp8_autocast with the given recipe (TransformerEngine's "
+                        "DelayedScaling fields). Calibrated layers use their static scales (with 2^margin "
+                        "headroom); uncalibrated ones delayed scaling over amax_history_len calls. "
+                        "enabled=false runs weight-only FP8 (BF16 compute) for comparison.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Boolean.Input("enabled", default=True),
+                io.Combo.Input("fp8_format", options=[f.value for f in Format], default="E4M3",
+                               tooltip="HYBRID = E4M3 forward / E5M2 backward: identical for inference"),
+                io.Int.Input("amax_history_len", default=16, min=1, max=1024),
+                io.Int.Input("margin", default=0, min=0, max=8),
+                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="torch: our fused PyTorch/Triton path; transformer_engine: TE's te.Linear "
+                                       "modules inside te.autocast with this recipe (needs TransformerEngine); "
+                                       "auto: the backend our benchmark measured faster on this GPU class, if "
+                                       "installed"),
+                io.Boolean.Input("compile", default=True, optional=True,
+                                 tooltip="torch.compile the calibrated FP8 MMDiT (fuses the FP8 casts into "
+                                         "LayerNorm/modulation/GELU). The first run per resolution and batch "
+                                         "compiles (about a minute for Large); falls back to eager where "
+                                         "compilation is unavailable"),
+                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto", optional=True,
+                               tooltip="attention of the MMDiT: an SDPA backend (auto = cuDNN on NVIDIA GPUs, "
+                                       "fastest BF16 attention on Hopper at SD3.5 shapes, else ComfyUI's choice), "
+                                       "or fp8: our FP8 attention kernel (Q·Kᵀ and P·V on FP8 tensor cores with "
+                                       "per-token/per-block scales found at run time; faster, adds some error; "
+                                       "GPUs with FP8, else cuDNN)"),
+                io.Boolean.Input("cuda_graphs", default=False, optional=True,
+                                 tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
+                                         "(removes launch gaps and host overhead; holds a private memory pool per "
+                                         "shape). torch backend: the compiled, calibrated model, captured "
+                                         "whole; transformer_engine: removes TE's per-layer host overhead"),
+                io.Combo.Input("scaling", options=list(SCALINGS), default="delayed", optional=True,
+                               tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling: history "
+                                       "seeded with the calibrated amax, updated after every denoiser call) or "
+                                       "current scaling (per-call amax)"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, backend="auto"):
+        """At queue time: an unknown backend, or transformer_engine where it cannot run (ComfyUI skips its
+        own option check for the inputs named here, so this one checks the option too)."""
+        if backend not in BACKENDS:
+            return f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})"
+        if backend == "transformer_engine":
+            ok, why = availability()
+            if not ok:
+                return f"backend=transformer_engine: {why}. Or choose backend=torch (our own FP8 path)."
+        return True
+
+    @classmethod
+    def execute(cls, model, enabled=True, fp8_format="E4M3", amax_history_len=16, margin=0,
+                backend="auto", compile=True, attention="auto", cuda_graphs=False,
+                scaling="delayed") -> io.NodeOutput:
+        sampling.require_fp8_model(model)
+        backend = resolve_backend(backend, comfy.model_management.get_torch_device())
+        if backend == "transformer_engine":
+            ok, why = availability()
+            if not ok:
+                raise RuntimeError(why)
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; use one of {ATTENTION_BACKENDS}")
+        recipe = DelayedScaling(fp8_format=fp8_format, amax_history_len=amax_history_len, margin=margin)
+        runtime = st.Runtime(compile=bool(compile), attention=attention,
+                             cudagraphs=bool(cuda_graphs and (compile or backend == "transformer_engine")),
+                             backend=backend, scaling=scaling)
+        return io.NodeOutput(sampling.set_autocast(model, enabled, recipe, runtime))
+
+
+class SD35FP8SaveCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8SaveCheckpoint",
+            display_name="Save SD3.5 FP8 Checkpoint",
+            category="advanced/model_merging/sd35 fp8",
+            description="Saves a calibrated FP8 MODEL (LoRAs merged) as a .safetensors that reloads in seconds "
+                        "with no re-calibration: into models/diffusion_models, or, given CLIP and/or VAE, an "
+                        "all-in-one file into models/checkpoints. The FP8 layout (weight_scale/input_scale plus "
+                        "the legacy scaled_fp8 keys) also loads in stock ComfyUI's UNETLoader / "
+                        "CheckpointLoaderSimple. An existing file is never replaced unless overwrite is on.",
+            inputs=[
+                io.Model.Input("model", tooltip="a MODEL from SD35FP8Calibrate (or a calibrated FP8 file)"),
+                io.String.Input("filename", default="sd35_fp8/sd3.5_fp8_calibrated",
+                                tooltip="relative to models/diffusion_models (or models/checkpoints with "
+                                        "CLIP/VAE); .safetensors is added"),
+                io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name"),
+                io.Clip.Input("clip", optional=True, tooltip="include the text encoders (all-in-one checkpoint)"),
+                io.Vae.Input("vae", optional=True, tooltip="include the VAE (all-in-one checkpoint)"),
+            ],
+            outputs=[io.String.Output(display_name="info")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename, overwrite=False, clip=None, vae=None) -> io.NodeOutput:
+        _, text = checkpoints.save_fp8_checkpoint(model, filename, overwrite=overwrite, clip=clip, vae=vae)
+        preview = getattr(ui, "PreviewText", None)
+        return io.NodeOutput(text, ui=preview(text) if preview else {"text": (text,)})
+
+
+NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint]
+
+
+class SD35FP8Extension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> SD35FP8Extension:
+    return SD35FP8Extension()
