@@ -6,7 +6,6 @@ import importlib
 import os
 import statistics
 import sys
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (REPO, os.path.join(REPO, "scripts")):  # the library as ``sd35fp8`` (one import name), the tools
@@ -37,7 +36,6 @@ def arg_parser(variant: bool = True, size: bool = True):
 def set_attention_config(head_dim: int, spec: str) -> tuple:
     """Run the FP8 attention kernel with ``spec`` ("BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode") for
     ``head_dim`` instead of sd35fp8.kernels.attention.ATTN_CONFIG's. Returns the config."""
-    import importlib
     cfg = tuple(int(v) for v in spec.split(","))
     if len(cfg) != 6:
         raise SystemExit(f"--attn-config needs 6 comma-separated integers, got {spec!r}")

@@ -97,14 +97,16 @@ def child(a) -> dict:
         p = timed_load(bf16_path, lambda path: adapter.checkpoints.load_sd35_fp8(path)[0])
         res["fp8 weight GiB"] = fp8.weight_bytes(p.model.diffusion_model) / GiB
         t0 = time.perf_counter()
-        cal, _ = adapter.calibration.calibrate(p, [common.cond(1)], common.cond(2), 2, 4.5, "euler", "sgm_uniform", 512, 512, 0)
+        cal, _ = adapter.calibration.calibrate(p, [common.cond(1)], common.cond(2), 2, 4.5, "euler", "sgm_uniform",
+                                               512, 512, 0)
         res["calibrate s (1 prompt x 2 steps, 512px)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if os.path.exists(fp8_path):
             os.unlink(fp8_path)
         adapter.checkpoints.save_fp8_checkpoint(cal, fp8_name.removesuffix(".safetensors"))
         res["save s"] = time.perf_counter() - t0
-        out = denoise(adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False))).float().cpu()
+        eager = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False))
+        out = denoise(eager).float().cpu()
         torch.save(out, ref_path)
         res["finite"] = bool(torch.isfinite(out).all())
     elif a.child == "ours_fp8":
@@ -127,8 +129,10 @@ def lora_speed(adapter, fp8_path, denoise, torch, mm, sd_mod, fp8) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     lora = {}
     for n, l in fp8.fp8_layers(p.model.diffusion_model).items():
-        lora[f"diffusion_model.{n}.lora_up.weight"] = torch.randn(l.out_features, 32, generator=g, device="cuda").cpu() * 0.01
-        lora[f"diffusion_model.{n}.lora_down.weight"] = torch.randn(32, l.in_features, generator=g, device="cuda").cpu() * 0.01
+        up = torch.randn(l.out_features, 32, generator=g, device="cuda")
+        down = torch.randn(32, l.in_features, generator=g, device="cuda")
+        lora[f"diffusion_model.{n}.lora_up.weight"] = up.cpu() * 0.01
+        lora[f"diffusion_model.{n}.lora_down.weight"] = down.cpu() * 0.01
     t0 = time.perf_counter()
     pl, _ = sd_mod.load_lora_for_models(p, None, lora, 1.0, 0)
     mm.load_models_gpu([pl], force_full_load=True)
@@ -139,7 +143,8 @@ def lora_speed(adapter, fp8_path, denoise, torch, mm, sd_mod, fp8) -> dict:
     mm.load_models_gpu([p], force_full_load=True)  # ComfyUI unpatches the shared model
     ms2, y2 = common.time_cuda(lambda: denoise(p), n=10, warmup=2)
     out.update({"ms no LoRA": ms0, "ms with LoRA (rank 32, all FP8 layers)": ms1, "ms after unpatch": ms2,
-                "LoRA changes output (rel)": common.rel(y1, y0), "unpatched identical": bool(torch.equal(y2.float().cpu(), y0)),
+                "LoRA changes output (rel)": common.rel(y1, y0),
+                "unpatched identical": bool(torch.equal(y2.float().cpu(), y0)),
                 "finite": bool(torch.isfinite(y1).all())})
     return out
 

@@ -101,15 +101,17 @@ def main():
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip, each KEY or VARIANT:KEY (that variant "
-                    "only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, fast_compile, te, "
-                    "no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with "
-                    "cuDNN attention; its FP8-attention row still runs)")
+                    "only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, "
+                    "fast_compile, te, no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn "
+                    "(the INT8 MLP row with cuDNN attention; its FP8-attention row still runs)")
     ap.add_argument("--gemm-configs", help="JSON of MLP kernel configs to run instead of the shipped ones (what "
-                    "bench/tune/fc1_sweep.py prints), e.g. '{\"FC2_CONFIG_INT8\": [128, 128, 128, 8, 8, 4, true, true]}'")
+                    "bench/tune/fc1_sweep.py prints), e.g. "
+                    "'{\"FC2_CONFIG_INT8\": [128, 128, 128, 8, 8, 4, true, true]}'")
     ap.add_argument("--attn-config", help="head-dim-64 FP8 attention config to run instead of ATTN_CONFIG's: "
                     "BLOCK_M,BLOCK_N,warps,stages,warp_spec,exp_mode (e.g. 64,128,4,3,0,1)")
     ap.add_argument("--host-profile", action="store_true",
-                    help="for our CUDA-graph rows: host timestamps of 12 synced calls (where host time before the GPU's work goes)")
+                    help="for our CUDA-graph rows: host timestamps of 12 synced calls (where host time before the "
+                    "GPU's work goes)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -351,13 +353,16 @@ def main():
         # the loader's INT8 options (weight_scaling): adaLN weights as INT8 rows; that plus the MLP as W8A8 INT8 (the
         # fidelity rows, with cuDNN and with FP8 attention)
         for key, scaling, label, attns in (
-                ("int8_adaln", adapter.checkpoints.INT8_ADALN, "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
-                ("int8_mlp", adapter.checkpoints.INT8_MLP, "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
+                ("int8_adaln", adapter.checkpoints.INT8_ADALN,
+                 "INT8 adaLN weights (weight_scaling=per_tensor_int8_adaln)", ("auto",)),
+                ("int8_mlp", adapter.checkpoints.INT8_MLP,
+                 "INT8 adaLN + W8A8 INT8 MLP (weight_scaling=per_tensor_int8_mlp)",
                  ("auto", "fp8"))):
             if skipped(key, variant):
                 continue
             t0 = time.perf_counter()
-            cal8, _ = adapter.calibration.calibrate(adapter.checkpoints.load_sd35_fp8(path, scaling)[0], prompts, common.cond(99), a.steps, 4.5,
+            cal8, _ = adapter.calibration.calibrate(adapter.checkpoints.load_sd35_fp8(path, scaling)[0], prompts,
+                                                    common.cond(99), a.steps, 4.5,
                                      "euler", "sgm_uniform", a.size, a.size, 0)
             notes.append(f"{variant}: {scaling}: load + calibration {a.cal_prompts} prompts x {a.steps} steps "
                          f"{time.perf_counter() - t0:.1f} s")

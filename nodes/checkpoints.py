@@ -155,7 +155,8 @@ def fp8_placement(src: MappedSafetensors, info, policy: QuantPolicy, dev: torch.
     if dev.type != "cuda":
         return None
     mm = comfy.model_management
-    if getattr(mm, "vram_state", None) in (getattr(mm.VRAMState, "NO_VRAM", None), getattr(mm.VRAMState, "LOW_VRAM", None)):
+    low = (getattr(mm.VRAMState, "NO_VRAM", None), getattr(mm.VRAMState, "LOW_VRAM", None))
+    if getattr(mm, "vram_state", None) in low:
         return None
     n = 0
     for k, v in src.header.items():
@@ -226,7 +227,8 @@ def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None
     cal = s.calibration or {}
     text = (f"saved {path} ({size / 2**20:.1f} MiB): {len(fp8_layers(dm))} FP8 layers with calibrated input scales"
             + (f" ({cal.get('method')}, {cal.get('prompts')} prompts x {cal.get('steps')} steps)" if cal else "")
-            + ("; all-in-one with " + " and ".join(x for x, o in (("text encoders", clip), ("VAE", vae)) if o is not None)
+            + ("; all-in-one with " + " and ".join(x for x, o in (("text encoders", clip), ("VAE", vae))
+                                                     if o is not None)
                if all_in_one else "; diffusion model only"))
     log.info("sd35fp8: %s", text)
     return path, text

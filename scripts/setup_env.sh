@@ -45,6 +45,11 @@ if [ ! -f "$stamp" ]; then
   rm -rf "$empty"
   touch "$stamp"
 fi
+# test tools added after an environment was built (e.g. the linter): install what requirements-dev.txt names
+if ! "$VENV/bin/python" -m ruff --version >/dev/null 2>&1; then
+  echo "[setup] installing the test tools (requirements-dev.txt)"
+  PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check -r "$here/requirements-dev.txt"
+fi
 if [ "${1:-}" = "--browser" ]; then
   # optional: the frontend test (tests/test_frontend.py) drives ComfyUI's real UI in headless Chromium
   if ! command -v chromium >/dev/null 2>&1; then

@@ -12,7 +12,6 @@ feature buys. Not the benchmark of record (that is bench/sd35_bench.py).
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import sys

@@ -231,7 +231,7 @@ def main():
                 out[graphs] = (ms, first)
                 err = common.rel(o, ref)
                 fin = bool(torch.isfinite(o).all())
-                del q
+                q = None  # free the clone before the next one
             nan = (float("nan"),)
             rows.append((name, out.get(False, nan)[0], out.get(True, nan)[0],
                          " / ".join(f"{v[1]:.0f}" for v in out.values()), err, fin))

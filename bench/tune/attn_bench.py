@@ -5,8 +5,8 @@
 
 Inputs shaped like the MMDiT's: Q and K after a per-head RMSNorm (unit RMS times a learned weight),
 V random normal; error = relative L2 vs an fp32 reference. ``--sweep`` times the tile/pipelining configs
-(tiles, warps, warp specialization, exp mode: see sd35fp8.kernels.attention.ATTN_CONFIG) of the attention kernel, with each
-new kernel's registers, spills and shared memory, and prints the best per shape (to set ATTN_CONFIG).
+(tiles, warps, warp specialization, exp mode: see sd35fp8.kernels.attention.ATTN_CONFIG) of the attention kernel, with
+each new kernel's registers, spills and shared memory, and prints the best per shape (to set ATTN_CONFIG).
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ as cuBLAS + that add compiled.
     python3 bench/fc1_sweep.py [--fc2]    # Large (hidden 2432) and Medium (1536), CFG batch 2
     python3 bench/fc1_sweep.py --int8     # the W8A8 INT8 kernels vs the E4M3 ones: µs and the MLP's error
     python3 bench/fc1_sweep.py --int8 --large-int8   # only Large's INT8 kernels, every config
-    python3 bench/fc1_sweep.py --gelu     # fc1's epilogue GELU instructions (sd35fp8.kernels.mlp.GELU_IMPL 0/1/2), both formats
-    python3 bench/fc1_sweep.py --text [--both] [--int8-configs] [--json FILE]
+    python3 bench/fc1_sweep.py --gelu     # fc1's epilogue GELU instructions (sd35fp8.kernels.mlp.GELU_IMPL 0/1/2), both
+    formats python3 bench/fc1_sweep.py --text [--both] [--int8-configs] [--json FILE]
         # CUDA-graph-timed picks: the text stream's few-tile configs (INT8; --both: E4M3 too), the INT8 image-stream
         # configs; prints (and writes to FILE) the JSON that sd35fp8.kernels.mlp's SD35FP8_GEMM_CONFIGS takes
 
@@ -167,9 +167,9 @@ def int8_main(shapes=("Large", "Medium"), formats=("e4m3", "int8")):
 
 
 def gelu_main():
-    """fc1 with each of sd35fp8.kernels.mlp.GELU_IMPL's epilogue GELUs (default config), E4M3 and INT8: µs, the share of outputs
-    that differ from the unfused fp32 reference (E4M3 by more than a step's tolerance, INT8 by any step) and the MLP
-    branch's error vs fp32 (what the model sees)."""
+    """fc1 with each of sd35fp8.kernels.mlp.GELU_IMPL's epilogue GELUs (default config), E4M3 and INT8: µs, the share of
+    outputs that differ from the unfused fp32 reference (E4M3 by more than a step's tolerance, INT8 by any step) and the
+    MLP branch's error vs fp32 (what the model sees)."""
     from sd35fp8.kernels.mlp import reference as fc1_reference
     print("| shape | format | GELU_IMPL | fc1 µs | outputs off the reference | INT8 max step diff | MLP err vs fp32 |")
     print("|---|---|---|---|---|---|---|")
@@ -263,9 +263,9 @@ def _time_configs(label: str, configs, run, ref, exact: bool) -> dict:
 
 
 def tune_main(text: bool, image_int8: bool, formats=("int8",), out_json: str | None = None):
-    """CUDA-graph-timed sweeps that pick sd35fp8.kernels.mlp's configs: the text stream's few-tile configs (``text``) and the
-    INT8 image-stream configs (``image_int8``), SD3.5 Large shapes. Prints a table and the picks as the JSON that
-    ``SD35FP8_GEMM_CONFIGS`` takes (only configs more than 2% faster than the current default)."""
+    """CUDA-graph-timed sweeps that pick sd35fp8.kernels.mlp's configs: the text stream's few-tile configs (``text``)
+    and the INT8 image-stream configs (``image_int8``), SD3.5 Large shapes. Prints a table and the picks as the JSON
+    that ``SD35FP8_GEMM_CONFIGS`` takes (only configs more than 2% faster than the current default)."""
     import json
     from sd35fp8.kernels import mlp as gemm
     rows, picks = [], {}

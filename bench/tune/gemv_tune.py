@@ -100,7 +100,8 @@ def main():
     print("| shape | rows x in -> out | current config µs (GB/s) | best config | best µs (GB/s) | cuBLAS BF16 µs |")
     print("|---|---|---|---|---|---|")
     for name, m, k, n, cur, best, tb, t16, gbs in rows:
-        print(f"| {name} | {m} x {k} -> {n} | {cur:.1f} ({gbs(cur):.0f}) | {best} | {tb:.1f} ({gbs(tb):.0f}) | {t16:.1f} |")
+        print(f"| {name} | {m} x {k} -> {n} | {cur:.1f} ({gbs(cur):.0f}) | {best} | {tb:.1f} ({gbs(tb):.0f}) "
+              f"| {t16:.1f} |")
     pick = min(best_overall, key=best_overall.get)
     print(f"best config summed over the shapes: {pick} (current {GEMV_CONFIG})")
     if quick:

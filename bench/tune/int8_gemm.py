@@ -165,7 +165,8 @@ def triton_rows():
             try:
                 for lab, (p, q, r, t) in (("fp8", (x8, w8, sxm, swn)), ("int8", (xi8, wi8, sx_row, sw_row))):
                     us = triton.testing.do_bench(lambda: triton_mm_tma(p, q, r, t, ws)) * 1e3
-                    print(f"|   TMA persistent ws={ws} {lab} | {us:.0f} µs (err {rel(triton_mm_tma(p, q, r, t, ws), ref):.4f}) "
+                    err = rel(triton_mm_tma(p, q, r, t, ws), ref)
+                    print(f"|   TMA persistent ws={ws} {lab} | {us:.0f} µs (err {err:.4f}) "
                           f"| {_mm_tma.best_config} |", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"|   TMA ws={ws} failed: {type(e).__name__}: {str(e)[:300]} |", flush=True)

@@ -66,8 +66,8 @@ def quantize_inv(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_inv_int8(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """INT8 ``round(clamp(x·inv, ±127))``, halves to even (as the INT8 kernels' epilogues, sd35fp8.kernels.common.round_int8).
-    INT8 has no NaN: a NaN input becomes 0 here and in the kernels."""
+    """INT8 ``round(clamp(x·inv, ±127))``, halves to even (as the INT8 kernels' epilogues,
+    sd35fp8.kernels.common.round_int8). INT8 has no NaN: a NaN input becomes 0 here and in the kernels."""
     v = torch.nan_to_num((x.float() * inv.float()).clamp(-127.0, 127.0), nan=0.0)
     return torch.round(v).to(torch.int8)
 

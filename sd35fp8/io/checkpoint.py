@@ -25,7 +25,8 @@ def read_safetensors_header(path: str) -> tuple[dict, dict]:
     size = os.path.getsize(path)
     name = os.path.basename(path)
     if not name.endswith(".safetensors"):
-        raise CheckpointError(f"{name}: only .safetensors checkpoints are supported (got {os.path.splitext(name)[1] or 'no extension'})")
+        ext = os.path.splitext(name)[1] or "no extension"
+        raise CheckpointError(f"{name}: only .safetensors checkpoints are supported (got {ext})")
     if size < 8:
         raise CheckpointError(f"{name}: file is {size} bytes, too short to be a safetensors file (truncated?)")
     with open(path, "rb") as f:
@@ -60,7 +61,8 @@ class SD3Info:
     fp8_tensors: int = 0  # diffusion-model tensors already stored in FP8 (a pre-quantized file)
 
     def describe(self) -> str:
-        parts = [f"{self.variant}: MMDiT{'-X' if self.mmdit_x else ''}, {self.depth} joint blocks, hidden {self.hidden}"]
+        kind = "MMDiT-X" if self.mmdit_x else "MMDiT"
+        parts = [f"{self.variant}: {kind}, {self.depth} joint blocks, hidden {self.hidden}"]
         if not self.standard:
             parts.append("non-standard size (not a published SD3.5 model)")
         parts.append("VAE included" if self.has_vae else "no VAE in file")
@@ -73,7 +75,8 @@ _OTHER_FAMILIES = [
     (r"(^|\.)double_blocks\.\d+\.img_attn", "a Flux model"),
     (r"(^|\.)input_blocks\.\d+\.\d+\.transformer_blocks", "a Stable Diffusion 1.x/2.x/SDXL UNet"),
     (r"(^|\.)input_blocks\.\d+\.\d+\.", "a UNet diffusion model (SD1.x/SD2.x/SDXL family)"),
-    (r"(^|\.)transformer_blocks\.\d+\.attn\.to_q", "a diffusers-format transformer (convert it to the single-file layout)"),
+    (r"(^|\.)transformer_blocks\.\d+\.attn\.to_q",
+     "a diffusers-format transformer (convert it to the single-file layout)"),
     (r"(^|\.)blocks\.\d+\.self_attn\.", "a video/transformer model (e.g. Wan/HunyuanVideo)"),
 ]
 
@@ -107,7 +110,6 @@ def detect_sd3(keys_shapes: dict[str, list[int]], metadata: dict | None = None, 
         raise CheckpointError(f"{name}: MMDiT with {xw[1] if len(xw) > 1 else '?'} latent channels is not SD3 "
                               "(SD3 uses 16)")
     hidden = int(xw[0])
-    depth = hidden // 64
     blocks = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"joint_blocks\.(\d+)\.", k))}
     if blocks != set(range(len(blocks))):
         raise CheckpointError(f"{name}: joint blocks {sorted(set(range(max(blocks) + 1)) - blocks)[:5]} are "

@@ -53,7 +53,6 @@ def _fp8w_linear_fake(x, w8, w_scale, bias):
 @custom_op("sd35fp8::fp8w_linear", _fp8w_linear_fake)
 def _fp8w_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     M, K = x.shape
-    N = w8.shape[0]
     if (triton is None or x.device.type != "cuda" or M > GEMV_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16)
             or torch.cuda.get_device_capability(x.device) < (8, 9)):
         return _dequant_linear(x, w8, w_scale, bias)

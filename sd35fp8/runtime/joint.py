@@ -69,8 +69,8 @@ def _static_fp8(layer, x) -> bool:
 
 def _pre(d, x, c, fuse_norm: bool):
     """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes). With
-    ``fuse_norm`` and a static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel (sd35fp8.kernels.norm),
-    then the GEMM."""
+    ``fuse_norm`` and a static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel
+    (sd35fp8.kernels.norm), then the GEMM."""
     mods = d.adaLN_modulation(c).chunk(2 if d.pre_only else 6, dim=1)
     eps, qkv_layer = _plain_ln(d.norm1), d.attn.qkv
     if fuse_norm and eps is not None and _static_fp8(qkv_layer, x):
@@ -84,8 +84,9 @@ def _pre(d, x, c, fuse_norm: bool):
 def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool, a=None, fused=None):
     """``DismantledBlock.post_attention`` (``a``: the attention module whose output ``attn`` is, default
     ``d.attn``; ``fused``: :func:`fused_mlp_ready` if the caller knows it). With a fused static FP8 MLP, the MLP's
-    gated residual add runs in fc2's epilogue (sd35fp8.kernels.mlp); with ``fuse_norm`` too, the attention's gated residual
-    + LayerNorm + modulation + fc1's quantization run as one kernel (sd35fp8.kernels.norm) before the MLP's kernels."""
+    gated residual add runs in fc2's epilogue (sd35fp8.kernels.mlp); with ``fuse_norm`` too, the attention's gated
+    residual + LayerNorm + modulation + fc1's quantization run as one kernel (sd35fp8.kernels.norm) before the MLP's
+    kernels."""
     eps, mlp, a = _plain_ln(d.norm2), d.mlp, a or d.attn
     fused = fused_mlp_ready(mlp, x) if fused is None else fused
     int8_mlp = fused and mlp.fc1.fp8_static == "int8_token"  # W8A8: fc1's input INT8 per token
@@ -109,7 +110,8 @@ def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool,
 def _post_x(d, attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2, fuse_norm: bool):
     """``DismantledBlock.post_attention_x`` (MMDiT-X: a second, image-only attention). With a fused static FP8
     MLP: the first attention's gated residual, then the second's as :func:`_post`'s attention (with ``fuse_norm``
-    in sd35fp8.kernels.norm's residual + LayerNorm + quantization kernel) and the MLP's gated residual in fc2's epilogue."""
+    in sd35fp8.kernels.norm's residual + LayerNorm + quantization kernel) and the MLP's gated residual in fc2's
+    epilogue."""
     if not fused_mlp_ready(d.mlp, x):
         return d.post_attention_x(attn, attn2, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, gate_msa2)
     x = x + gate_msa.unsqueeze(1) * d.attn.post_attention(attn)
@@ -179,8 +181,8 @@ def joint_block_forward(self, context, x, c=None, transformer_options=None, **kw
 def set_joint_blocks(model: torch.nn.Module, on: bool, fuse_norm: bool = True) -> int:
     """Install (``on``) or remove the fused-prologue forward on every eligible JointBlock of ``model``; installed
     once per module (a new bound method each time would be a new object for torch.compile's guards).
-    ``fuse_norm``: the blocks also run their LayerNorm + modulation + quantization as sd35fp8.kernels.norm kernels (else as
-    the model's own ops, which torch.compile fuses). Returns how many blocks have it."""
+    ``fuse_norm``: the blocks also run their LayerNorm + modulation + quantization as sd35fp8.kernels.norm kernels (else
+    as the model's own ops, which torch.compile fuses). Returns how many blocks have it."""
     n = 0
     for mod in model.modules():
         if on and _eligible(mod):

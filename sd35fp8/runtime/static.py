@@ -39,8 +39,8 @@ class RuntimeConfig:
     fuse_attention: each SD3 joint block's q/k RMSNorm, context+image concat and (with FP8 attention) K/V
     quantization as one kernel (sd35fp8.runtime.joint), where our attention override decides the block's attention.
     fuse_norm: in those blocks, also each stream's (gated residual +) LayerNorm + modulation + FP8 quantization
-    as one kernel (sd35fp8.kernels.norm). Each is a custom-op call from Python, which costs host time on every call unless
-    the model replays as CUDA graphs; that cost is not measured in isolation yet, so the node layer turns this
+    as one kernel (sd35fp8.kernels.norm). Each is a custom-op call from Python, which costs host time on every call
+    unless the model replays as CUDA graphs; that cost is not measured in isolation yet, so the node layer turns this
     on only with CUDA graphs.
     """
 

@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 import tiny_sd35
 from comfy_harness import REPO, ComfyError, ComfyServer, cached_nodes
 from run_batch import TINY_CLIP, adapt, load_workflow
-from workflow_check import validate_api, validate_ui
+from tests.support.workflow_check import validate_api, validate_ui
 
 WF_DIR = os.path.join(REPO, "workflows")
 LARGE, MEDIUM, AIO, DIFF_ONLY = ("tiny_sd3.5_large.safetensors", "tiny_sd3.5_medium.safetensors",
                                  "tiny_sd3.5_aio.safetensors", "tiny_sd3.5_large_unet.safetensors")
+
+pytestmark = pytest.mark.comfy
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,8 @@ def test_lora_is_merged_into_fp8_layers_and_unpatched_cleanly(server, where):
 def test_saved_fp8_file_reloads_without_calibration_and_loads_in_stock_unetloader(server):
     name = "e2e_saved/tiny_large_fp8"
     g = add_save_latent(graph(seed=21, prefix="save"), "saved-src")
-    g["70"] = {"class_type": "SD35FP8SaveCheckpoint", "inputs": {"model": ["3", 0], "filename": name, "overwrite": False}}
+    g["70"] = {"class_type": "SD35FP8SaveCheckpoint",
+               "inputs": {"model": ["3", 0], "filename": name, "overwrite": False}}
     entry = server.run(g)
     ref = saved_latent(server, entry)
     info = "\n".join(entry["outputs"]["70"]["text"])  # shown on the node

@@ -15,6 +15,8 @@ from comfy_harness import REPO, comfy_dir
 
 from tests.support.adapter import call, cond, denoiser_inputs, import_adapter  # noqa: E402
 
+pytestmark = pytest.mark.comfy
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -381,9 +383,9 @@ def test_int8_mlp_option_runs_w8a8_closer_to_bf16_and_saves_as_e4m3(env):
 
 
 def test_sampling_state_installs_the_joint_forward_and_norm_kernels_only_with_cuda_graphs(env):
-    """prepare_run (what every sampling run calls) puts the fused joint-block forward (sd35fp8.runtime.joint) on every block
-    of a calibrated static model; sd35fp8.kernels.norm's LayerNorm kernels (a Python custom-op call each) only where the
-    model replays as CUDA graphs; without the static runtime neither."""
+    """prepare_run (what every sampling run calls) puts the fused joint-block forward (sd35fp8.runtime.joint) on every
+    block of a calibrated static model; sd35fp8.kernels.norm's LayerNorm kernels (a Python custom-op call each) only
+    where the model replays as CUDA graphs; without the static runtime neither."""
     from sd35fp8.core.marks import installed, peek
     from sd35fp8.runtime.joint import JOINT
     dm = env.cal.model.diffusion_model
@@ -395,7 +397,8 @@ def test_sampling_state_installs_the_joint_forward_and_norm_kernels_only_with_cu
     p = env.adapter.sampling.set_autocast(env.cal, True, None, env.adapter.state.Runtime(static=False))
     env.adapter.sampling.prepare_run(p)
     assert not any(installed(b) or "forward" in b.__dict__ for b in blocks)
-    out = denoise(env, env.adapter.sampling.set_autocast(env.cal, True, None))  # and the model still runs after all that
+    # and the model still runs after all that
+    out = denoise(env, env.adapter.sampling.set_autocast(env.cal, True, None))
     assert torch.isfinite(out).all()
 
 

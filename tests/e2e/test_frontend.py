@@ -17,9 +17,9 @@ from comfy_harness import REPO, ComfyServer
 
 PW = os.path.join(REPO, ".cache", "node", "node_modules", "playwright-core")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.comfy, pytest.mark.skipif(
     not (shutil.which("node") and os.path.isdir(PW) and os.path.exists(CHROMIUM)),
-    reason="needs node, chromium and playwright-core (run scripts/setup_env.sh --browser)")
+    reason="needs node, chromium and playwright-core (run scripts/setup_env.sh --browser)")]
 
 WORKFLOWS = ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     env = dict(os.environ, PLAYWRIGHT_CORE=PW, CHROMIUM=CHROMIUM)
-    out = subprocess.run(["node", os.path.join(REPO, "tests", "frontend_check.cjs"), server.base,
+    out = subprocess.run(["node", os.path.join(REPO, "tests", "support", "frontend_check.cjs"), server.base,
                           os.path.join(REPO, "workflows", f"{name}.json"), str(tmp_path / f"{name}.png")],
                          capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -57,6 +57,7 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     assert set(got) == set(api)
     for nid, node in api.items():
         assert got[nid]["class_type"] == node["class_type"]
-        g_inputs = {k: v for k, v in got[nid]["inputs"].items() if not (node["class_type"] == "PreviewAny" and k == "preview")}
+        g_inputs = {k: v for k, v in got[nid]["inputs"].items()
+                    if not (node["class_type"] == "PreviewAny" and k == "preview")}
         assert g_inputs == node["inputs"], nid
     assert os.path.getsize(tmp_path / f"{name}.png") > 10_000

@@ -59,8 +59,8 @@ def main(comfy_dir: str) -> None:
         report[variant] = {"kernel_calls": list(seen), "sdpa_fallbacks": att.CALLS["sdpa"],
                            "joint_blocks": len(m.model.diffusion_model.joint_blocks),
                            "max_abs_diff": float((out - ref).abs().max()), "ref_max": float(ref.abs().max())}
-        # the fused joint-block forward (sd35fp8.kernels.joint): on CPU its ops run their torch reference; it must compute
-        # what ComfyUI's _block_mixing computes, for each backend, and be taken for every block
+        # the fused joint-block forward (sd35fp8.kernels.joint): on CPU its ops run their torch reference; it must
+        # compute what ComfyUI's _block_mixing computes, for each backend, and be taken for every block
         dm = m.model.diffusion_model
         report[variant]["joint_installed"] = joint.set_joint_blocks(dm, True)
         for backend in ("fp8", "math"):

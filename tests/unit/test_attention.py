@@ -3,12 +3,11 @@ against an fp32 reference (error bounds, sequence tails, no NaN/Inf however larg
 import pytest
 import torch
 
-import sd35fp8
-from sd35fp8.kernels.attention import ATTN_CONFIG, EXP_MODES, attention_launch, fp8_attention, reference_attention, supported
+from sd35fp8.kernels.attention import (ATTN_CONFIG, EXP_MODES, attention_launch, fp8_attention, reference_attention,
+                                       supported)
 from sd35fp8.kernels.attention import ATTENTION_BACKENDS, attention
 
-fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and sd35fp8.device_supports_fp8_matmul("cuda")),
-                             reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+from tests.support.markers import fp8_gpu
 
 
 def rel(a, b):
@@ -123,6 +122,7 @@ def test_fp8_attention_never_overflows_and_follows_each_token_scale():
     assert torch.allclose(f(qs, k, v).float(), out.float(), rtol=1e-2, atol=1e-2 * float(out.abs().max()))
 
 
+@pytest.mark.comfy
 def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_joint_forward():
     """Through ComfyUI's real SD3 model code (tiny Large and Medium, CPU, the two hardware checks set as on
     an FP8 GPU): with attention=fp8 every joint (and MMDiT-X) attention call reaches the FP8 kernel with
@@ -146,9 +146,9 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
         for q, k, v, heads, contiguous_last in got["kernel_calls"]:
             assert len(q) == 3 and q == k == v and heads == 2 and contiguous_last
         assert got["max_abs_diff"] < 1e-5 * got["ref_max"]  # the stand-in kernel is exact: same model output
-        # the fused joint-block forward (sd35fp8.runtime.joint) is installed on every block and taken for every attention
-        # (FP8: its fused op, nothing through the per-call override; SDPA backends: its fused q/k/v op); on the
-        # CPU its ops run their torch references, so the model's output is ComfyUI's own
+        # the fused joint-block forward (sd35fp8.runtime.joint) is installed on every block and taken for every
+        # attention (FP8: its fused op, nothing through the per-call override; SDPA backends: its fused q/k/v op); on
+        # the CPU its ops run their torch references, so the model's output is ComfyUI's own
         assert got["joint_installed"] == got["joint_blocks"] and got["joint_removed"], got
         assert got["joint_fp8"]["fp8_calls"] == expect and got["joint_fp8"]["stock_calls"] == 0, got
         # (Medium's image-only attention with a BF16 backend: torch ops, which Inductor fuses faster than our op)
@@ -156,8 +156,8 @@ def test_every_attention_of_comfyuis_mmdit_reaches_the_fp8_kernel_and_the_fused_
         for backend in ("joint_fp8", "joint_math"):
             assert got[backend]["max_abs_diff"] < 1e-5 * got["ref_max"], (backend, got)
         assert got["joint_no_override_equal"]  # no override of ours in transformer_options: ComfyUI's forward
-    # a calibrated static-FP8 model: the joint forward's LayerNorm+modulation+quantization ops (sd35fp8.kernels.norm) run for
-    # both streams of every block (the last block's context is pre-only: no post-attention), each MLP's gated
+    # a calibrated static-FP8 model: the joint forward's LayerNorm+modulation+quantization ops (sd35fp8.kernels.norm)
+    # run for both streams of every block (the last block's context is pre-only: no post-attention), each MLP's gated
     # residual add runs in fc2's op (sd35fp8.kernels.mlp), and it computes what the static runtime computes through
     # ComfyUI's block code (up to the add's rounding: one fp32 epilogue instead of BF16 GEMM output + BF16 add)
     # Medium: its MMDiT-X image blocks (0-1) take ComfyUI's LayerNorm before their two attentions, and their

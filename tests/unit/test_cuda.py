@@ -5,7 +5,6 @@ gives NaN (CPU saturates). These tests check the real sm_89+/sm_90 ``_scaled_mm`
 same error bounds as the CPU tests, at SD3.5-Large shapes, and that no input produces NaN.
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -15,9 +14,7 @@ from sd35fp8 import DelayedScaling, FP8Linear, fp8_autocast
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-fp8_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and sd35fp8.device_supports_fp8_matmul("cuda")),
-                             reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+from tests.support.markers import cuda, fp8_gpu, hopper  # noqa: E402
 
 
 def rel(a, b):
@@ -158,12 +155,11 @@ def test_static_runtime_eager_and_compiled_agree_and_never_nan():
     assert torch.isfinite(big).all()
 
 
-hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
-                            reason="the fused FP8 MLP kernel needs a Hopper GPU (TMA)")
 
 
 @hopper
-@pytest.mark.parametrize("gran,bias,approximate,m", [("per_tensor", True, "tanh", 308), ("per_channel", True, "tanh", 1000),
+@pytest.mark.parametrize("gran,bias,approximate,m", [("per_tensor", True, "tanh", 308),
+                                                     ("per_channel", True, "tanh", 1000),
                                                      ("per_tensor", False, "none", 128)])
 def test_fused_fc1_gelu_kernel_equals_the_unfused_computation(gran, bias, approximate, m):
     """sd35fp8.kernels.mlp's Triton kernel (GEMM + bias + GELU + clamp + E4M3 cast in the epilogue) against the
@@ -193,8 +189,8 @@ def test_fused_fc1_gelu_kernel_equals_the_unfused_computation(gran, bias, approx
 @pytest.mark.parametrize("fmt", ["e4m3", "int8"])
 @pytest.mark.parametrize("impl", [0, 1, 2])
 def test_fc1_epilogue_gelu_variants_match_the_unfused_computation(fmt, impl):
-    """Each of sd35fp8.kernels.mlp.GELU_IMPL's epilogue GELUs (Triton's sigmoid; ftz exp2 + reciprocal; tanh.approx) against
-    the unfused fp32 computation: E4M3 outputs within the accumulation-order tolerance, INT8 outputs at most one
+    """Each of sd35fp8.kernels.mlp.GELU_IMPL's epilogue GELUs (Triton's sigmoid; ftz exp2 + reciprocal; tanh.approx)
+    against the unfused fp32 computation: E4M3 outputs within the accumulation-order tolerance, INT8 outputs at most one
     step off and rarely (tanh.approx's ~2^-11 error moves a few values across a rounding boundary); an input far
     past the output scale saturates, never NaN."""
     from sd35fp8.kernels.mlp import _launch, reference
@@ -227,8 +223,8 @@ def test_fc1_epilogue_gelu_variants_match_the_unfused_computation(fmt, impl):
 @pytest.mark.parametrize("gran,bias,m,precise", [("per_tensor", True, 308, False), ("per_channel", True, 8192, False),
                                                  ("per_tensor", False, 1000, True)])
 def test_fused_fc2_residual_kernel_equals_the_unfused_computation(gran, bias, m, precise):
-    """sd35fp8.kernels.mlp's fc2 kernel (GEMM + bias + per-sample gate + residual add in the epilogue) against the same math
-    in fp32: M not a multiple of the tile (2 x 154 text tokens; 1000), N not of 256, a strided gate (a chunk
+    """sd35fp8.kernels.mlp's fc2 kernel (GEMM + bias + per-sample gate + residual add in the epilogue) against the same
+    math in fp32: M not a multiple of the tile (2 x 154 text tokens; 1000), N not of 256, a strided gate (a chunk
     of the adaLN output) and both accumulation modes; compiled as the runtime calls it: one op, same result."""
     from sd35fp8.kernels.mlp import _launch_residual, fp8_linear_residual, fused_supported, residual_reference
     from sd35fp8.core.quant import quantize_weight

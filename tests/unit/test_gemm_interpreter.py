@@ -1,8 +1,8 @@
-"""sd35fp8/kernels/mlp.py's fused MLP kernels (E4M3 and INT8 operands) and sd35fp8/kernels/norm.py's INT8 output run through Triton's CPU
-interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton loads), so their tile logic
-is checked where there is no GPU: every epilogue layout (warp specialization on/off, the epilogue in two column
-halves) gives the identical result, close to the unfused computation; masked tails (M, N not multiples of the tile)
-included. On a GPU, tests/test_cuda.py and tests/test_norm.py check the compiled kernels."""
+"""sd35fp8/kernels/mlp.py's fused MLP kernels (E4M3 and INT8 operands) and sd35fp8/kernels/norm.py's INT8 output run
+through Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be set before Triton loads), so
+their tile logic is checked where there is no GPU: every epilogue layout (warp specialization on/off, the epilogue in
+two column halves) gives the identical result, close to the unfused computation; masked tails (M, N not multiples of the
+tile) included. On a GPU, tests/test_cuda.py and tests/test_norm.py check the compiled kernels."""
 import json
 import os
 import subprocess
@@ -112,8 +112,8 @@ print(json.dumps({"dtype": str(h8.dtype), "differ": float((h8 != rh).float().mea
 
 
 def test_norm_kernel_int8_output_in_the_interpreter():
-    """sd35fp8.kernels.norm's residual + LayerNorm + modulation kernel with the W8A8 MLP's INT8 output: one scale per row
-    (amax / 127) and the INT8 row exactly as the reference quantizes it; a row with NaN gets a NaN scale (the NaN
+    """sd35fp8.kernels.norm's residual + LayerNorm + modulation kernel with the W8A8 MLP's INT8 output: one scale per
+    row (amax / 127) and the INT8 row exactly as the reference quantizes it; a row with NaN gets a NaN scale (the NaN
     stays visible in fc1's product), the other rows are untouched."""
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, "-c", NORM_SCRIPT, REPO], env=env, capture_output=True, text=True, timeout=600)
@@ -137,8 +137,8 @@ def test_small_outputs_take_the_few_tile_config():
 
 def test_int8_operands_take_their_own_configs_and_the_benchmarks_can_override_them():
     """INT8 (W8A8) launches read the *_INT8 configs, E4M3 launches the plain ones; bench/tune/gemm_configs.py (what
-    bench/tune/fc1_sweep.py --text/--int8-configs prints) overrides them for benchmarks; unknown names or malformed configs
-    are refused with the name in the message."""
+    bench/tune/fc1_sweep.py --text/--int8-configs prints) overrides them for benchmarks; unknown names or malformed
+    configs are refused with the name in the message."""
     import subprocess as sp
     import pytest
     from sd35fp8.kernels import mlp as gemm
@@ -155,7 +155,8 @@ def test_int8_operands_take_their_own_configs_and_the_benchmarks_can_override_th
     got = gemm_configs.configs_from_env('{"FC2_CONFIG_INT8": [128, 128, 128, 8, 8, 4, true, true]}')
     assert got == {"FC2_CONFIG_INT8": (128, 128, 128, 8, 8, 4, True, True)}
     assert gemm_configs.configs_from_env("") == {}
-    for bad, what in (('{"FC9": [1, 2, 3, 4, 5, 6]}', "unknown config 'FC9'"), ('{"FC1_CONFIG": [128, 256]}', "FC1_CONFIG"),
+    for bad, what in (('{"FC9": [1, 2, 3, 4, 5, 6]}', "unknown config 'FC9'"),
+                      ('{"FC1_CONFIG": [128, 256]}', "FC1_CONFIG"),
                       ("[1]", "JSON object"), ("{", "not JSON")):
         with pytest.raises(ValueError, match=what):
             gemm_configs.configs_from_env(bad)

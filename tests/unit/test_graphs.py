@@ -8,7 +8,7 @@ import torch
 from sd35fp8.core.marks import marks
 from sd35fp8.runtime.graphs import GraphedModule, quick_version, signature, state_version
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.support.markers import cuda  # noqa: E402
 
 
 class Net(torch.nn.Module):

@@ -124,8 +124,8 @@ def _fc1_sass_ops(fmt: str, impl: int) -> tuple[str, int]:
 
 @pytest.mark.parametrize("fmt", ["e4m3", "int8"])
 def test_fc1_epilogue_gelu_variants_compile_to_fewer_instructions(fmt):
-    """sd35fp8.kernels.mlp.GELU_IMPL: 1 runs the tanh GELU's exp2 and reciprocal as single ftz MUFU instructions, 2 as one
-    tanh.approx; Triton's sigmoid (0) adds denormal fix-ups around both. The epilogue does not overlap the MMAs
+    """sd35fp8.kernels.mlp.GELU_IMPL: 1 runs the tanh GELU's exp2 and reciprocal as single ftz MUFU instructions, 2 as
+    one tanh.approx; Triton's sigmoid (0) adds denormal fix-ups around both. The epilogue does not overlap the MMAs
     on Hopper, so its instruction count is kernel time: both variants must cut the kernel's machine code by at
     least a quarter (5504 → 3792 / 3392 for E4M3, 7488 → 5184 / 4672 for INT8, compiled with Triton 3.7)."""
     ptx0, n0 = _fc1_sass_ops(fmt, 0)
@@ -149,7 +149,8 @@ def test_norm_kernel_compiles_for_hopper(int8, res):
 
 
 def compile_attention(block_n: int, exp: int = 1, split: bool = False, sass: bool = False) -> str:
-    """The attention kernel as sd35fp8.kernels.attention.attend launches it (BF16 q, E4M3 K/V, BF16 or split E4M3 output)."""
+    """The attention kernel as sd35fp8.kernels.attention.attend launches it (BF16 q, E4M3 K/V, BF16 or split E4M3
+    output)."""
     from sd35fp8.kernels.attention import _attn_fwd
     o = "*fp8e4nv" if split else "*bf16"
     return compile_sm90(_attn_fwd, dict(q_ptr="*bf16", k8_ptr="*fp8e4nv", vt8_ptr="*fp8e4nv", ks_ptr="*fp32",
@@ -216,8 +217,8 @@ def compile_gluon_sm90(fn, types: dict, constexprs: dict, num_warps: int, maxnre
 
 @pytest.mark.parametrize("layer", ["fc1", "fc2"])
 def test_pingpong_int8_mlp_kernels_compile_async_and_without_spills(layer):
-    """The study bench/studies/int8_pingpong's ping-pong INT8 kernels, default configs, at Large's shapes: they compile for
-    Hopper with register reallocation between the partitions (setmaxnreg), keep one MMA in flight (a wait for
+    """The study bench/studies/int8_pingpong's ping-pong INT8 kernels, default configs, at Large's shapes: they compile
+    for Hopper with register reallocation between the partitions (setmaxnreg), keep one MMA in flight (a wait for
     <= 1 outstanding wgmma: the point of them, as Triton waits for every int32 MMA) and spill nothing."""
     import torch
     gluon_mod = pytest.importorskip("triton.experimental.gluon")  # noqa: F841
@@ -229,8 +230,9 @@ def test_pingpong_int8_mlp_kernels_compile_async_and_without_spills(layer):
     bm, bn, bk, grp, stages, split, regs = g.PP_CONFIG_FC1 if layer == "fc1" else g.PP_CONFIG_FC2
     k_dim, n_dim = (2432, 9728) if layer == "fc1" else (9728, 2432)
     x, w = torch.empty(8192, k_dim, dtype=torch.int8), torch.empty(n_dim, k_dim, dtype=torch.int8)
-    descs = {"a_desc": TensorDescriptor.from_tensor(x, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
-             "b_desc": TensorDescriptor.from_tensor(w, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
+    layout = gl.NVMMASharedLayout.get_default_for
+    descs = {"a_desc": TensorDescriptor.from_tensor(x, [bm, bk], layout([bm, bk], gl.int8)),
+             "b_desc": TensorDescriptor.from_tensor(w, [bn, bk], layout([bn, bk], gl.int8))}
     scalars = {n: "i32" for n in ("M", "N", "K", "L", "stride_gate")}
     if layer == "fc1":
         fn, ptrs = g.fc1_int8_pingpong, {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*bf16", "inv_ptr": "*fp32",

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import sd35fp8
 from sd35fp8 import E4M3, E4M3_MAX, dequantize_weight, quantize_weight, saturating_cast, scale_from_amax
 
 

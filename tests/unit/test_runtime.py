@@ -92,7 +92,8 @@ def test_repeated_set_static_is_free_until_a_layer_or_its_scale_changes(monkeypa
     b, _, x, c = quantized_block()
     calls = []
     real = sd35fp8.FP8Linear.fp8_set_static
-    monkeypatch.setattr(sd35fp8.FP8Linear, "fp8_set_static", lambda self, *a, **k: (calls.append(self), real(self, *a, **k)))
+    monkeypatch.setattr(sd35fp8.FP8Linear, "fp8_set_static",
+                        lambda self, *a, **k: (calls.append(self), real(self, *a, **k)))
     cfg = RuntimeConfig(adaln="fp8")
     assert set_static(b, cfg) == 3 and len(calls) == 3
     ref = b(x, c)
@@ -283,8 +284,8 @@ def test_fused_op_rejects_wrong_inputs_and_saturates():
 
 
 def test_fc2_residual_op_is_the_gated_residual_add_per_sample_and_rejects_wrong_inputs():
-    """sd35fp8.kernels.mlp.fp8_linear_residual: res + gate[sample] · (dequantized GEMM + bias), each gate row applying to its
-    sample's rows, against the same math written out; wrong shapes and dtypes get clear errors."""
+    """sd35fp8.kernels.mlp.fp8_linear_residual: res + gate[sample] · (dequantized GEMM + bias), each gate row applying
+    to its sample's rows, against the same math written out; wrong shapes and dtypes get clear errors."""
     from sd35fp8.kernels.mlp import fp8_linear_residual
     from sd35fp8.core.quant import dequantize_weight, quantize_weight
     g = torch.Generator().manual_seed(0)
@@ -338,7 +339,6 @@ def test_int8_adaln_layers_run_weight_only_in_every_path():
 def test_fused_mlp_survives_repeated_set_static_without_recompiling(monkeypatch):
     """Every sampling run calls set_static: the fused forward must stay the same object, so a compiled model
     is not traced again (one frame for three runs), and it still computes the fused path."""
-    import sd35fp8.kernels.mlp as gemm
     from torch._dynamo.testing import CompileCounter
     monkeypatch.setattr(sd35fp8.runtime.mlp, "fused_supported", lambda w8, device: True)  # as on Hopper
     m, _, x = calibrated_mlp()
@@ -370,9 +370,8 @@ def int8_mlp(approximate="tanh"):
 
 def test_int8_mlp_runs_w8a8_in_the_static_runtime_fused_or_not(monkeypatch):
     """INT8 fc1/fc2 weights: set_static runs fc1 on per-token INT8 inputs and fc2 at its calibrated static INT8
-    scale (amax / 127), the same math fused (sd35fp8.kernels.mlp's INT8 ops, their unfused fallback here) and unfused, and
-    it is closer to the exact MLP than the E4M3 static runtime on the same weights and inputs."""
-    import sd35fp8.kernels.mlp as gemm
+    scale (amax / 127), the same math fused (sd35fp8.kernels.mlp's INT8 ops, their unfused fallback here) and unfused,
+    and it is closer to the exact MLP than the E4M3 static runtime on the same weights and inputs."""
     from sd35fp8.core.formats import quantize_inv_int8
     from sd35fp8.linear import int8_quantize_rows
     from sd35fp8.runtime.mlp import fused_mlps

@@ -1,16 +1,14 @@
 """The studies under bench/studies that carry code (not product: nothing in the nodes reaches them)."""
-import pytest
 import torch
 
 from test_attention import fp8_gpu, joint_inputs, rel
 
-pytestmark = pytest.mark.gpu
-
 
 @fp8_gpu
 def test_joint_attention_writes_the_projections_e4m3_inputs_like_quantizing_its_output():
-    """The attention_fp8_out study (bench/studies/attention_fp8_out): the kernel's split E4M3 epilogue (context rows with one scale, image rows with another)
-    against the BF16 output quantized afterwards with the same scales (one BF16 rounding apart); saturates."""
+    """The attention_fp8_out study (bench/studies/attention_fp8_out): the kernel's split E4M3 epilogue (context rows
+    with one scale, image rows with another) against the BF16 output quantized afterwards with the same scales (one BF16
+    rounding apart); saturates."""
     from bench.studies.attention_fp8_out.split import joint_fp8_attention_split
     from sd35fp8.kernels.joint import joint_fp8_attention
     ctx, x, ws = joint_inputs(2, 154, 333, 3, 64, True, "cuda", seed=4)

@@ -8,6 +8,7 @@ import torch
 
 import sd35fp8
 from sd35fp8.core.marks import marks
+from tests.support.markers import te_gpu
 from sd35fp8.runtime import te as te_backend
 from sd35fp8.runtime.te import BACKENDS, availability, resolve_backend, set_te, te_recipe
 
@@ -59,8 +60,7 @@ def test_layer_without_te_state_runs_our_path_on_cpu():
     assert torch.equal(a, b)
 
 
-needs_te_gpu = pytest.mark.skipif(not (HAS_TE and torch.cuda.is_available() and availability()[0]),
-                                  reason="needs TransformerEngine and a GPU with FP8")
+needs_te_gpu = te_gpu(HAS_TE and availability()[0])
 
 
 @needs_te_gpu

@@ -27,7 +27,6 @@ def _joint_fp8_attention_split(ctx_qkv: torch.Tensor, x_qkv: torch.Tensor, wq_c:
                                wk_c: torch.Tensor | None, wq_x: torch.Tensor | None, wk_x: torch.Tensor | None,
                                eps: float, heads: int, inv_c: torch.Tensor,
                                inv_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .attention import ATTN_CONFIG, CALLS, attend, reference_attention, supported
     lc = ctx_qkv.shape[1]
     if not (_kernel_ok(ctx_qkv, x_qkv, heads) and supported(x_qkv[..., : x_qkv.shape[-1] // 3], heads)):
         CALLS["joint_sdpa"] += 1

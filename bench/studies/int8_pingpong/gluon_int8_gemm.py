@@ -205,8 +205,8 @@ def main():
             same = bool(torch.equal(out, triton_int8.float()))
             rows.append((name, cfg, t * 1e3, t_tri * 1e3, t_e4m3 * 1e3, bad, same))
             print(rows[-1], flush=True)
-    print(f"\n| shape | Gluon config (BM, BN, BK, G, warps, stages, instr N) | Gluon INT8 µs | Triton INT8 µs "
-          f"(default configs) | Triton E4M3 µs | outputs off the fp32 reference | equal to Triton's INT8 |")
+    print("\n| shape | Gluon config (BM, BN, BK, G, warps, stages, instr N) | Gluon INT8 µs | Triton INT8 µs "
+          "(default configs) | Triton E4M3 µs | outputs off the fp32 reference | equal to Triton's INT8 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1e} | {r[6]} |")
