@@ -8,8 +8,7 @@
 #   bash bench/device_run.sh wait [SECONDS]                   # follow it (call again until "[bg] exit")
 #
 # Skipped by default: rows the targets do not need (TransformerEngine, stock fp8_e4m3fn, our E4M3 loader, INT8 adaLN
-# only, the INT8 row with cuDNN attention, Large's BF16 + compile, Medium's fp8_fast + compile). The ping-pong INT8 row is
-# not run (sd35_bench --pingpong-row): those kernels faulted on the H200 on 12-02 and ended the process.
+# only, the INT8 row with cuDNN attention, Large's BF16 + compile, Medium's fp8_fast + compile).
 set -uo pipefail
 out=${OUT:-./device-out}
 mkdir -p "$out"
