@@ -16,8 +16,9 @@ import folder_paths
 from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, fp8_layers, inspect_checkpoint,
                      quantize_pos_embed, weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
-from sd35fp8.io.files import (MappedSafetensors, PerChannelWeightsError, file_calibration, file_input_amax,
-                              file_metadata, file_origin, hybrid_state_dict, write_safetensors)
+from sd35fp8.core.quant import PerChannelWeightsError
+from sd35fp8.io.files import (MappedSafetensors, file_calibration, file_input_amax, file_metadata, file_origin,
+                              hybrid_state_dict, write_safetensors)
 
 from . import state as st
 from .ops import make_ops

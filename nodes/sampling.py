@@ -19,6 +19,7 @@ import comfy.patcher_extension
 
 from sd35fp8 import DelayedScaling, fp8_autocast, fp8_layers
 from sd35fp8.core.marks import marks
+from sd35fp8.core.quant import PerChannelWeightsError
 from sd35fp8.kernels.attention import attention, fp8_attention
 from sd35fp8.runtime.graphs import GraphedModule, quick_version
 from sd35fp8.runtime.static import RuntimeConfig, clear_static, set_static, static_key
@@ -82,7 +83,11 @@ def prepare_run(patcher) -> tuple[bool, DelayedScaling]:
     else:
         clear_static(dm)
     if te:
-        set_te(dm, recipe, rt.scaling, rt.adaln)
+        try:
+            set_te(dm, recipe, rt.scaling, rt.adaln)
+        except PerChannelWeightsError as e:  # the library speaks of scales; the user chooses the nodes' options
+            raise ValueError(f"SD35FP8Autocast backend=transformer_engine: {e}. Load the model with "
+                             "SD35FP8CheckpointLoader's weight_scaling=per_tensor, or choose backend=torch.") from None
         ad[TE_ON] = True
     # the graphs check every weight's address once per run, on the first call (the sampler loads and patches the
     # model after this, before that call), and per call only cheaply (sd35fp8.runtime.graphs.quick_version)

@@ -6,6 +6,11 @@ import torch
 
 from .formats import E4M3, MIN_SCALE, fp8_max, saturating_cast
 
+class PerChannelWeightsError(ValueError):
+    """An operation that takes one E4M3 weight scale per tensor (the ComfyUI FP8 file format, TransformerEngine's
+    FP8 weights) met per-channel weight scales."""
+
+
 GRANULARITIES = ("per_tensor", "per_channel")
 # INT8 weights with one fp32 scale per output channel. Only for layers that run weight-only (BF16 activations:
 # the adaLN modulation): a uniform 8-bit grid per row has ~1/3 of E4M3's rounding error on Gaussian weights

@@ -19,16 +19,12 @@ from typing import Callable, Mapping
 import torch
 
 from ..core.formats import E4M3, E4M3_MAX, scale_from_amax
-from ..core.quant import dequantize_weight, quantize_weight
+from ..core.quant import PerChannelWeightsError, dequantize_weight, quantize_weight
 from ..model import fp8_layers
 from .checkpoint import CheckpointError, read_safetensors_header
 
 class NotCalibratedError(ValueError):
     """Saving needs calibrated input scales for every FP8 layer."""
-
-
-class PerChannelWeightsError(ValueError):
-    """The file format stores one E4M3 weight scale per tensor."""
 
 
 ST_DTYPES = {

@@ -21,6 +21,7 @@ import torch
 from ..core.autocast import DelayedScaling
 from ..core.formats import E4M3, E4M3_MAX, Format
 from ..core.marks import marks, peek
+from ..core.quant import PerChannelWeightsError
 from ..model import fp8_layers
 from .static import ADALN
 
@@ -90,8 +91,8 @@ def build_te_linear(layer, dtype: torch.dtype, rec, input_amax: float | None, ma
     on ``layer``'s FP8 weight storage."""
     import transformer_engine.pytorch as te
     if layer.weight_scale.dim() != 0:
-        raise ValueError(f"{layer.fp8_name}: the TransformerEngine backend needs per-tensor weight scales "
-                         "(load with weight_scaling=per_tensor)")
+        raise PerChannelWeightsError(f"{layer.fp8_name}: the TransformerEngine backend needs per-tensor weight "
+                                     "scales")
     dev = layer.weight.device
     with torch.no_grad(), te.quantized_model_init(enabled=True, recipe=rec):  # no_grad: no transposed copy
         lin = te.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, params_dtype=dtype,
@@ -187,6 +188,14 @@ def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str =
                     layer.fp8_set_static(None)
                 mk.te_weight_only = False
         return 0
+
+    def weight_only(name, layer):
+        return (adaln == "weight_only" and ADALN.search(name)) or layer.fp8_int8
+
+    per_channel = [n for n, m in layers.items() if not weight_only(n, m) and m.weight_scale.dim() != 0]
+    if per_channel:  # refused before anything is routed (TE modules are built at the first call)
+        raise PerChannelWeightsError(f"{len(per_channel)} FP8 layer(s) have per-channel weight scales (first: "
+                                     f"{per_channel[0]}); the TransformerEngine backend needs one scale per tensor")
     ok, why = availability()
     if not ok:
         raise RuntimeError(why)
@@ -197,7 +206,7 @@ def set_te(model: torch.nn.Module, recipe: DelayedScaling | None, scaling: str =
         if layer.weight.dtype not in (E4M3, torch.int8):
             raise TypeError(f"{layer.fp8_name}: weight is {layer.weight.dtype}, not FP8")
         mk = marks(layer)
-        if (adaln == "weight_only" and ADALN.search(name)) or layer.fp8_int8:
+        if weight_only(name, layer):
             layer.fp8_backend = None
             layer.fp8_set_static("weight_only")
             mk.te_weight_only = True

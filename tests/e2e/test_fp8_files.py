@@ -172,6 +172,23 @@ def legacy_file(env, path, scale_input=None):
     return sd
 
 
+def test_library_errors_about_per_channel_scales_become_node_messages(env):
+    """A per-channel model: the library refuses to save it or run it under TransformerEngine in terms of scales;
+    the adapter says which node and which option to change, and nothing is written or routed."""
+    model, _, _, _ = env.adapter.checkpoints.load_sd35_fp8(env.src, "per_channel")
+    cal, _ = env.adapter.calibration.calibrate(model, [cond(1)], cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64, 0)
+    with pytest.raises(ValueError, match=r"SD35FP8SaveCheckpoint: \d+ layer\(s\) use per-channel weight scales .*"
+                                         r"weight_scaling=per_tensor") as e:
+        env.adapter.checkpoints.save_fp8_checkpoint(cal, "per_channel_model")
+    assert not isinstance(e.value, env.fp8.core.quant.PerChannelWeightsError)  # the node's message, not the library's
+    assert not os.path.exists(env.dir / "diffusion_models" / "per_channel_model.safetensors")
+    te = env.adapter.sampling.set_autocast(cal, True, None, env.adapter.state.Runtime(backend="transformer_engine"))
+    with pytest.raises(ValueError, match=r"SD35FP8Autocast backend=transformer_engine: .*per-channel weight scales.*"
+                                         r"weight_scaling=per_tensor, or choose backend=torch"):
+        env.adapter.sampling.prepare_run(te)
+    assert not any(m.fp8_backend for m in env.fp8.fp8_layers(cal.model.diffusion_model).values())
+
+
 @pytest.mark.parametrize("scale_input,message", [(None, "no calibrated input_scale for 17 of 17"),
                                                  (1.0, "input scales are all 1.0")])
 def test_stock_scaled_fp8_file_loads_and_says_it_is_not_calibrated(env, scale_input, message):

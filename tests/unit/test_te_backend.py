@@ -37,6 +37,18 @@ def test_without_te_availability_says_how_to_install_and_set_te_refuses():
     assert set_te(model, None) == 0  # switching TE off never needs TE
 
 
+def test_per_channel_weights_are_refused_before_anything_is_routed():
+    """TE takes one weight scale per tensor: a model with per-channel E4M3 weights is refused up front (the error names
+    the layer and speaks of scales, not of nodes), installed or not; per-channel INT8 weights run weight-only."""
+    from sd35fp8.core.quant import PerChannelWeightsError
+    lin, _ = calibrated_layer()
+    lin.fp8_quantize_("per_channel", name="blocks.0.mlp.fc1", weight=torch.randn(lin.out_features, lin.in_features))
+    model = torch.nn.Sequential(lin)
+    with pytest.raises(PerChannelWeightsError, match=r"1 FP8 layer\(s\) have per-channel weight scales \(first: 0\)"):
+        set_te(model, sd35fp8.DelayedScaling())
+    assert lin.fp8_backend is None and sd35fp8.core.marks.peek(lin) is None
+
+
 def test_auto_resolves_to_a_backend_that_runs_here_and_unknown_names_fail():
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("torch", "cuda") == "torch"
