@@ -23,6 +23,8 @@ log = logging.getLogger("sd35fp8")
 
 preload()  # TransformerEngine, when installed, must load before torch's cuDNN (see sd35fp8/runtime/te.py)
 
+# the Autocast node's defaults are the state record's (nodes/state.py: one place)
+RUNTIME, RECIPE = st.Runtime(), DelayedScaling()
 PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_prompts.txt")
 with open(PROMPTS_FILE, encoding="utf-8") as _f:
     DEFAULT_PROMPTS = _f.read().strip()  # the shipped default calibration set, one prompt per line
@@ -127,32 +129,32 @@ class SD35FP8Autocast(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Boolean.Input("enabled", default=True),
-                io.Combo.Input("fp8_format", options=[f.value for f in Format], default="E4M3",
+                io.Combo.Input("fp8_format", options=[f.value for f in Format], default=RECIPE.fp8_format.value,
                                tooltip="HYBRID = E4M3 forward / E5M2 backward: identical for inference"),
-                io.Int.Input("amax_history_len", default=16, min=1, max=1024),
-                io.Int.Input("margin", default=0, min=0, max=8),
+                io.Int.Input("amax_history_len", default=RECIPE.amax_history_len, min=1, max=1024),
+                io.Int.Input("margin", default=RECIPE.margin, min=0, max=8),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
                                tooltip="torch: our fused PyTorch/Triton path; transformer_engine: TE's te.Linear "
                                        "modules inside te.autocast with this recipe (needs TransformerEngine); "
                                        "auto: the backend our benchmark measured faster on this GPU class, if "
                                        "installed"),
-                io.Boolean.Input("compile", default=True, optional=True,
+                io.Boolean.Input("compile", default=RUNTIME.compile, optional=True,
                                  tooltip="torch.compile the calibrated FP8 MMDiT (fuses the FP8 casts into "
                                          "LayerNorm/modulation/GELU). The first run per resolution and batch "
                                          "compiles (about a minute for Large); falls back to eager where "
                                          "compilation is unavailable"),
-                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto", optional=True,
+                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default=RUNTIME.attention, optional=True,
                                tooltip="attention of the MMDiT: an SDPA backend (auto = cuDNN on NVIDIA GPUs, "
                                        "fastest BF16 attention on Hopper at SD3.5 shapes, else ComfyUI's choice), "
                                        "or fp8: our FP8 attention kernel (Q·Kᵀ and P·V on FP8 tensor cores with "
                                        "per-token/per-block scales found at run time; faster, adds some error; "
                                        "GPUs with FP8, else cuDNN)"),
-                io.Boolean.Input("cuda_graphs", default=False, optional=True,
+                io.Boolean.Input("cuda_graphs", default=RUNTIME.cudagraphs, optional=True,
                                  tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
                                          "(removes launch gaps and host overhead; holds a private memory pool per "
                                          "shape). torch backend: the compiled, calibrated model, captured "
                                          "whole; transformer_engine: removes TE's per-layer host overhead"),
-                io.Combo.Input("scaling", options=list(SCALINGS), default="delayed", optional=True,
+                io.Combo.Input("scaling", options=list(SCALINGS), default=RUNTIME.scaling, optional=True,
                                tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling: history "
                                        "seeded with the calibrated amax, updated after every denoiser call) or "
                                        "current scaling (per-call amax)"),
@@ -173,9 +175,10 @@ class SD35FP8Autocast(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, enabled=True, fp8_format="E4M3", amax_history_len=16, margin=0,
-                backend="auto", compile=True, attention="auto", cuda_graphs=False,
-                scaling="delayed") -> io.NodeOutput:
+    def execute(cls, model, enabled=True, fp8_format=RECIPE.fp8_format.value,
+                amax_history_len=RECIPE.amax_history_len, margin=RECIPE.margin, backend="auto",
+                compile=RUNTIME.compile, attention=RUNTIME.attention, cuda_graphs=RUNTIME.cudagraphs,
+                scaling=RUNTIME.scaling) -> io.NodeOutput:
         sampling.require_fp8_model(model)
         backend = resolve_backend(backend, comfy.model_management.get_torch_device())
         if backend == "transformer_engine":

@@ -172,6 +172,36 @@ def legacy_file(env, path, scale_input=None):
     return sd
 
 
+def test_the_models_state_is_one_immutable_record_with_its_defaults_in_one_place(env):
+    """A MODEL carries one FP8State; nodes put a new record on a clone (the input MODEL keeps its own), ComfyUI's deep
+    copy of model_options keeps the very record, and nothing in it can be changed in place."""
+    import copy
+    import dataclasses
+    state = env.adapter.state
+    s = state.get(env.cal)
+    assert isinstance(s, state.FP8State) and s.calibrated and s.enabled and s.runtime == state.Runtime()
+    assert copy.deepcopy(env.cal.model_options)[state.KEY] is s  # ComfyUI's clone keeps the record
+    assert env.cal.clone().model_options[state.KEY] is s
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.enabled = False
+    with pytest.raises(TypeError):
+        s.input_amax["x"] = 1.0
+    with pytest.raises(TypeError):
+        s.calibration["steps"] = 99
+    off = env.adapter.sampling.set_autocast(env.cal, False, None, state.Runtime(compile=False, cudagraphs=True))
+    assert state.get(off).enabled is False and state.get(off).runtime.cudagraphs
+    assert state.get(env.cal) is s and s.enabled  # the input MODEL is untouched
+    assert state.get(off).input_amax is s.input_amax  # the scales table is shared (installed once per run)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        state.Runtime(attention="flash3")
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'transformer_engine'"):
+        state.Runtime(backend="auto")  # resolved by the node before it reaches the record
+    stock = env.sd.load_diffusion_model(env.unet)  # a stock loader's MODEL has no record: the nodes refuse it
+    assert state.get(stock) is None
+    with pytest.raises(ValueError, match="load it with SD35FP8CheckpointLoader"):
+        env.adapter.sampling.require_fp8_model(stock)
+
+
 def test_library_errors_about_per_channel_scales_become_node_messages(env):
     """A per-channel model: the library refuses to save it or run it under TransformerEngine in terms of scales;
     the adapter says which node and which option to change, and nothing is written or routed."""
