@@ -127,3 +127,26 @@ def test_missing_blocks_detected(tmp_path):
     save_file(sd, p)
     with pytest.raises(CheckpointError, match="incomplete"):
         inspect_checkpoint(p)
+
+
+def test_file_metadata_is_read_back_by_the_same_module_that_writes_it():
+    """sd35fp8.io.files writes the pack's metadata and reads it back: the calibration record, who made the file, and
+    the input scales as calibrated amax (or why the file counts as uncalibrated)."""
+    import torch
+
+    from sd35fp8.io.files import file_calibration, file_input_amax, file_metadata, file_origin
+    cal = {"method": "max", "prompts": 8, "steps": 28, "date": "2026-12-05"}
+    md = file_metadata(cal, {"include": ["a"], "exclude": [], "granularity": "per_tensor", "multiple_of": 16,
+                             "layers": ["not written"]}, "SD3.5 Large", "0.2.0")
+    assert file_calibration(md) == cal and "layers" not in md["sd35fp8.policy"]
+    assert file_origin(md, "Pack") == "saved by Pack 0.2.0" and file_origin({}, "Pack") == "not made by this pack"
+    assert file_calibration({"sd35fp8.calibration": "{broken"}) is None
+    s = {"a": torch.tensor(0.5), "b": torch.tensor(0.25)}
+    amax, note = file_input_amax(s, md)
+    assert amax == {"a": 224.0, "b": 112.0} and "method max, prompts 8, steps 28, date 2026-12-05" in note
+    amax, note = file_input_amax({"a": torch.tensor(0.5), "b": None}, md)
+    assert amax is None and "no calibrated input_scale for 1 of 2 FP8 layers (first: b)" in note
+    amax, note = file_input_amax({"a": torch.tensor(1.0)}, {})  # stock ComfyUI's "not calibrated"
+    assert amax is None and "all 1.0" in note
+    amax, note = file_input_amax({"a": torch.tensor(0.5)}, {})
+    assert amax == {"a": 224.0} and "calibration not recorded" in note
