@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import tempfile
+import time
 from typing import Callable, Mapping
 
 import torch
@@ -102,17 +104,74 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+# A save in progress writes ``.<name>.<pid>-<random>.sd35fp8-partial`` beside its target: a dot file with an
+# extension no model loader lists (ComfyUI lists model folders by extension), renamed over the target when complete.
+PARTIAL = ".sd35fp8-partial"
+_LEGACY_PARTIAL = re.compile(r"^\.partial-[A-Za-z0-9_]{8}\.safetensors$")  # temp names of the writer until 2026-12-05
+_PARTIAL = re.compile(r"^\..+\.(\d+)-[A-Za-z0-9_]+" + re.escape(PARTIAL) + "$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clean_partial_files(folder: str, legacy_age_s: float = 3600.0) -> list[str]:
+    """Delete the temp files that interrupted saves (a kill, a power loss, an out-of-memory) left in ``folder``: ours
+    whose writing process is gone, and the earlier writer's ``.partial-XXXXXXXX.safetensors`` (which loaders list)
+    once older than ``legacy_age_s``. Returns the paths deleted. A save in progress is never touched."""
+    gone = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return gone
+    now = time.time()
+    for n in names:
+        p = os.path.join(folder, n)
+        m = _PARTIAL.match(n)
+        try:
+            stale = (m is not None and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))) or (
+                _LEGACY_PARTIAL.match(n) is not None and now - os.path.getmtime(p) > legacy_age_s)
+            if stale and os.path.isfile(p) and not os.path.islink(p):
+                os.unlink(p)
+                gone.append(p)
+        except OSError:
+            continue
+    return gone
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (the file's data was synced before the rename)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
                       overwrite: bool = False,
                       materialize: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> int:
     """Write ``tensors`` (any device; moved to the CPU one at a time) as a safetensors file.
 
-    The file appears atomically (written next to ``path``, then renamed): an interrupted save never
-    leaves a truncated checkpoint, and an existing file is kept unless ``overwrite``. With
-    ``materialize``, ``tensors`` only give names, shapes and dtypes (e.g. meta tensors) and
-    ``materialize(name, t)`` produces each tensor's data when it is written. Returns bytes written.
+    The file appears atomically and durably: it is written next to ``path`` under a name no model loader lists
+    (:data:`PARTIAL`), synced, renamed over ``path``, and the folder synced; an interrupted save never leaves a
+    truncated checkpoint where a loader would list it (and the next save into that folder deletes what it left:
+    :func:`clean_partial_files`). An existing file is kept unless ``overwrite``. With ``materialize``, ``tensors``
+    only give names, shapes and dtypes (e.g. meta tensors) and ``materialize(name, t)`` produces each tensor's data
+    when it is written. Returns bytes written.
     """
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; enable overwrite to replace it")
     header: dict = {}
     offset = 0
@@ -126,15 +185,20 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    clean_partial_files(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)[:64]}.{os.getpid()}-", suffix=PARTIAL, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for name, t in tensors.items():
                 f.write(_raw_bytes(materialize(name, t) if materialize else t))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

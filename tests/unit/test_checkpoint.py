@@ -150,3 +150,53 @@ def test_file_metadata_is_read_back_by_the_same_module_that_writes_it():
     assert amax is None and "all 1.0" in note
     amax, note = file_input_amax({"a": torch.tensor(0.5)}, {})
     assert amax == {"a": 224.0} and "calibration not recorded" in note
+
+
+LOADER_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}  # ComfyUI lists these
+
+
+def test_a_save_killed_mid_write_leaves_nothing_a_loader_lists_and_the_next_save_cleans_up(tmp_path):
+    """A process killed while writing (kill, power loss, OOM) leaves its temp file under a name no loader lists, the
+    old file intact; the next save into that folder deletes the dead writer's temp file (and an old-style
+    ``.partial-*.safetensors`` once it is an hour old), never a save in progress."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from sd35fp8.io.files import PARTIAL, clean_partial_files, write_safetensors
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    target = tmp_path / "model.safetensors"
+    write_safetensors(str(target), {"w": torch.ones(4)})
+    before = target.read_bytes()
+    code = f"""
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+from sd35fp8.io.files import write_safetensors
+def half(name, t):
+    if name == "b":
+        os._exit(9)  # killed after the first tensor was written
+    return torch.ones(t.shape)
+write_safetensors({str(target)!r}, {{"a": torch.empty(1 << 20, device="meta"), "b": torch.empty(8, device="meta")}},
+                  overwrite=True, materialize=half)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr[-2000:]
+    left = sorted(os.listdir(tmp_path), key=lambda n: n.endswith(PARTIAL))
+    assert left[0] == "model.safetensors" and len(left) == 2 and left[1].endswith(PARTIAL), left
+    assert os.path.getsize(tmp_path / left[1]) >= 4 << 20  # a real half-written file...
+    assert not [n for n in left[1:] if os.path.splitext(n)[1] in LOADER_EXTENSIONS]  # ...that no loader lists
+    assert target.read_bytes() == before  # the old file is intact
+    legacy = tmp_path / ".partial-abcd1234.safetensors"
+    legacy.write_bytes(b"x")
+    fresh = tmp_path / ".partial-efgh5678.safetensors"
+    fresh.write_bytes(b"x")
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    mine = tmp_path / f".other.safetensors.{os.getpid()}-abc{PARTIAL}"  # this process's: a save in progress
+    mine.write_bytes(b"x")
+    write_safetensors(str(tmp_path / "other.safetensors"), {"w": torch.zeros(2)})
+    assert sorted(os.listdir(tmp_path)) == sorted([".partial-efgh5678.safetensors", mine.name, "model.safetensors",
+                                                   "other.safetensors"])
+    assert clean_partial_files(str(tmp_path)) == []
