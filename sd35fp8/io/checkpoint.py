@@ -39,12 +39,30 @@ def read_safetensors_header(path: str) -> tuple[dict, dict]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{name}: unreadable safetensors header ({e}); the file is damaged") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: the safetensors header is a JSON {type(header).__name__}, not an object: "
+                              "the file is damaged or not a safetensors file")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{name}: the header's __metadata__ is not a table of strings: the file is damaged")
+    for key, v in header.items():
+        _check_entry(name, key, v)
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if 8 + hlen + end > size:
         raise CheckpointError(f"{name}: truncated: tensors need {8 + hlen + end} bytes but the file has "
                               f"{size} ({(8 + hlen + end - size) / 2**20:.1f} MiB missing); download it again")
     return header, meta
+
+
+def _check_entry(name: str, key: str, v) -> None:
+    """One tensor's header entry: ``{"dtype": str, "shape": [int, ...], "data_offsets": [start, end]}``."""
+    ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+          and all(isinstance(d, int) and d >= 0 for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+          and len(v["data_offsets"]) == 2 and all(isinstance(o, int) for o in v["data_offsets"])
+          and 0 <= v["data_offsets"][0] <= v["data_offsets"][1])
+    if not ok:
+        raise CheckpointError(f"{name}: tensor {key!r} has a malformed header entry ({json.dumps(v)[:120]}): the "
+                              "file is damaged")
 
 
 @dataclasses.dataclass

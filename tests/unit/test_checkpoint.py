@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -118,6 +119,24 @@ def test_truncated_and_damaged_files(tmp_path):
         inspect_checkpoint(str(ckpt))
     with pytest.raises(CheckpointError, match="no such file"):
         inspect_checkpoint(str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("header,message", [
+    ([1, 2], "header is a JSON list, not an object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "tensor 'w' has a malformed header entry"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "tensor 'w' has a malformed header entry"),
+    ({"w": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, "tensor 'w' has a malformed header entry"),
+    ({"w": "F32"}, "tensor 'w' has a malformed header entry"),
+    ({"__metadata__": {"a": 1}}, "__metadata__ is not a table of strings"),
+])
+def test_malformed_headers_are_checkpoint_errors_naming_the_file_and_tensor(tmp_path, header, message):
+    """A header of the wrong JSON shape (a list, an entry without data_offsets, ...) was a raw TypeError/KeyError."""
+    import json
+    raw = json.dumps(header).encode()
+    p = tmp_path / "odd.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=f"odd.safetensors: .*{re.escape(message)}"):
+        inspect_checkpoint(str(p))
 
 
 def test_missing_blocks_detected(tmp_path):
