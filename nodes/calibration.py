@@ -55,14 +55,15 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
     for i, positive in enumerate(positives):
         latent = torch.zeros([1, 16, height // 8, width // 8], device="cpu")
         latent = comfy.sample.fix_empty_latent_channels(cal, latent)
-        noise = comfy.sample.prepare_noise(latent, seed + i)
+        seed_i = (seed + i) % 2**64  # the widget allows seeds up to 2^64 - 1: the next prompt's wraps around
+        noise = comfy.sample.prepare_noise(latent, seed_i)
 
         def cb(step, x0, x, n, i=i):
             if progress is not None:
                 progress(i * steps + step + 1, total)
 
         comfy.sample.sample(cal, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                            callback=cb, disable_pbar=True, seed=seed + i)
+                            callback=cb, disable_pbar=True, seed=seed_i)
         comfy.model_management.throw_exception_if_processing_interrupted()
     amax = calibrated_amax(session, dm)
     secs = time.perf_counter() - t0

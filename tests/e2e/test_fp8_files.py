@@ -202,6 +202,15 @@ def test_the_models_state_is_one_immutable_record_with_its_defaults_in_one_place
         env.adapter.sampling.require_fp8_model(stock)
 
 
+def test_calibration_takes_the_largest_seed_the_widget_allows_with_several_prompts(env):
+    """seed = 2^64 - 1 with two prompts: the second prompt's seed wraps around (it overflowed: "Overflow when unpacking
+    long long")."""
+    top = 0xFFFFFFFFFFFFFFFF
+    cal, text = env.adapter.calibration.calibrate(env.model, [cond(1), cond(3)], cond(2), 1, 4.0, "euler",
+                                                  "sgm_uniform", 64, 64, top)
+    assert env.adapter.state.get(cal).calibration["seed"] == top and "over 2 prompt(s)" in text
+
+
 def test_library_errors_about_per_channel_scales_become_node_messages(env):
     """A per-channel model: the library refuses to save it or run it under TransformerEngine in terms of scales;
     the adapter says which node and which option to change, and nothing is written or routed."""
