@@ -179,11 +179,19 @@ def pack_version() -> str:
         return "unknown"
 
 
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems)
+
+
 def save_target(filename: str, all_in_one: bool) -> str:
     """Where ``filename`` goes: ``checkpoints/`` for an all-in-one file, else ``diffusion_models/``
-    (ComfyUI's first folder of that kind); sub-folders allowed, nothing outside it."""
+    (ComfyUI's first folder of that kind); sub-folders allowed, nothing outside it. A name a loader would not list
+    (hidden, empty parts, ``..``), control characters and over-long parts are refused before anything is written."""
     folder = "checkpoints" if all_in_one else "diffusion_models"
-    name = (filename or "").strip().replace("\\", "/")
+    raw = filename or ""
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise ValueError(f"SD35FP8SaveCheckpoint: the file name {raw!r} holds control characters (a newline, tab or "
+                         "NUL): use a plain name, with '/' between sub-folders")
+    name = raw.strip().replace("\\", "/")
     if not name or name.endswith("/"):
         raise ValueError("give a file name for the FP8 checkpoint (e.g. sd35_fp8/sd3.5_large_fp8_calibrated)")
     if not name.endswith(".safetensors"):
@@ -192,7 +200,23 @@ def save_target(filename: str, all_in_one: bool) -> str:
     path = os.path.abspath(os.path.join(root, name))
     if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
         raise ValueError(f"{filename!r} points outside models/{folder}: give a name relative to that folder")
+    for part in name.split("/"):
+        if part in ("", ".", "..") or part.startswith("."):
+            raise ValueError(f"SD35FP8SaveCheckpoint: {raw!r} has a part ({part!r}) that is empty, '.', '..' or starts "
+                             "with a dot: loaders do not list such files. Use visible names")
+        if len(part.encode()) > NAME_MAX:
+            raise ValueError(f"SD35FP8SaveCheckpoint: {part[:40]!r}... is {len(part.encode())} bytes long; file "
+                             f"systems allow {NAME_MAX} per name. Use a shorter name")
     return path
+
+
+def _new_folders(path: str) -> list[str]:
+    """The folders above ``path`` that do not exist yet, deepest first (made by the save; removed if it fails)."""
+    out, d = [], os.path.dirname(path)
+    while not os.path.isdir(d):
+        out.append(d)
+        d = os.path.dirname(d)
+    return out
 
 
 def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None, vae=None) -> tuple[str, str]:
@@ -206,7 +230,7 @@ def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None
                          "calibrated input scales would run with input scale 1.0 in stock ComfyUI)")
     all_in_one = clip is not None or vae is not None
     path = save_target(filename, all_in_one)
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # lexists: a dangling link is a file too
         raise FileExistsError(f"{path} already exists: nothing was written. Choose another file name or set "
                               "overwrite=true to replace it")
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)  # merge LoRAs, as stock saving does
@@ -222,7 +246,16 @@ def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None
     if vae is not None:
         tensors.update(mc.process_vae_state_dict_for_saving(vae.get_sd()))
     md = file_metadata(None if s.calibration is None else dict(s.calibration), s.policy, s.variant, pack_version())
-    size = write_safetensors(path, tensors, md, overwrite=overwrite)
+    made = _new_folders(path)
+    try:
+        size = write_safetensors(path, tensors, md, overwrite=overwrite)
+    except BaseException:
+        for d in made:  # a failed save leaves no empty sub-folder behind
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
     for folder in ("checkpoints", "diffusion_models"):
         getattr(folder_paths, "filename_list_cache", {}).pop(folder, None)
     cal = s.calibration or {}

@@ -202,6 +202,38 @@ def test_the_models_state_is_one_immutable_record_with_its_defaults_in_one_place
         env.adapter.sampling.require_fp8_model(stock)
 
 
+@pytest.mark.parametrize("name,message", [
+    ("bad\nname", "holds control characters"), ("nul\0name", "holds control characters"),
+    ("..", "starts with a dot"), ("sub/.hidden", "starts with a dot"), ("a//b", "is empty"),
+    ("x" * 300, "is 312 bytes long"), ("newsub/" + "y" * 260, "is 272 bytes long"),
+])
+def test_save_names_a_loader_would_not_list_are_refused_before_anything_is_written(env, name, message):
+    before = sorted(os.listdir(env.dir / "diffusion_models"))
+    with pytest.raises(ValueError, match=message):
+        env.adapter.checkpoints.save_fp8_checkpoint(env.cal, name)
+    assert sorted(os.listdir(env.dir / "diffusion_models")) == before
+
+
+def test_save_keeps_a_dangling_link_and_leaves_no_empty_folder_when_it_fails(env, monkeypatch):
+    link = env.dir / "diffusion_models" / "dangling.safetensors"
+    os.symlink(env.dir / "nowhere.safetensors", link)
+    with pytest.raises(FileExistsError, match="already exists: nothing was written"):
+        env.adapter.checkpoints.save_fp8_checkpoint(env.cal, "dangling")
+    assert os.path.islink(link) and not os.path.exists(env.dir / "nowhere.safetensors")
+
+    def disk_full(path, *a, **k):  # as the writer does: make the folders, then run out of space
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(env.adapter.checkpoints, "write_safetensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        env.adapter.checkpoints.save_fp8_checkpoint(env.cal, "new/deeper/model")
+    assert not os.path.exists(env.dir / "diffusion_models" / "new")
+    with pytest.raises(OSError, match="No space left"):
+        env.adapter.checkpoints.save_fp8_checkpoint(env.cal, "sub/model_in_existing_folder")
+    assert os.path.isdir(env.dir / "diffusion_models" / "sub")  # a folder that was there stays
+
+
 def test_calibration_takes_the_largest_seed_the_widget_allows_with_several_prompts(env):
     """seed = 2^64 - 1 with two prompts: the second prompt's seed wraps around (it overflowed: "Overflow when unpacking
     long long")."""
