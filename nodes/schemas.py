@@ -3,6 +3,7 @@ the work is done in the modules beside this one."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from typing_extensions import override
@@ -20,6 +21,29 @@ from . import calibration, checkpoints, sampling
 from . import state as st
 
 log = logging.getLogger("sd35fp8")
+
+
+def check_widgets(cls, values: dict) -> bool | str:
+    """Queue-time check of a node's widget values against its own schema: a combo value must be one of its options,
+    a number finite and within its range. ComfyUI 0.3.75 does not check V3 combos at all and lets NaN through its
+    range checks; a node that names inputs in ``validate_inputs`` also turns ComfyUI's own checks off for them, so
+    what is named there is checked here in full. Linked inputs (None here: not known at queue time) are left to the
+    node that produces them."""
+    node = cls.define_schema()
+    for inp in node.inputs:
+        v = values.get(inp.id)
+        if v is None:
+            continue
+        if isinstance(inp, io.Combo.Input):
+            if v not in inp.options:
+                shown = ", ".join(map(str, inp.options[:12])) + (", ..." if len(inp.options) > 12 else "")
+                return f"{node.node_id}: {inp.id} {v!r} is not one of its options ({shown})"
+        elif isinstance(inp, (io.Int.Input, io.Float.Input)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                return f"{node.node_id}: {inp.id} must be a finite number (got {v!r})"
+            if inp.min is not None and v < inp.min or inp.max is not None and v > inp.max:
+                return f"{node.node_id}: {inp.id} = {v} is outside {inp.min}..{inp.max}"
+    return True
 
 preload()  # TransformerEngine, when installed, must load before torch's cuDNN (see sd35fp8/runtime/te.py)
 
@@ -62,6 +86,11 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name=None, weight_scaling=None):
+        """At queue time: a file that is not in the model folders, an unknown weight format."""
+        return check_widgets(cls, {"ckpt_name": ckpt_name, "weight_scaling": weight_scaling})
+
+    @classmethod
     def execute(cls, ckpt_name, weight_scaling="per_tensor") -> io.NodeOutput:
         path = checkpoints.resolve_model_file(ckpt_name)
         model, clip, vae, text = checkpoints.load_sd35_fp8(path, weight_scaling)
@@ -98,6 +127,13 @@ class SD35FP8Calibrate(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cfg=None, sampler_name=None, scheduler=None, method=None, percentile=None):
+        """At queue time: an unknown sampler, scheduler or method (they ran as euler/simple), a NaN cfg. (ComfyUI
+        lists a failure under each input named here; the message names the one that is wrong.)"""
+        return check_widgets(cls, dict(cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, method=method,
+                                       percentile=percentile))
 
     @classmethod
     def execute(cls, model, clip, prompts, steps, cfg, sampler_name, scheduler, width, height, seed,
@@ -163,11 +199,12 @@ class SD35FP8Autocast(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, backend="auto"):
-        """At queue time: an unknown backend, or transformer_engine where it cannot run (ComfyUI skips its
-        own option check for the inputs named here, so this one checks the option too)."""
-        if backend not in BACKENDS:
-            return f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})"
+    def validate_inputs(cls, backend=None, fp8_format=None, attention=None, scaling=None):
+        """At queue time: every option (check_widgets), and transformer_engine where it cannot run. (ComfyUI lists a
+        failure under each input named here; the message names the one that is wrong.)"""
+        ok = check_widgets(cls, dict(backend=backend, fp8_format=fp8_format, attention=attention, scaling=scaling))
+        if ok is not True:
+            return ok
         if backend == "transformer_engine":
             ok, why = availability()
             if not ok:
@@ -218,6 +255,17 @@ class SD35FP8SaveCheckpoint(io.ComfyNode):
             outputs=[io.String.Output(display_name="info")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename=None):
+        """At queue time: a file name a loader would not list, control characters, an over-long name."""
+        if filename is None:
+            return True
+        try:
+            checkpoints.save_target(filename, all_in_one=False)
+        except ValueError as e:
+            return str(e)
+        return True
 
     @classmethod
     def execute(cls, model, filename, overwrite=False, clip=None, vae=None) -> io.NodeOutput:

@@ -278,10 +278,48 @@ def test_wrong_or_damaged_files_fail_clearly_and_server_keeps_serving(server, ck
 def test_missing_file_is_rejected_with_its_name(server):
     # Newer ComfyUI rejects an unknown combo value at /prompt; 0.3.75 does not validate V3 combos and
     # our loader's own error names the file at execution. Either way: a clear error, server serving.
-    with pytest.raises(ComfyError, match="not in list|not found") as e:
+    with pytest.raises(ComfyError, match="not in list|not found|is not one of its options") as e:
         server.run(graph(ckpt="no_such_model.safetensors", prefix="missing"))
     assert "no_such_model.safetensors" in str(e.value) + json.dumps(e.value.payload)
     assert server.get("/system_stats")["system"]
+
+
+@pytest.mark.parametrize("node,field,value,message", [
+    ("SD35FP8Calibrate", "sampler_name", "euler_typo", "SD35FP8Calibrate: sampler_name 'euler_typo' is not one of"),
+    ("SD35FP8Calibrate", "scheduler", "sgm", "SD35FP8Calibrate: scheduler 'sgm' is not one of"),
+    ("SD35FP8Calibrate", "method", "median", "SD35FP8Calibrate: method 'median' is not one of"),
+    ("SD35FP8Calibrate", "cfg", float("nan"), "SD35FP8Calibrate: cfg must be a finite number"),
+    ("SD35FP8Calibrate", "cfg", 31.0, "SD35FP8Calibrate: cfg = 31.0 is outside 0.0..30.0"),
+    ("SD35FP8Autocast", "scaling", "sometimes", "SD35FP8Autocast: scaling 'sometimes' is not one of"),
+    ("SD35FP8Autocast", "attention", "flash3", "SD35FP8Autocast: attention 'flash3' is not one of"),
+    ("SD35FP8Autocast", "fp8_format", "E5M2", "SD35FP8Autocast: fp8_format 'E5M2' is not one of"),
+    ("SD35FP8CheckpointLoader", "weight_scaling", "per_row", "weight_scaling 'per_row' is not one of"),
+])
+def test_unknown_options_and_non_finite_numbers_are_refused_at_queue_time(server, node, field, value, message):
+    """ComfyUI 0.3.75 checks no V3 combo and lets NaN through its range checks: an unknown sampler calibrated with
+    euler/simple and recorded the unknown name. /prompt now refuses them, naming node and field; nothing runs."""
+    g = graph(prefix="invalid")
+    for k in [k for k, v in g.items() if v["class_type"] == "PreviewAny"]:
+        del g[k]  # the report preview hangs off Calibrate only: ComfyUI would still queue it
+    nid = next(k for k, v in g.items() if v["class_type"] == node)
+    g[nid]["inputs"][field] = value
+    before = len(server.get("/history"))
+    with pytest.raises(ComfyError, match=r"HTTP 400") as e:
+        server.queue(g)
+    errs = e.value.payload["node_errors"][nid]["errors"]
+    assert any(message in x["details"] for x in errs), errs
+    assert len(server.get("/history")) == before and server.get("/queue")["queue_pending"] == []
+
+
+def test_save_names_are_checked_at_queue_time(server):
+    g = graph(prefix="badname")
+    for k in [k for k, v in g.items() if v["class_type"] in ("SaveImage", "PreviewAny")]:
+        del g[k]  # the save node is the only output: ComfyUI queues the valid outputs of a prompt
+    g["70"] = {"class_type": "SD35FP8SaveCheckpoint",
+               "inputs": {"model": [next(k for k, v in g.items() if v["class_type"] == "SD35FP8Calibrate"), 0],
+                          "filename": "two\nlines", "overwrite": False}}
+    with pytest.raises(ComfyError, match=r"HTTP 400.*control characters"):
+        server.queue(g)
 
 
 def test_nan_during_sampling_is_a_clear_error(server):
@@ -383,7 +421,8 @@ def test_transformer_engine_backend_is_refused_at_queue_time_without_te(server):
     with pytest.raises(ComfyError, match=r"HTTP 400.*TransformerEngine is not installed.*pip install") as e:
         server.run(g)
     errs = e.value.payload["node_errors"]["4"]["errors"]
-    assert [x["extra_info"]["input_name"] for x in errs] == ["backend"]
+    assert "backend" in [x["extra_info"]["input_name"] for x in errs]
+    assert all("backend=transformer_engine: TransformerEngine is not installed" in x["details"] for x in errs)
     g["4"]["inputs"]["backend"] = "auto"
     assert len(server.output_images(server.run(g))) == 2
 
