@@ -39,20 +39,39 @@ def calibrating_clone(model, session: CalibrationSession):
     return m
 
 
+MAX_PROMPTS = 1000  # calibration saturates after a few dozen prompts; thousands would sample for hours
+
+
+def check_prompt_count(n: int) -> None:
+    if n == 0:
+        raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
+    if n > MAX_PROMPTS:
+        raise ValueError(f"SD35FP8Calibrate: {n} calibration prompts would sample {n} times over; the scales settle "
+                         f"after a few dozen (8 by default). Give at most {MAX_PROMPTS}")
+
+
 def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_name: str, scheduler: str,
               width: int, height: int, seed: int, method: str = "max", percentile: float = 99.99,
-              progress=None):
+              progress=None, encode=None):
     """Sample every positive conditioning with ComfyUI's own sampler (all steps; cond and uncond
     batched as ComfyUI does), observe every FP8 layer's input, and return ``(calibrated MODEL clone,
-    report)``. The input MODEL is left uncalibrated."""
+    report)``. The input MODEL is left uncalibrated. With ``encode``, ``positives`` are prompts, each encoded just
+    before it is sampled (nothing held for the whole list); ``progress(done, total)`` counts an encoding as one
+    step, from the first."""
     dm = require_fp8_model(model)
-    if not positives:
-        raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
+    check_prompt_count(len(positives))
     session = CalibrationSession(method, percentile)
     cal = calibrating_clone(model, session)
-    total = len(positives) * steps
+    per = steps + (1 if encode is not None else 0)
+    total = len(positives) * per
     t0 = time.perf_counter()
+    if progress is not None:
+        progress(0, total)
     for i, positive in enumerate(positives):
+        if encode is not None:
+            positive = encode(positive)
+            if progress is not None:
+                progress(i * per + 1, total)
         latent = torch.zeros([1, 16, height // 8, width // 8], device="cpu")
         latent = comfy.sample.fix_empty_latent_channels(cal, latent)
         seed_i = (seed + i) % 2**64  # the widget allows seeds up to 2^64 - 1: the next prompt's wraps around
@@ -60,10 +79,11 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
 
         def cb(step, x0, x, n, i=i):
             if progress is not None:
-                progress(i * steps + step + 1, total)
+                progress(i * per + (per - steps) + step + 1, total)
 
         comfy.sample.sample(cal, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                             callback=cb, disable_pbar=True, seed=seed_i)
+        del positive
         comfy.model_management.throw_exception_if_processing_interrupted()
     amax = calibrated_amax(session, dm)
     secs = time.perf_counter() - t0

@@ -17,8 +17,8 @@ from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, f
                      quantize_pos_embed, weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
 from sd35fp8.core.quant import PerChannelWeightsError
-from sd35fp8.io.files import (MappedSafetensors, file_calibration, file_input_amax, file_metadata, file_origin,
-                              hybrid_state_dict, write_safetensors)
+from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_input_amax, file_metadata,
+                              file_origin, hybrid_state_dict, write_safetensors)
 
 from . import state as st
 from .ops import make_ops
@@ -77,9 +77,14 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         raise ValueError(f"unknown weight_scaling {granularity!r}; use one of {', '.join(WEIGHT_SCALINGS)}")
     policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True, mlp_int8=granularity == INT8_MLP)
               if granularity in (INT8_ADALN, INT8_MLP) else QuantPolicy(granularity=granularity))
+    # every tensor checked for NaN/Inf before anything is built (the Linear weights quantized on load are checked as
+    # they are quantized): a damaged file is named here, not as a NaN of the sampling much later
+    check_complete(src, info)
+    src.check_finite(skip=_quantized_on_load(src, info, policy))
     qdev = comfy.model_management.get_torch_device()
     place = fp8_placement(src, info, policy, qdev)
-    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place)
+    ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place,
+                   key_prefix=info.prefix)
     sd, metadata = src.state_dict(), src.metadata
     pe_key = info.prefix + "pos_embed_scale"  # ours (exact FP8 pos_embed); not a key ComfyUI's model has
     pe_scale = sd.pop(pe_key).clone() if pe_key in sd else None
@@ -147,6 +152,52 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         model = set_autocast(model, True, None, input_amax=amax, calibration=file_calibration(metadata))
     log.info("sd35fp8: loaded %s\n%s", name, text)
     return model, clip, vae, text
+
+
+def check_complete(src: MappedSafetensors, info) -> None:
+    """Refuse an incomplete or mis-shaped diffusion model before anything is built: ComfyUI's own MMDiT for the
+    file's configuration is built on the meta device (no memory) and every tensor it holds (norms, embedders,
+    pos_embed, biases, the final layer, not only Linear weights) must be in the file with that shape and a float
+    dtype. ComfyUI itself loads such files with the missing tensors left uninitialised: wrong, non-repeatable
+    images."""
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    name = os.path.basename(src.path)
+    have = {k[len(info.prefix):]: v for k, v in src.header.items() if k.startswith(info.prefix)}
+    meta = {k: torch.empty(v["shape"], dtype=ST_DTYPES.get(v["dtype"], torch.float32), device="meta")
+            for k, v in have.items()}
+    cfg = comfy.model_detection.detect_unet_config(meta, "")
+    if not cfg:
+        raise CheckpointError(f"{name}: ComfyUI does not recognise the diffusion model's configuration")
+    params = inspect.signature(OpenAISignatureMMDITWrapper.__init__).parameters
+    kwargs = {k: v for k, v in cfg.items() if k in params}
+    expect = OpenAISignatureMMDITWrapper(**kwargs, device="meta", dtype=torch.bfloat16,
+                                         operations=comfy.ops.disable_weight_init).state_dict()
+    # without a pos_embed table ComfyUI builds a model without one (no error, a 22% different latent): every SD3 and
+    # SD3.5 checkpoint has it
+    missing = [k for k in ["pos_embed"] + list(expect) if k not in have]
+    if missing:
+        raise CheckpointError(f"{name}: {len(missing)} tensor(s) of the {info.variant} diffusion model are missing "
+                              f"(first: {info.prefix}{missing[0]}): the file is incomplete; download it again")
+    for k, t in expect.items():
+        shape, dtype = tuple(have[k]["shape"]), have[k]["dtype"]
+        if shape != tuple(t.shape):
+            raise CheckpointError(f"{name}: tensor {info.prefix}{k} has shape {list(shape)}, the model needs "
+                                  f"{list(t.shape)}: the file is damaged or mixes layers of different models")
+        if dtype not in ("F32", "F16", "BF16", "F64") and not (dtype.startswith("F8") and k.endswith(".weight")):
+            raise CheckpointError(f"{name}: tensor {info.prefix}{k} is {dtype}, not a floating-point tensor: the file "
+                                  "is damaged")
+
+
+def _quantized_on_load(src: MappedSafetensors, info, policy: QuantPolicy) -> set[str]:
+    """The file's high-precision Linear weights the policy quantizes while loading (checked as they are read)."""
+    if src.stored_fp8:
+        return set()
+    return {k for k, v in src.header.items()
+            if k.startswith(info.prefix + "joint_blocks.") and k.endswith(".weight") and len(v["shape"]) == 2
+            and not v["dtype"].startswith("F8")
+            and policy.decide(k[len(info.prefix):-len(".weight")], *v["shape"], record=False)}
 
 
 def fp8_placement(src: MappedSafetensors, info, policy: QuantPolicy, dev: torch.device) -> torch.device | None:

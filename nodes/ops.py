@@ -8,7 +8,7 @@ import torch
 
 import comfy.ops
 
-from sd35fp8 import FP8LinearMixin, QuantPolicy
+from sd35fp8 import CheckpointError, FP8LinearMixin, QuantPolicy
 from sd35fp8.core.policy import LayerDecision
 from sd35fp8.core.quant import dequantize_weight, qmax, quantize_to_scale
 from sd35fp8.io.files import MappedSafetensors, fp8_layer_tensors
@@ -17,14 +17,15 @@ log = logging.getLogger("sd35fp8")
 
 
 def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSafetensors | None" = None,
-             place: torch.device | None = None):
+             place: torch.device | None = None, key_prefix: str = ""):
     """ComfyUI ``custom_operations`` whose Linear takes its weight straight from the file: BF16/FP16
     weights of the policy's layers are quantized on ``quant_device`` one tensor at a time, weights
     already stored as FP8 (our files, stock scaled-FP8 files) are taken with their scales. No layer
     allocates its high-precision weight before loading (zero-size placeholders), and each consumed
     tensor's file pages are handed back (``source.release``), so neither the GPU nor host RAM ever
     holds the BF16 model. FP8 weights go to ``place`` (default: where ComfyUI builds the model).
-    ``convert_weight``/``set_weight`` let ComfyUI merge LoRAs into FP8 weights."""
+    ``convert_weight``/``set_weight`` let ComfyUI merge LoRAs into FP8 weights. ``key_prefix``: the file's prefix of
+    the diffusion model's keys (errors name the tensor as the file does)."""
     base = comfy.ops.manual_cast
 
     class Linear(FP8LinearMixin, base.Linear):
@@ -66,7 +67,10 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
                 self.weight = torch.nn.Parameter(w.to(dev, self.build_dtype, copy=True), requires_grad=False)
                 policy.decisions.append(LayerDecision(name, shape, False, "high precision in the file"))
             elif policy.decide(prefix, *shape):
-                self.fp8_quantize_(policy.granularity_for(name), name=name, weight=w.to(quant_device))
+                try:
+                    self.fp8_quantize_(policy.granularity_for(name), name=name, weight=w.to(quant_device))
+                except ValueError as e:  # NaN/Inf in the weight: name the tensor (the loader adds the file)
+                    raise CheckpointError(f"tensor {key_prefix}{prefix}weight: {e}") from None
                 self.weight.data = self.weight.data.to(fdev)
                 self.weight_scale = self.weight_scale.to(fdev)
             else:

@@ -54,6 +54,11 @@ with open(PROMPTS_FILE, encoding="utf-8") as _f:
     DEFAULT_PROMPTS = _f.read().strip()  # the shipped default calibration set, one prompt per line
 
 
+def prompt_lines(prompts: str | None) -> list[str]:
+    """The calibration prompts: one per non-empty line."""
+    return [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+
+
 class SD35FP8CheckpointLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -129,9 +134,16 @@ class SD35FP8Calibrate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cfg=None, sampler_name=None, scheduler=None, method=None, percentile=None):
-        """At queue time: an unknown sampler, scheduler or method (they ran as euler/simple), a NaN cfg. (ComfyUI
-        lists a failure under each input named here; the message names the one that is wrong.)"""
+    def validate_inputs(cls, prompts=None, cfg=None, sampler_name=None, scheduler=None, method=None,
+                        percentile=None):
+        """At queue time: no prompt or thousands of them, an unknown sampler, scheduler or method (they ran as
+        euler/simple), a NaN cfg. (ComfyUI lists a failure under each input named here; the message names the one
+        that is wrong.)"""
+        if prompts is not None:
+            try:
+                calibration.check_prompt_count(len(prompt_lines(prompts)))
+            except ValueError as e:
+                return f"SD35FP8Calibrate: prompts: {e}".replace("prompts: SD35FP8Calibrate: ", "prompts: ")
         return check_widgets(cls, dict(cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, method=method,
                                        percentile=percentile))
 
@@ -141,13 +153,14 @@ class SD35FP8Calibrate(io.ComfyNode):
         sampling.require_fp8_model(model)
         if clip is None:
             raise ValueError("SD35FP8Calibrate needs a CLIP (the checkpoint had none: use TripleCLIPLoader)")
-        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        lines = prompt_lines(prompts)
+        calibration.check_prompt_count(len(lines))
+        pbar = comfy.utils.ProgressBar(len(lines) * (steps + 1))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        positives = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in lines]
-        pbar = comfy.utils.ProgressBar(len(lines) * steps)
-        out, text = calibration.calibrate(model, positives, negative, steps, cfg, sampler_name, scheduler, width,
-                                   height, seed, method, percentile,
-                                   progress=lambda done, total: pbar.update_absolute(done, total))
+        out, text = calibration.calibrate(model, lines, negative, steps, cfg, sampler_name, scheduler, width,
+                                          height, seed, method, percentile,
+                                          progress=lambda done, total: pbar.update_absolute(done, total),
+                                          encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)))
         return io.NodeOutput(out, text)
 
 

@@ -92,9 +92,41 @@ class MappedSafetensors:
         hi = min(len(self._map), -(-(off + n) // self._page) * self._page)
         self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
+    def check_finite(self, skip=frozenset(), chunk: int = 1 << 24) -> None:
+        """Refuse the file if any tensor (but those in ``skip``, which the caller checks as it reads them) holds
+        NaN/Inf: a :class:`CheckpointError` naming the file and the first such tensor. Reads each tensor once (its
+        pages handed back after), at memory speed: the absolute maximum per chunk, NaN and Inf propagate into it."""
+        for name in self.header:
+            if name in skip:
+                continue
+            t = self.tensor(name)
+            bad = nonfinite_count(t, chunk)
+            self.release(t)
+            if bad:
+                raise CheckpointError(f"{os.path.basename(self.path)}: tensor {name} holds {bad} NaN/Inf value(s) of "
+                                      f"{t.numel()}: the file is damaged; download it again or save it again from a "
+                                      "good model")
+
     def release_all(self) -> None:
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED, 0, len(self._map))
+
+
+def nonfinite_count(t: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """How many NaN/Inf values ``t`` holds (FP8: its NaN encodings; integers: none)."""
+    if t.numel() == 0:
+        return 0
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # E4M3: S.1111.111 is NaN; E5M2: exponent all ones
+        v = t.reshape(-1).view(torch.uint8)
+        mask = 0x7F if t.dtype == torch.float8_e4m3fn else 0x7C
+        return int(((v & mask) == mask).sum())
+    if not t.is_floating_point():
+        return 0
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i:i + chunk].abs().amax()):  # fast; NaN and Inf propagate into the maximum
+            return int((~torch.isfinite(flat)).sum())
+    return 0
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:

@@ -294,6 +294,7 @@ def test_missing_file_is_rejected_with_its_name(server):
     ("SD35FP8Autocast", "attention", "flash3", "SD35FP8Autocast: attention 'flash3' is not one of"),
     ("SD35FP8Autocast", "fp8_format", "E5M2", "SD35FP8Autocast: fp8_format 'E5M2' is not one of"),
     ("SD35FP8CheckpointLoader", "weight_scaling", "per_row", "weight_scaling 'per_row' is not one of"),
+    ("SD35FP8Calibrate", "prompts", "a cat\n" * 1001, "SD35FP8Calibrate: prompts: 1001 calibration prompts"),
 ])
 def test_unknown_options_and_non_finite_numbers_are_refused_at_queue_time(server, node, field, value, message):
     """ComfyUI 0.3.75 checks no V3 combo and lets NaN through its range checks: an unknown sampler calibrated with

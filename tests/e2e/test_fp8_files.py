@@ -4,6 +4,7 @@ files, damaged files, and LoRA merged by ComfyUI's own patcher."""
 import hashlib
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -243,6 +244,30 @@ def test_calibration_takes_the_largest_seed_the_widget_allows_with_several_promp
     assert env.adapter.state.get(cal).calibration["seed"] == top and "over 2 prompt(s)" in text
 
 
+def test_calibration_encodes_each_prompt_as_it_goes_with_progress_from_the_start(env):
+    """300 prompts were all encoded before the first sample (116 s with no progress, +440 MiB). Each is encoded just
+    before it is sampled, the progress counts from the first moment, and thousands of prompts are refused."""
+    events = []
+
+    def encode(text):
+        events.append(("encode", text))
+        return cond(int(text))
+
+    def progress(done, total):
+        events.append(("progress", done, total))
+
+    env.adapter.calibration.calibrate(env.model, ["1", "3", "5"], cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64,
+                                      0, progress=progress, encode=encode)
+    assert events[0] == ("progress", 0, 9) and events[1] == ("encode", "1")
+    enc = [i for i, e in enumerate(events) if e[0] == "encode"]
+    assert [events[i][1] for i in enc] == ["1", "3", "5"]
+    # prompt 1 is sampled (its 2 steps reported) before prompt 3 is encoded, and so on
+    assert [e[1] for e in events[enc[0] + 1:enc[1]]] == [1, 2, 3] and [e[1] for e in events[enc[2] + 1:]] == [7, 8, 9]
+    with pytest.raises(ValueError, match="1001 calibration prompts .* at most 1000"):
+        env.adapter.calibration.calibrate(env.model, ["1"] * 1001, cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64,
+                                          0, encode=encode)
+
+
 def test_library_errors_about_per_channel_scales_become_node_messages(env):
     """A per-channel model: the library refuses to save it or run it under TransformerEngine in terms of scales;
     the adapter says which node and which option to change, and nothing is written or routed."""
@@ -283,6 +308,42 @@ def damaged(env, name, edit):
     return path
 
 
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with one NaN (FP8: the E4M3 NaN byte 0x7F)."""
+    t = t.clone()
+    if t.dtype == torch.float8_e4m3fn:
+        t.view(torch.uint8).reshape(-1)[min(3, t.numel() - 1)] = 0x7F
+    else:
+        t.reshape(-1)[min(3, t.numel() - 1)] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("source,tensor", [
+    ("bf16", "joint_blocks.0.x_block.attn.qkv.bias"),
+    ("bf16", "joint_blocks.0.x_block.attn.ln_q.weight"),
+    ("bf16", "context_embedder.weight"),
+    ("bf16", "pos_embed"),
+    ("bf16", "joint_blocks.0.context_block.mlp.fc2.weight"),  # quantized while loading: checked as it is read
+    ("fp8", "joint_blocks.0.x_block.mlp.fc1.weight"),  # a stored E4M3 weight byte
+    ("fp8", "joint_blocks.0.x_block.mlp.fc1.weight_scale"),
+])
+def test_nan_anywhere_in_a_file_is_refused_at_load_naming_file_and_tensor(env, source, tensor):
+    """NaN/Inf in a bias, a norm, an embedder, pos_embed, a weight or a scale was reported much later as "calibration
+    sampling produced NaN ... raise the autocast margin". The loader names the file and the tensor instead."""
+    if source == "bf16":
+        sd = load_file(env.src)
+        key = "model.diffusion_model." + tensor
+    else:
+        sd = load_file(env.unet)
+        key = tensor
+    sd[key] = _poison(sd[key])
+    path = str(env.dir / "checkpoints" / f"nan_{source}_{tensor.replace('.', '_')}.safetensors")
+    save_file(sd, path)
+    name = os.path.basename(path)
+    with pytest.raises(env.fp8.CheckpointError, match=rf"{re.escape(name)}: tensor {re.escape(key)}\b.*NaN/Inf"):
+        env.adapter.checkpoints.load_sd35_fp8(path)
+
+
 def test_loaded_model_reports_its_fp8_size_even_if_comfyui_sized_it_while_loading(env, monkeypatch):
     """ComfyUI caches ModelPatcher.model_size() (its memory planning reads it). A version or code path that
     sizes the patcher as it builds it would cache the BF16 pos_embed table; the loader makes the size follow
@@ -315,14 +376,38 @@ def test_truncated_foreign_and_mismatched_fp8_files_fail_clearly(env):
     k = "joint_blocks.1.x_block.mlp.fc2."
     bad_shape = damaged(env, "shape_fp8.safetensors",
                         lambda sd: sd.update({k + "weight": sd[k + "weight"][:, :-16].contiguous()}))
-    with pytest.raises(CheckpointError, match=r"shape_fp8.*does not load.*size mismatch"):
+    with pytest.raises(CheckpointError, match=r"shape_fp8.safetensors: tensor joint_blocks.1.x_block.mlp.fc2.weight "
+                                              r"has shape \[128, 496\], the model needs \[128, 512\]"):
         env.adapter.checkpoints.load_sd35_fp8(bad_shape)
     bad_scale = damaged(env, "scale_fp8.safetensors", lambda sd: sd.update({k + "weight_scale": torch.ones(3, 3)}))
     with pytest.raises(CheckpointError, match="weight_scale has shape"):
         env.adapter.checkpoints.load_sd35_fp8(bad_scale)
     missing = damaged(env, "missing_fp8.safetensors", lambda sd: sd.pop(k + "weight"))
-    with pytest.raises(CheckpointError, match=r"1 Linear layer\(s\) have no weight.*incomplete"):
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) .* are missing \(first: "
+                                              r"joint_blocks.1.x_block.mlp.fc2.weight\).*incomplete"):
         env.adapter.checkpoints.load_sd35_fp8(missing)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda sd, p: sd.pop(p + "joint_blocks.0.x_block.attn.ln_q.weight"),
+     r"missing \(first: model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight\)"),
+    (lambda sd, p: sd.pop(p + "pos_embed"), r"missing \(first: model.diffusion_model.pos_embed\)"),
+    (lambda sd, p: sd.pop(p + "joint_blocks.0.x_block.mlp.fc2.bias"),
+     r"missing \(first: model.diffusion_model.joint_blocks.0.x_block.mlp.fc2.bias\)"),
+    (lambda sd, p: sd.update({p + "joint_blocks.0.x_block.mlp.fc2.bias": sd[p + "joint_blocks.0.x_block.mlp.fc2.bias"]
+                              .reshape(1, -1)}), r"fc2.bias has shape \[1, 128\], the model needs \[128\]"),
+    (lambda sd, p: sd.update({p + "final_layer.linear.bias": torch.zeros(64, dtype=torch.int32)}),
+     r"final_layer.linear.bias is I32, not a floating-point tensor"),
+])
+def test_incomplete_or_misshaped_files_are_refused_before_anything_is_built(env, edit, message):
+    """Only Linear weights were checked: a file without ``ln_q.weight`` loaded and gave a different latent at each
+    load (uninitialised memory), one without ``pos_embed`` a 22% different one, a bias [1, 512] was accepted."""
+    sd = load_file(env.src)
+    edit(sd, "model.diffusion_model.")
+    path = str(env.dir / "checkpoints" / "incomplete.safetensors")
+    save_file(sd, path)
+    with pytest.raises(env.fp8.CheckpointError, match="incomplete.safetensors: .*" + message):
+        env.adapter.checkpoints.load_sd35_fp8(path)
 
 
 def test_lora_is_merged_into_fp8_weights_keeps_scales_and_unpatches_cleanly(env):
