@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
+import math
+import os
+import tempfile
 import time
 
 import torch
@@ -11,7 +16,8 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 
-from sd35fp8 import CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, fp8_autocast, report, weight_bytes
+from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, report,
+                     weight_bytes)
 from sd35fp8.runtime.static import clear_static
 from sd35fp8.runtime.te import set_te
 
@@ -91,14 +97,147 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
               "prompts": len(positives), "steps": steps, "cfg": cfg, "sampler": sampler_name,
               "scheduler": scheduler, "width": width, "height": height, "seed": seed,
               "date": datetime.date.today().isoformat(), "seconds": round(secs, 2)}
+    passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
+    how = (f"calibrated with method={method}" + (f" ({percentile}th percentile)" if method == "percentile" else "")
+           + f" over {len(positives)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
+             f"{width}x{height}, {passes}) in {secs:.1f} s")
+    out, text = calibrated(model, amax, record, how)
+    log.info("sd35fp8: calibration done\n%s", text)
+    return out, text
+
+
+def calibrated(model, amax: dict, record: dict, how: str):
+    """``(a clone of model with these calibrated scales, its report)``; ``how``: the report's first line."""
+    dm = require_fp8_model(model)
     out = set_autocast(model, True, None, input_amax=amax, calibration=record)
     s = st.get(out)
-    passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
-    text = report(QuantPolicy.from_dict(s.policy), amax, bytes_before=bf16_bytes(dm),
-                  bytes_after=weight_bytes(dm, 2), extra=[
-        f"{s.variant}: calibrated with method={method}"
-        + (f" ({percentile}th percentile)" if method == "percentile" else "")
-        + f" over {len(positives)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
-          f"{width}x{height}, {passes}) in {secs:.1f} s"])
-    log.info("sd35fp8: calibration done\n%s", text)
+    text = report(QuantPolicy.from_dict(s.policy), amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2),
+                  extra=[f"{s.variant}: {how}"])
+    return out, text
+
+
+# -- the calibration cache ------------------------------------------------------------------------------------------
+CACHE_VERSION = 1  # bump when what calibration measures changes: entries of other versions are not used
+
+
+def clip_fingerprint(clip) -> str:
+    """A cheap fingerprint of a CLIP's weights: every tensor's name and shape, and the first 4 KiB of up to 32 of
+    them spread over the model (another text encoder, or other weights, give another fingerprint)."""
+    h = hashlib.sha256()
+    sd = clip.get_sd()
+    names = sorted(sd)
+    for n in names:
+        h.update(f"{n}:{tuple(sd[n].shape)}:{sd[n].dtype};".encode())
+    for n in names[::max(1, len(names) // 32)]:
+        t = sd[n].detach().reshape(-1)[:1024].to("cpu").contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_key(model, conditioning_id: str, settings: dict) -> tuple[str | None, str]:
+    """``(key, "")`` for a MODEL whose calibration can be reused: its weights' file (content fingerprint, weight
+    format), the conditioning (text encoder and prompts: ``conditioning_id``) and the settings. ``(None, why)`` for one
+    whose activations depend on more than that (LoRA or other weight patches, model patches)."""
+    s = st.get(model)
+    if s is None or not s.source:
+        return None, "the MODEL's weights do not come from a file"
+    to = model.model_options.get("transformer_options", {})
+    if model.patches or to.get("patches") or to.get("patches_replace"):
+        return None, "the MODEL carries patches (a LoRA or a model patch): its calibration is not cached"
+    source = {k: v for k, v in s.source.items() if k != "file"}  # the content, not the file's name
+    payload = {"version": CACHE_VERSION, "source": source, "conditioning": conditioning_id,
+               "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40], ""
+
+
+class CalibrationCache:
+    """Calibrations by :func:`cache_key`: in memory and as one JSON file each in ``folder`` (ComfyUI's user
+    directory by default), so switching models, another graph with the same settings or a restart reuses them."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+        self.memory: dict[str, dict] = {}
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, f"{key}.json")
+
+    def get(self, key: str, layers) -> tuple[dict, dict, str] | None:
+        """``(amax, calibration record, where it came from)``, or None. An entry that does not cover exactly these
+        FP8 layers with finite values, or of another version, is not used."""
+        entry, where = self.memory.get(key), "memory"
+        if entry is None and self.folder:
+            where = self._path(key)
+            try:
+                with open(where, encoding="utf-8") as f:
+                    entry = json.load(f)
+            except (OSError, ValueError):
+                return None
+        if not isinstance(entry, dict) or entry.get("version") != CACHE_VERSION or entry.get("key") != key:
+            return None
+        amax, record = entry.get("amax"), entry.get("calibration")
+        if not isinstance(amax, dict) or set(amax) != set(layers) or not isinstance(record, dict) or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in amax.values()):
+            return None
+        self.memory[key] = entry
+        return {k: float(v) for k, v in amax.items()}, record, where
+
+    def put(self, key: str, amax, record, source: str = "") -> str | None:
+        """Keep a calibration; returns the file written (None: memory only; a failed write only logs)."""
+        entry = {"version": CACHE_VERSION, "key": key, "file": source, "amax": {k: float(v) for k, v in amax.items()},
+                 "calibration": dict(record)}
+        self.memory[key] = entry
+        if not self.folder:
+            return None
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.folder)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entry, f)
+            os.replace(tmp, self._path(key))
+            return self._path(key)
+        except OSError as e:
+            log.warning("sd35fp8: could not keep the calibration in %s (%s); it is kept in memory only", self.folder, e)
+            return None
+
+
+_cache: CalibrationCache | None = None
+
+
+def default_cache() -> CalibrationCache:
+    """The server's cache: ``<ComfyUI user directory>/sd35fp8/calibrations``."""
+    global _cache
+    if _cache is None:
+        import folder_paths
+        _cache = CalibrationCache(os.path.join(folder_paths.get_user_directory(), "sd35fp8", "calibrations"))
+    return _cache
+
+
+def calibrate_cached(model, prompts: list, negative, steps: int, cfg: float, sampler_name: str, scheduler: str,
+                     width: int, height: int, seed: int, method: str = "max", percentile: float = 99.99,
+                     progress=None, encode=None, conditioning_id: str = "", cache: CalibrationCache | None = None):
+    """:func:`calibrate`, reusing an earlier calibration of the same weights with the same conditioning and settings
+    (``cache``, default :func:`default_cache`); the report says whether and from where it was reused."""
+    cache = cache or default_cache()
+    dm = require_fp8_model(model)
+    settings = {"prompts": list(prompts) if encode is not None else len(prompts), "steps": steps, "cfg": cfg,
+                "sampler": sampler_name, "scheduler": scheduler, "width": width, "height": height, "seed": seed,
+                "method": method, "percentile": percentile if method == "percentile" else None}
+    key, why = cache_key(model, conditioning_id, settings)
+    hit = cache.get(key, fp8_layers(dm)) if key else None
+    if hit is not None:
+        amax, record, where = hit
+        out, text = calibrated(model, amax, record, (
+            f"calibration reused from {where} (calibrated {record.get('date', '?')} with method "
+            f"{record.get('method')} over {record.get('prompts')} prompt(s) x {record.get('steps')} steps): "
+            "no sampling"))
+        log.info("sd35fp8: %s", text.splitlines()[0])
+        return out, text
+    out, text = calibrate(model, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed, method,
+                          percentile, progress=progress, encode=encode)
+    if key:
+        s = st.get(out)
+        where = cache.put(key, s.input_amax, s.calibration, (s.source or {}).get("file", ""))
+        text += f"\ncalibration kept for reuse ({where or 'in memory'})"
+    else:
+        text += f"\ncalibration not kept for reuse: {why}"
     return out, text

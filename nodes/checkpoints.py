@@ -17,8 +17,8 @@ from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, f
                      quantize_pos_embed, weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
 from sd35fp8.core.quant import PerChannelWeightsError
-from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_input_amax, file_metadata,
-                              file_origin, hybrid_state_dict, write_safetensors)
+from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_fingerprint, file_input_amax,
+                              file_metadata, file_origin, hybrid_state_dict, write_safetensors)
 
 from . import state as st
 from .ops import make_ops
@@ -143,7 +143,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
                  f"{weight_bytes(dm, 2) / 2**20:.1f} MiB with FP8; {fp8_params / max(n_params, 1):.1%} of parameters "
                  "in FP8")
     text = "\n".join(lines)
-    st.put(model, st.FP8State(variant=info.variant, policy=policy.to_dict(), load_info=text))
+    source = {"file": name, "fingerprint": file_fingerprint(path), "weight_scaling": granularity}
+    st.put(model, st.FP8State(variant=info.variant, policy=policy.to_dict(), load_info=text, source=source))
     # weight-only until calibrated/autocast; the wrapper also guards every sampling run
     with_wrapper(model)
     if place is not None:  # the FP8 weights are on the GPU already: register the model as loaded there, so

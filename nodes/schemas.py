@@ -157,10 +157,11 @@ class SD35FP8Calibrate(io.ComfyNode):
         calibration.check_prompt_count(len(lines))
         pbar = comfy.utils.ProgressBar(len(lines) * (steps + 1))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        out, text = calibration.calibrate(model, lines, negative, steps, cfg, sampler_name, scheduler, width,
-                                          height, seed, method, percentile,
-                                          progress=lambda done, total: pbar.update_absolute(done, total),
-                                          encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)))
+        out, text = calibration.calibrate_cached(
+            model, lines, negative, steps, cfg, sampler_name, scheduler, width, height, seed, method, percentile,
+            progress=lambda done, total: pbar.update_absolute(done, total),
+            encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)),
+            conditioning_id=calibration.clip_fingerprint(clip))
         return io.NodeOutput(out, text)
 
 

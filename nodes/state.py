@@ -54,7 +54,8 @@ class Runtime:
 class FP8State:
     """What the pack knows about one MODEL. ``input_amax``: calibrated amax per FP8 layer (None: uncalibrated);
     ``calibration``: how it was calibrated (saved into files); ``enabled``/``recipe``/``runtime``: how it samples
-    (``recipe`` None: the default recipe); ``policy``: which layers are FP8 (``QuantPolicy.to_dict``)."""
+    (``recipe`` None: the default recipe); ``policy``: which layers are FP8 (``QuantPolicy.to_dict``); ``source``:
+    where the weights came from (file name, content fingerprint, weight format: the calibration cache's key)."""
 
     variant: str = "SD3"
     policy: Mapping | None = None
@@ -64,9 +65,10 @@ class FP8State:
     enabled: bool = False
     recipe: DelayedScaling | None = None
     runtime: Runtime = Runtime()
+    source: Mapping | None = None
 
     def __post_init__(self):
-        for f in ("policy", "input_amax", "calibration"):
+        for f in ("policy", "input_amax", "calibration", "source"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, types.MappingProxyType):
                 object.__setattr__(self, f, _frozen(v))

@@ -187,7 +187,8 @@ def test_calibration_shows_a_progress_bar(server):
     server.run(graph(steps=3, prompts=2, seed=11, prefix="progress", size=64))
     prog = [m["data"] for m in server.messages if m["type"] == "progress" and str(m["data"].get("node")) == "3"]
     assert prog, "no progress messages from SD35FP8Calibrate"
-    assert prog[-1]["max"] == 2 * 3 and prog[-1]["value"] == 2 * 3
+    # each prompt: its encoding (one step, shown from the start) and its 3 sampling steps
+    assert prog[-1]["max"] == 2 * (1 + 3) and prog[-1]["value"] == 2 * (1 + 3)
     values = [p["value"] for p in prog]
     assert values == sorted(values)  # newer ComfyUI throttles updates, so not every step is sent
 
@@ -321,6 +322,22 @@ def test_save_names_are_checked_at_queue_time(server):
                           "filename": "two\nlines", "overwrite": False}}
     with pytest.raises(ComfyError, match=r"HTTP 400.*control characters"):
         server.queue(g)
+
+
+def test_switching_models_reuses_their_calibrations(server):
+    """Alternating two checkpoints re-calibrated at every switch (19 times in 20 prompts): the second visit of a model
+    reuses its calibration (the report says so, and from where), the images are the same."""
+    def report(entry):
+        return "\n".join(t for o in entry["outputs"].values() for t in o.get("text", []))
+
+    a1 = server.run(graph(prefix="switch-a", seed=11))
+    server.run(graph(ckpt=MEDIUM, prefix="switch-b", seed=11))
+    a2 = server.run(graph(prefix="switch-a2", seed=11))
+    assert "calibration kept for reuse" in report(a1) or "calibration reused" in report(a1)
+    assert "calibration reused from memory" in report(a2) and "no sampling" in report(a2), report(a2)
+    imgs = [np.asarray(Image.open(p)) for e in (a1, a2) for p in server.output_images(e)]
+    assert all(np.array_equal(x, y) for x, y in zip(imgs[:2], imgs[2:]))
+    assert os.listdir(os.path.join(server.workdir, "user", "sd35fp8", "calibrations"))
 
 
 def test_nan_during_sampling_is_a_clear_error(server):

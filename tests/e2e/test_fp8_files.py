@@ -268,6 +268,48 @@ def test_calibration_encodes_each_prompt_as_it_goes_with_progress_from_the_start
                                           0, encode=encode)
 
 
+def test_calibrations_are_reused_by_weights_conditioning_and_settings_never_when_stale(env, tmp_path):
+    """Alternating two checkpoints re-calibrated at every switch. Calibrations are kept by the weights' content, the
+    conditioning and the settings, in memory and on disk (a restart reuses them); other weights, settings, prompts,
+    a LoRA or a damaged cache entry calibrate afresh; the report says which happened."""
+    cal = env.adapter.calibration
+    folder = str(tmp_path / "calibrations")
+    cache = cal.CalibrationCache(folder)
+
+    def run(model, cid="clip-a", steps=2, c=None):
+        return cal.calibrate_cached(model, [cond(1)], cond(2), steps, 4.0, "euler", "sgm_uniform", 64, 64, 0,
+                                    conditioning_id=cid, cache=c or cache)
+
+    first, text = run(env.model)
+    assert "calibration kept for reuse (" + folder in text and len(os.listdir(folder)) == 1
+    again, text = run(env.model)
+    assert "calibration reused from memory" in text and "no sampling" in text
+    amax = env.adapter.state.get(first).input_amax
+    assert dict(env.adapter.state.get(again).input_amax) == dict(amax)
+    restarted, text = run(env.model, c=cal.CalibrationCache(folder))  # a new server process
+    assert "calibration reused from " + folder in text and dict(env.adapter.state.get(restarted).input_amax) == amax
+    assert torch.equal(denoise(env, restarted), denoise(env, first))
+    for other in (dict(steps=3), dict(cid="clip-b")):
+        assert "kept for reuse" in run(env.model, **other)[1]
+    # other weights under the same name: the fingerprint of the content differs
+    sd = load_file(env.src)
+    k = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
+    sd[k] = sd[k] * 1.5
+    path = str(env.dir / "checkpoints" / "retrained.safetensors")
+    save_file(sd, path)
+    retrained = env.adapter.checkpoints.load_sd35_fp8(path)[0]
+    assert "kept for reuse" in run(retrained)[1]
+    assert env.adapter.state.get(retrained).source["fingerprint"] != env.adapter.state.get(env.model).source[
+        "fingerprint"]
+    lk = "diffusion_model.joint_blocks.0.x_block.attn.qkv"
+    lora = {f"{lk}.lora_up.weight": torch.randn(384, 4) * 0.1, f"{lk}.lora_down.weight": torch.randn(4, 128) * 0.1}
+    patched = env.sd.load_lora_for_models(env.model, None, lora, 1.0, 0)[0]
+    assert "not kept for reuse: the MODEL carries patches" in run(patched)[1]
+    for f in os.listdir(folder):  # a damaged entry is not used
+        open(os.path.join(folder, f), "w").write("{not json")
+    assert "kept for reuse" in run(env.model, c=cal.CalibrationCache(folder))[1]
+
+
 def test_library_errors_about_per_channel_scales_become_node_messages(env):
     """A per-channel model: the library refuses to save it or run it under TransformerEngine in terms of scales;
     the adapter says which node and which option to change, and nothing is written or routed."""
