@@ -162,7 +162,10 @@ class SD35FP8Calibrate(io.ComfyNode):
             progress=lambda done, total: pbar.update_absolute(done, total),
             encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)),
             conditioning_id=calibration.clip_fingerprint(clip))
-        return io.NodeOutput(out, text)
+        # the report shows on the node itself: no separate preview output that ComfyUI would queue (and calibrate
+        # for) when the sampling half of a graph is invalid
+        preview = getattr(ui, "PreviewText", None)
+        return io.NodeOutput(out, text, ui=preview(text) if preview else {"text": (text,)})
 
 
 class SD35FP8Autocast(io.ComfyNode):

@@ -77,7 +77,6 @@ def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, se
         (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, [], (1560, 80)),
         (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"sd35_fp8/{variant}"}, ["filename_prefix"],
          (1800, 80)),
-        (11, "PreviewAny", {"source": (3, 1)}, [], (1180, 560)),
     ]
     return nodes, title
 

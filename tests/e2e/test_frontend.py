@@ -49,7 +49,8 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["errors"] == [] and r["missing"] == []
-    assert len(r["nodes"]) == 11 and not any(n["has_errors"] for n in r["nodes"])
+    ui = json.load(open(os.path.join(REPO, "workflows", f"{name}.json")))
+    assert len(r["nodes"]) == len(ui["nodes"]) == 10 and not any(n["has_errors"] for n in r["nodes"])
     cal = next(n for n in r["nodes"] if n["type"] == "SD35FP8Calibrate")
     assert "control_after_generate" not in cal["widgets"]  # calibration seed is never randomized
     api = json.load(open(os.path.join(REPO, "workflows", "api", f"{name}_api.json")))
