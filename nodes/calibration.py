@@ -142,11 +142,15 @@ def cache_key(model, conditioning_id: str, settings: dict) -> tuple[str | None, 
     if s is None or not s.source:
         return None, "the MODEL's weights do not come from a file"
     to = model.model_options.get("transformer_options", {})
-    if model.patches or to.get("patches") or to.get("patches_replace"):
+    if model.patches or to.get("patches") or to.get("patches_replace") \
+            or set(getattr(model, "object_patches", {})) - {"model_sampling"}:
         return None, "the MODEL carries patches (a LoRA or a model patch): its calibration is not cached"
+    # the noise schedule (ModelSamplingSD3's shift) sets which activations calibration sees
+    ms = model.get_model_object("model_sampling")
+    sampling = [type(ms).__name__] + [float(getattr(ms, a)) for a in ("shift", "multiplier") if hasattr(ms, a)]
     source = {k: v for k, v in s.source.items() if k != "file"}  # the content, not the file's name
     payload = {"version": CACHE_VERSION, "source": source, "conditioning": conditioning_id,
-               "settings": settings}
+               "settings": settings, "sampling": sampling}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40], ""
 
 

@@ -301,6 +301,9 @@ def test_calibrations_are_reused_by_weights_conditioning_and_settings_never_when
     assert "kept for reuse" in run(retrained)[1]
     assert env.adapter.state.get(retrained).source["fingerprint"] != env.adapter.state.get(env.model).source[
         "fingerprint"]
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    shifted = ModelSamplingSD3().patch(env.model, 6.0)[0]  # another noise schedule: other activations
+    assert "kept for reuse" in run(shifted)[1] and "reused" in run(shifted)[1]
     lk = "diffusion_model.joint_blocks.0.x_block.attn.qkv"
     lora = {f"{lk}.lora_up.weight": torch.randn(384, 4) * 0.1, f"{lk}.lora_down.weight": torch.randn(4, 128) * 0.1}
     patched = env.sd.load_lora_for_models(env.model, None, lora, 1.0, 0)[0]
