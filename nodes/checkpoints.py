@@ -186,7 +186,7 @@ def check_complete(src: MappedSafetensors, info) -> None:
         if shape != tuple(t.shape):
             raise CheckpointError(f"{name}: tensor {info.prefix}{k} has shape {list(shape)}, the model needs "
                                   f"{list(t.shape)}: the file is damaged or mixes layers of different models")
-        if dtype not in ("F32", "F16", "BF16", "F64") and not (dtype.startswith("F8") and k.endswith(".weight")):
+        if dtype not in ("F32", "F16", "BF16", "F64") and not dtype.startswith("F8"):
             raise CheckpointError(f"{name}: tensor {info.prefix}{k} is {dtype}, not a floating-point tensor: the file "
                                   "is damaged")
 
