@@ -52,8 +52,8 @@ def check_prompt_count(n: int) -> None:
     if n == 0:
         raise ValueError("the calibration prompt list is empty: give at least one prompt (one per line)")
     if n > MAX_PROMPTS:
-        raise ValueError(f"SD35FP8Calibrate: {n} calibration prompts would sample {n} times over; the scales settle "
-                         f"after a few dozen (8 by default). Give at most {MAX_PROMPTS}")
+        raise ValueError(f"{n} calibration prompts would sample {n} times over; the scales settle after a few dozen "
+                         f"(8 by default). Give at most {MAX_PROMPTS}")
 
 
 def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_name: str, scheduler: str,

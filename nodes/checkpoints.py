@@ -77,12 +77,13 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         raise ValueError(f"unknown weight_scaling {granularity!r}; use one of {', '.join(WEIGHT_SCALINGS)}")
     policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True, mlp_int8=granularity == INT8_MLP)
               if granularity in (INT8_ADALN, INT8_MLP) else QuantPolicy(granularity=granularity))
-    # every tensor checked for NaN/Inf before anything is built (the Linear weights quantized on load are checked as
-    # they are quantized): a damaged file is named here, not as a NaN of the sampling much later
+    # every tensor checked for NaN/Inf before anything is built (the FP8 layers' weights as the ops read them, so the
+    # file is not read twice): a damaged file is named here, not as a NaN of the sampling much later
     check_complete(src, info)
-    src.check_finite(skip=_quantized_on_load(src, info, policy))
+    fp8_keys = fp8_weight_keys(src, info, policy)
+    src.check_finite(skip=fp8_keys)  # the Linear weights (most of the bytes): checked as the ops load them
     qdev = comfy.model_management.get_torch_device()
-    place = fp8_placement(src, info, policy, qdev)
+    place = fp8_placement(src, fp8_keys, qdev)
     ops = make_ops(policy, qdev if qdev.type == "cuda" else torch.device("cpu"), src, place=place,
                    key_prefix=info.prefix)
     sd, metadata = src.state_dict(), src.metadata
@@ -191,19 +192,23 @@ def check_complete(src: MappedSafetensors, info) -> None:
                                   "is damaged")
 
 
-def _quantized_on_load(src: MappedSafetensors, info, policy: QuantPolicy) -> set[str]:
-    """The file's high-precision Linear weights the policy quantizes while loading (checked as they are read)."""
-    if src.stored_fp8:
-        return set()
-    return {k for k, v in src.header.items()
-            if k.startswith(info.prefix + "joint_blocks.") and k.endswith(".weight") and len(v["shape"]) == 2
-            and not v["dtype"].startswith("F8")
-            and policy.decide(k[len(info.prefix):-len(".weight")], *v["shape"], record=False)}
+def fp8_weight_keys(src: MappedSafetensors, info, policy: QuantPolicy) -> dict[str, bool]:
+    """The file's joint-block Linear weights that will be FP8 in the model, each with whether it is quantized while
+    loading (True: high precision in the file, selected by the policy) or stored as FP8 already (False)."""
+    out = {}
+    for k, v in src.header.items():
+        if not k.startswith(info.prefix + "joint_blocks.") or not k.endswith(".weight") or len(v["shape"]) != 2:
+            continue
+        if v["dtype"].startswith("F8"):
+            out[k] = False
+        elif not src.stored_fp8 and policy.decide(k[len(info.prefix):-len(".weight")], *v["shape"], record=False):
+            out[k] = True
+    return out
 
 
-def fp8_placement(src: MappedSafetensors, info, policy: QuantPolicy, dev: torch.device) -> torch.device | None:
-    """Put the FP8 weights straight on the GPU when they fit there with 1 GiB to spare (ComfyUI would
-    build a model whose BF16 size exceeds free VRAM in host RAM, and copy it over at the first
+def fp8_placement(src: MappedSafetensors, fp8_keys, dev: torch.device) -> torch.device | None:
+    """Put the FP8 weights (``fp8_keys``: :func:`fp8_weight_keys`) straight on the GPU when they fit there with 1 GiB
+    to spare (ComfyUI would build a model whose BF16 size exceeds free VRAM in host RAM, and copy it over at the first
     sampling run): fewer copies, and host RAM never holds them. None: where ComfyUI builds it."""
     if dev.type != "cuda":
         return None
@@ -211,13 +216,7 @@ def fp8_placement(src: MappedSafetensors, info, policy: QuantPolicy, dev: torch.
     low = (getattr(mm.VRAMState, "NO_VRAM", None), getattr(mm.VRAMState, "LOW_VRAM", None))
     if getattr(mm, "vram_state", None) in low:
         return None
-    n = 0
-    for k, v in src.header.items():
-        if not k.startswith(info.prefix + "joint_blocks.") or not k.endswith(".weight") or len(v["shape"]) != 2:
-            continue
-        if v["dtype"].startswith("F8") or (not src.stored_fp8 and policy.decide(
-                k[len(info.prefix):-len(".weight")], *v["shape"], record=False)):
-            n += v["shape"][0] * v["shape"][1]
+    n = sum(src.header[k]["shape"][0] * src.header[k]["shape"][1] for k in fp8_keys)
     return dev if n + 2**30 < mm.get_free_memory(dev) else None
 
 

@@ -11,7 +11,7 @@ import comfy.ops
 from sd35fp8 import CheckpointError, FP8LinearMixin, QuantPolicy
 from sd35fp8.core.policy import LayerDecision
 from sd35fp8.core.quant import dequantize_weight, qmax, quantize_to_scale
-from sd35fp8.io.files import MappedSafetensors, fp8_layer_tensors
+from sd35fp8.io.files import MappedSafetensors, fp8_layer_tensors, nonfinite_count
 
 log = logging.getLogger("sd35fp8")
 
@@ -58,6 +58,11 @@ def make_ops(policy: QuantPolicy, quant_device: torch.device, source: "MappedSaf
             if w.dtype == torch.float8_e4m3fn:  # stored FP8 (ours or stock scaled-FP8)
                 ws, xs = fp8_layer_tensors(state_dict, prefix)
                 self.fp8_set_weight(w.to(fdev, copy=True), ws.to(fdev), name)
+                bad = nonfinite_count(self.weight)  # on the copy (the GPU, where it goes there): no second read
+                if bad:
+                    raise CheckpointError(f"tensor {key_prefix}{prefix}weight holds {bad} NaN/Inf value(s) of "
+                                          f"{self.weight.numel()}: the file is damaged; download it again or save it "
+                                          "again from a good model")
                 self.file_input_scale = xs
                 policy.decisions.append(LayerDecision(name, shape, True, "stored FP8 in the file"))
             elif w.dtype.is_floating_point and w.dtype.itemsize == 1:

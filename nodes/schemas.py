@@ -143,7 +143,7 @@ class SD35FP8Calibrate(io.ComfyNode):
             try:
                 calibration.check_prompt_count(len(prompt_lines(prompts)))
             except ValueError as e:
-                return f"SD35FP8Calibrate: prompts: {e}".replace("prompts: SD35FP8Calibrate: ", "prompts: ")
+                return f"SD35FP8Calibrate: prompts: {e}"
         return check_widgets(cls, dict(cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, method=method,
                                        percentile=percentile))
 
@@ -239,8 +239,6 @@ class SD35FP8Autocast(io.ComfyNode):
             ok, why = availability()
             if not ok:
                 raise RuntimeError(why)
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention!r}; use one of {ATTENTION_BACKENDS}")
         recipe = DelayedScaling(fp8_format=fp8_format, amax_history_len=amax_history_len, margin=margin)
         runtime = st.Runtime(compile=bool(compile), attention=attention,
                              cudagraphs=bool(cuda_graphs and (compile or backend == "transformer_engine")),
