@@ -72,7 +72,9 @@ def report(rows: list, variants: list) -> tuple[list, list]:
         stock = [r for m, r in by.items() if m.startswith("stock")]
         if ours and stock and "stock BF16" in by:
             for col in ("ms b2 back to back", "sampling ms/step"):
-                o, st = min(ours, key=lambda r: r[col]), min(stock, key=lambda r: r[col])
+                def key(r, c=col):
+                    return r[c] if r[c] == r[c] else float("inf")  # rows that did not sample: NaN
+                o, st = min(ours, key=key), min(stock, key=key)
                 bf = by["stock BF16"][col]
                 ratios.append(f"{v}: {col}: best ours ({o['mode']}) {o[col]:.1f} = {o[col] / bf:.3f}x stock BF16, "
                               f"{o[col] / st[col]:.3f}x the best stock mode ({st['mode']})")
@@ -102,8 +104,10 @@ def main():
     ap.add_argument("--cal-prompts", type=int, default=8)
     ap.add_argument("--skip", default="", help="comma list of rows to skip, each KEY or VARIANT:KEY (that variant "
                     "only): e4m3 (all our E4M3 rows, with their load and calibration), bf16_compile, fp8, fast, "
-                    "fast_compile, te, no_cudagraphs, cudagraphs, fp8_attention, int8_adaln, int8_mlp, int8_mlp_cudnn "
-                    "(the INT8 MLP row with cuDNN attention; its FP8-attention row still runs)")
+                    "fast_compile, te, eager (ours without compile), no_cudagraphs (ours default: compile, no CUDA "
+                    "graphs), cudagraphs, fp8_attention, file (stock's UNETLoader on our saved calibrated file), "
+                    "file_compile, int8_adaln, int8_mlp, int8_mlp_cudnn (the INT8 MLP row with cuDNN attention; its "
+                    "FP8-attention row still runs)")
     ap.add_argument("--gemm-configs", help="JSON of MLP kernel configs to run instead of the shipped ones (what "
                     "bench/tune/fc1_sweep.py prints), e.g. "
                     "'{\"FC2_CONFIG_INT8\": [128, 128, 128, 8, 8, 4, true, true]}'")
@@ -112,16 +116,43 @@ def main():
     ap.add_argument("--host-profile", action="store_true",
                     help="for our CUDA-graph rows: host timestamps of 12 synced calls (where host time before the "
                     "GPU's work goes)")
+    ap.add_argument("--dynamic-vram", choices=("auto", "on", "off"), default="auto",
+                    help="ComfyUI 0.30+'s DynamicVRAM (comfy-aimdo), on by default on NVIDIA as main.py sets it up; "
+                    "auto: on where comfy_aimdo is installed")
+    ap.add_argument("--sample-compiled", action="store_true",
+                    help="also run the 28-step sampling (final latent error) for stock's compiled rows (it compiles "
+                    "once more there; their numerics are the eager row's)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    aimdo = None
+    if a.dynamic_vram != "off":  # as ComfyUI's main.py: the control library before torch is imported
+        try:
+            import comfy_aimdo.control as aimdo
+            aimdo.init(nvml_pressure=True)  # main.py's default (--disable-nvml-pressure unset)
+        except Exception as e:  # noqa: BLE001
+            if a.dynamic_vram == "on":
+                raise SystemExit(f"--dynamic-vram on: comfy_aimdo does not load ({e})")
+            aimdo = None
 
     def skipped(key: str, variant: str) -> bool:
         """--skip KEY skips a row everywhere, --skip VARIANT:KEY for one variant only (e.g. large:bf16_compile)."""
         return key in skip or f"{variant}:{key}" in skip
     notes = []
     adapter = common.import_adapter(a.comfy)
+    if aimdo is not None:  # main.py's DynamicVRAM set-up: the devices, the dynamic ModelPatcher for stock's loaders
+        import comfy.memory_management
+        import comfy.model_management
+        import comfy.model_patcher
+        if aimdo.init_devices(d.index for d in comfy.model_management.get_all_torch_devices()):
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+            notes.append("DynamicVRAM (comfy-aimdo) on, as ComfyUI's main.py sets it up on NVIDIA: stock rows load "
+                         "through ModelPatcherDynamic (ours keep the classic ModelPatcher, as the pack's loader asks)")
+        else:
+            notes.append("DynamicVRAM: comfy-aimdo found no device; stock rows use the classic ModelPatcher")
+        print(notes[-1], flush=True)
     if a.attn_config:
         notes.append(f"FP8 attention config (head dim 64): {common.set_attention_config(64, a.attn_config)}")
     import torch
@@ -171,23 +202,26 @@ def main():
             print(notes[-1], flush=True)  # now: a later row that crashes the process must not take it along
         d = d.float().cpu()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        x = sample(p)
-        t_first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sample(p)
-        per_step = (time.perf_counter() - t0) * 1e3 / a.steps
+        x, t_first, per_step = None, float("nan"), float("nan")
+        if a.sample_compiled or not (name.startswith("stock") and "compile" in name):
+            t0 = time.perf_counter()
+            x = sample(p)
+            t_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sample(p)
+            per_step = (time.perf_counter() - t0) * 1e3 / a.steps
         denoise.clear()
         f8, _ = first_call(p, b8)
         ms8, _ = common.time_cuda(lambda: denoise(p, b8), n=12)
         peak = torch.cuda.max_memory_allocated()
-        bad = not (torch.isfinite(d).all() and torch.isfinite(x).all())
+        bad = not (torch.isfinite(d).all() and (x is None or torch.isfinite(x).all()))
         row = {"variant": variant, "mode": name, "ms b2": ms2, "ms b2 back to back": b2b, "sampling ms/step": per_step,
                "first sampling run s": t_first,
                "ms b8": ms8, "first call s (b2/b8)": f"{f2:.1f} / {f8:.1f}",
                "peak VRAM GiB": peak / 2**30, "weights GiB": p.model_size() / 2**30,
                "denoiser err": common.rel(d, ref[0]) if ref else 0.0,
-               "final latent err": common.rel(x, ref[1]) if ref else 0.0, "NaN/Inf": bad}
+               "final latent err": (common.rel(x, ref[1]) if x is not None else float("nan")) if ref else 0.0,
+               "NaN/Inf": bad}
         rows.append(row)
         # what really ran: the FP8 attention path (traced / launched from the host) and the CUDA graphs
         used = {k: v - calls0.get(k, 0) for k, v in attn_calls.items() if v - calls0.get(k, 0)}
@@ -280,8 +314,17 @@ def main():
         notes.append(f"{variant}: our loader (read + quantize on load) {t_load:.1f} s; calibration "
                      f"{a.cal_prompts} prompts x {a.steps} steps (CFG 4.5, {a.size}², max) {t_cal:.1f} s")
         print(notes[-1], flush=True)
-        eager = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False, attention="auto"))
-        measure(variant, "ours FP8 calibrated, eager", eager, ref)
+        saved = None
+        if not skipped("file", variant):  # our calibrated file, for stock's own loader (rows after ours)
+            t0 = time.perf_counter()
+            saved, _ = adapter.checkpoints.save_fp8_checkpoint(cal, f"sd35bench/{variant}_calibrated", overwrite=True)
+            notes.append(f"{variant}: our calibrated FP8 file saved in {time.perf_counter() - t0:.1f} s "
+                         f"({os.path.getsize(saved) / 2**30:.2f} GiB)")
+        eager = None
+        if not skipped("eager", variant):
+            eager = adapter.sampling.set_autocast(cal, True, None, adapter.state.Runtime(compile=False,
+                                                                                         attention="auto"))
+            measure(variant, "ours FP8 calibrated, eager", eager, ref)
         te_ok, te_why = sys.modules["sd35fp8.runtime.te"].availability()
         if not skipped("te", variant) and not te_ok:
             notes.append(f"{variant}: TransformerEngine rows skipped: {te_why}")
@@ -309,6 +352,19 @@ def main():
             del fa
         del ours, cal, eager, full
         drop()
+        if saved:  # stock ComfyUI's UNETLoader (weight_dtype default) on our file: its own static-scale FP8 path
+            t0 = time.perf_counter()
+            m = comfy.sd.load_diffusion_model(saved)
+            notes.append(f"{variant}: stock UNETLoader read our calibrated file in {time.perf_counter() - t0:.1f} s")
+            measure(variant, "stock: our calibrated file (UNETLoader)", m, ref)
+            if not skipped("file_compile", variant):
+                c = m.clone()
+                set_torch_compile_wrapper(model=c, backend="inductor")
+                measure(variant, "stock: our calibrated file (UNETLoader) + torch.compile", c, ref)
+                del c
+            del m
+            drop()
+            os.remove(saved)
 
     tmp = tempfile.mkdtemp(prefix="sd35bench-", dir="/tmp")
     for variant in a.variants.split(","):

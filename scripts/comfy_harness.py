@@ -45,13 +45,16 @@ class ComfyError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, models_dir: str, workdir: str | None = None, extra_args=(), device_args=("--cpu",)):
+    def __init__(self, models_dir: str, workdir: str | None = None, extra_args=(), device_args=("--cpu",),
+                 launcher: str | None = None):
+        """``launcher``: a Python script that runs main.py itself (``python LAUNCHER main.py ARGS``)."""
         self.models_dir = os.path.abspath(models_dir)
         self.workdir = workdir or tempfile.mkdtemp(prefix="comfy-run-")
         self.output_dir = os.path.join(self.workdir, "output")
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(device_args) + list(extra_args)
+        self.launcher = launcher
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.workdir, "comfyui.log")
         self.client_id = uuid.uuid4().hex
@@ -79,7 +82,8 @@ class ComfyServer:
                     f"    custom_nodes: {nodes_parent}\n")
         for d in ("output", "input", "temp", "user"):
             os.makedirs(os.path.join(self.workdir, d), exist_ok=True)
-        cmd = [comfy_python(), "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [comfy_python(), *([self.launcher] if self.launcher else []), "main.py", "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--extra-model-paths-config", yaml_path, "--output-directory", self.output_dir,
                "--input-directory", os.path.join(self.workdir, "input"),
                "--temp-directory", os.path.join(self.workdir, "temp"),
