@@ -235,13 +235,13 @@ def calibrate_cached(model, prompts: list, negative, steps: int, cfg: float, sam
             f"{record.get('method')} over {record.get('prompts')} prompt(s) x {record.get('steps')} steps): "
             "no sampling"))
         log.info("sd35fp8: %s", text.splitlines()[0])
-        return out, text
+        return out, text + f"\ncalibration id {key[:16]}"
     out, text = calibrate(model, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed, method,
                           percentile, progress=progress, encode=encode)
     if key:
         s = st.get(out)
         where = cache.put(key, s.input_amax, s.calibration, (s.source or {}).get("file", ""))
-        text += f"\ncalibration kept for reuse ({where or 'in memory'})"
+        text += f"\ncalibration kept for reuse ({where or 'in memory'})\ncalibration id {key[:16]}"
     else:
         text += f"\ncalibration not kept for reuse: {why}"
     return out, text

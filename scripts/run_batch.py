@@ -77,6 +77,22 @@ def make_tiny_models(models_dir: str) -> None:
     tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
 
 
+def link_models(models_dir: str, ckpt: str, text_encoders: str | None) -> None:
+    """Make a user's checkpoint (and text-encoder folder) visible to the started ComfyUI through links."""
+    if not os.path.isfile(ckpt):
+        raise SystemExit(f"--ckpt {ckpt}: no such file")
+    os.makedirs(os.path.join(models_dir, "checkpoints"), exist_ok=True)
+    dst = os.path.join(models_dir, "checkpoints", os.path.basename(ckpt))
+    if not os.path.exists(dst):
+        os.symlink(os.path.abspath(ckpt), dst)
+    if text_encoders:
+        te = os.path.join(models_dir, "text_encoders")
+        os.makedirs(te, exist_ok=True)
+        for n in os.listdir(text_encoders):
+            if not os.path.exists(os.path.join(te, n)):
+                os.symlink(os.path.join(os.path.abspath(text_encoders), n), os.path.join(te, n))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workflow", default=os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json"))
@@ -97,18 +113,7 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     wf = load_workflow(a.workflow)
     if a.ckpt:
-        if not os.path.isfile(a.ckpt):
-            raise SystemExit(f"--ckpt {a.ckpt}: no such file")
-        os.makedirs(os.path.join(models, "checkpoints"), exist_ok=True)
-        dst = os.path.join(models, "checkpoints", os.path.basename(a.ckpt))
-        if not os.path.exists(dst):
-            os.symlink(os.path.abspath(a.ckpt), dst)
-        if a.text_encoders:
-            te = os.path.join(models, "text_encoders")
-            os.makedirs(te, exist_ok=True)
-            for n in os.listdir(a.text_encoders):
-                if not os.path.exists(os.path.join(te, n)):
-                    os.symlink(os.path.join(os.path.abspath(a.text_encoders), n), os.path.join(te, n))
+        link_models(models, a.ckpt, a.text_encoders)
         graph = adapt(wf, ckpt_name=os.path.basename(a.ckpt), width=a.width, height=a.height, batch=a.batch,
                       steps=a.steps, calib_prompts=a.calib_prompts, seed=a.seed)
         what = os.path.basename(a.ckpt)

@@ -1,0 +1,873 @@
+#!/usr/bin/env python3
+"""The batch client: a list of prompts becomes images, a manifest and a summary, unattended.
+
+    scripts/batch.sh ITEMS [--server http://127.0.0.1:8188] [--workflow large|medium|large_turbo|FILE.json]
+                           [--out DIR] [--seed BASE] [--retries 2] [--fail-on black,flat,clipped]
+
+ITEMS is a text file (one prompt per line; blank lines and lines starting with # are skipped), a CSV with a header
+or a JSONL file. CSV/JSONL columns: ``prompt`` (required), ``negative``, ``seed``, ``width``, ``height``, ``steps``,
+``cfg``, ``count`` (images of that item, one sampler batch), ``name`` (file names; default item-00001, ...).
+A missing seed is derived from ``--seed`` and the item's name, so a re-run reproduces every image.
+
+The workflow is one of the bundled ones or any API-format workflow (ComfyUI's "Export (API)") holding one
+KSampler: the client finds the nodes to fill by type and role (the sampler, the text encoders feeding its positive
+and negative inputs, the empty latent feeding it, the SaveImage nodes), never by id, and refuses a workflow it
+cannot map, naming what is missing. Every input line and every model file the workflow names is checked before
+anything is queued. The pack's Calibrate node is left as the workflow has it, so ComfyUI calibrates once per model
+and settings (the pack's calibration cache keeps it across restarts).
+
+Without ``--server`` it starts a ComfyUI with the pack as scripts/run.sh does (the tiny embedded model unless
+``--ckpt`` is given). Output: ``OUT/<name>_<k>.png`` and ``OUT/manifest.jsonl`` (one line per finished item:
+prompt, seed, settings, files, seconds, status, quality flags). Running the same command again skips the items
+the manifest has as done (resume after a crash or Ctrl-C) and retries the failed ones. An item that fails is
+retried ``--retries`` times, then recorded as failed and the batch goes on. Exit status: 0 all done, 1 some item
+failed, 2 bad input (nothing queued), 3 the quality gate (``--fail-on``, ``--min-psnr``) failed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
+FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
+INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
+              "count": (1, 64)}
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+LATENTS = ("EmptySD3LatentImage", "EmptyLatentImage")
+TEXT_ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSD3")
+# loader class -> its inputs that name model files (checked against the server's lists before queueing)
+LOADERS = {"SD35FP8CheckpointLoader": ("ckpt_name",), "CheckpointLoaderSimple": ("ckpt_name",),
+           "UNETLoader": ("unet_name",), "VAELoader": ("vae_name",), "CLIPLoader": ("clip_name",),
+           "DualCLIPLoader": ("clip_name1", "clip_name2"),
+           "TripleCLIPLoader": ("clip_name1", "clip_name2", "clip_name3"), "LoraLoader": ("lora_name",),
+           "LoraLoaderModelOnly": ("lora_name",)}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+FLAGS = ("non_finite", "black", "flat", "clipped")
+
+
+class InputError(Exception):
+    """Bad input: reported before anything is queued (exit status 2)."""
+
+
+# -- items ---------------------------------------------------------------------------------------------------------
+def derive_seed(base: int, name: str) -> int:
+    """A seed from the base seed and the item's name: the same on every run, independent of the item's position."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{name}".encode()).digest()[:8], "big") >> 11  # 53 bits
+
+
+def _coerce(field: str, value, where: str):
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    if field in INT_FIELDS:
+        try:
+            v = int(str(value).strip()) if not isinstance(value, int) or isinstance(value, bool) else value
+        except ValueError:
+            raise InputError(f"{where}: {field} must be a whole number, got {value!r}") from None
+        lo, hi = INT_FIELDS[field]
+        if not lo <= v <= hi:
+            raise InputError(f"{where}: {field} {v} is outside {lo}..{hi}")
+        if field in ("width", "height") and v % 16:
+            raise InputError(f"{where}: {field} {v} is not a multiple of 16 (SD3 latents are 1/8 size, patches 2)")
+        return v
+    if field == "cfg":
+        try:
+            v = float(str(value).strip())
+        except ValueError:
+            raise InputError(f"{where}: cfg must be a number, got {value!r}") from None
+        if not 0.0 <= v <= 100.0:
+            raise InputError(f"{where}: cfg {v} is outside 0..100")
+        return v
+    if not isinstance(value, str):
+        raise InputError(f"{where}: {field} must be text, got {type(value).__name__}")
+    return value
+
+
+def read_items(path: str, base_seed: int) -> list[dict]:
+    """Parse and check every line; raise InputError listing every bad line (file name and line number)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    rows: list[tuple[int, dict]] = []
+    errors: list[str] = []
+    if ext == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        unknown = [c for c in (reader.fieldnames or []) if c not in FIELDS]
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise InputError(f"{path}: the CSV header must name a 'prompt' column (columns: {', '.join(FIELDS)})")
+        if unknown:
+            raise InputError(f"{path}: line 1: unknown column(s) {', '.join(unknown)}; use {', '.join(FIELDS)}")
+        for rec in reader:
+            if None in rec:
+                errors.append(f"{path}: line {reader.line_num}: more values than columns")
+                continue
+            if not any((v or "").strip() for v in rec.values()):
+                continue
+            rows.append((reader.line_num, rec))
+    elif ext in (".jsonl", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{path}: line {n}: not JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(rec, dict):
+                errors.append(f"{path}: line {n}: expected a JSON object like {{\"prompt\": \"...\"}}")
+                continue
+            unknown = [k for k in rec if k not in FIELDS]
+            if unknown:
+                errors.append(f"{path}: line {n}: unknown field(s) {', '.join(unknown)}; use {', '.join(FIELDS)}")
+                continue
+            rows.append((n, rec))
+    else:  # plain text: one prompt per line
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                rows.append((n, {"prompt": line.strip()}))
+    items, names = [], {}
+    for i, (n, rec) in enumerate(rows):
+        where = f"{path}: line {n}"
+        try:
+            item = {f: _coerce(f, rec.get(f), where) for f in FIELDS}
+        except InputError as e:
+            errors.append(str(e))
+            continue
+        if not item["prompt"] or not item["prompt"].strip():
+            errors.append(f"{where}: empty prompt")
+            continue
+        name = item["name"] or f"item-{i + 1:05d}"
+        if not NAME_RE.match(name):
+            errors.append(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names the files)")
+            continue
+        if name in names:
+            errors.append(f"{where}: name {name!r} is already used on line {names[name]}")
+            continue
+        names[name] = n
+        item.update(name=name, line=n, seed_derived=item["seed"] is None)
+        if item["seed"] is None:
+            item["seed"] = derive_seed(base_seed, name)
+        items.append(item)
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise InputError("\n".join(errors[:20]) + more)
+    if not items:
+        raise InputError(f"{path}: no prompts in the file")
+    return items
+
+
+# -- the workflow --------------------------------------------------------------------------------------------------
+def _source(wf: dict, link) -> str | None:
+    return str(link[0]) if isinstance(link, list) and len(link) == 2 and str(link[0]) in wf else None
+
+
+def _trace(wf: dict, start, wanted: tuple, via: tuple) -> str | None:
+    """Follow links upstream from ``start`` until a node of a ``wanted`` type, through inputs named in ``via``."""
+    seen, node = set(), _source(wf, start)
+    while node and node not in seen:
+        seen.add(node)
+        if wf[node]["class_type"] in wanted:
+            return node
+        ins = wf[node].get("inputs", {})
+        node = next((_source(wf, ins[k]) for k in via if k in ins and _source(wf, ins[k])), None)
+    return None
+
+
+def map_workflow(wf: dict, where: str) -> dict:
+    """The nodes the client fills, found by type and role. Raises InputError naming what is missing."""
+    if not isinstance(wf, dict) or not all(isinstance(v, dict) and "class_type" in v for v in wf.values()):
+        raise InputError(f"{where}: not an API-format workflow (in ComfyUI: Workflow -> Export (API))")
+    samplers = [k for k, v in wf.items() if v["class_type"] in SAMPLERS]
+    missing = []
+    if len(samplers) != 1:
+        raise InputError(f"{where}: needs exactly one sampler node ({' or '.join(SAMPLERS)}) to fill seeds, steps "
+                         f"and cfg; it has {len(samplers)}")
+    ks = samplers[0]
+    ins = wf[ks]["inputs"]
+    cond_via = ("conditioning", "conditioning_1", "conditioning_to", "positive", "cond")
+    pos = _trace(wf, ins.get("positive"), TEXT_ENCODERS, cond_via)
+    neg = _trace(wf, ins.get("negative"), TEXT_ENCODERS, cond_via)
+    lat = _trace(wf, ins.get("latent_image"), LATENTS, ("samples", "latent", "latent_image"))
+    saves = [k for k, v in wf.items() if v["class_type"] == "SaveImage"]
+    if not pos:
+        missing.append(f"a text encoder ({' or '.join(TEXT_ENCODERS)}) feeding the sampler's positive input")
+    if not lat:
+        missing.append(f"an empty latent ({' or '.join(LATENTS)}) feeding the sampler's latent_image")
+    if not saves:
+        missing.append("a SaveImage node")
+    if pos and neg == pos:
+        missing.append("separate text encoders for the positive and the negative prompt (both lead to one node)")
+    if missing:
+        raise InputError(f"{where}: cannot map the workflow: it lacks " + "; ".join(missing))
+    cal = [k for k, v in wf.items() if v["class_type"] == "SD35FP8Calibrate"]
+    return {"sampler": ks, "positive": pos, "negative": neg, "latent": lat, "saves": saves,
+            "calibrate": cal[0] if cal else None,
+            "loader": next((k for k, v in wf.items() if v["class_type"] == "SD35FP8CheckpointLoader"), None)}
+
+
+def text_key(wf: dict, node: str) -> str:
+    ins = wf[node]["inputs"]
+    return "text" if "text" in ins else next(k for k in ("clip_l", "t5xxl", "clip_g") if k in ins)
+
+
+def item_graph(wf: dict, m: dict, item: dict, prefix: str) -> dict:
+    """The workflow with this item's prompt, seed, size, steps, cfg and count, saving under ``prefix``."""
+    g = copy.deepcopy(wf)
+    for k in (("text", "clip_l", "clip_g", "t5xxl") if g[m["positive"]]["class_type"] != "CLIPTextEncode" else
+              ("text",)):
+        if k in g[m["positive"]]["inputs"]:
+            g[m["positive"]]["inputs"][k] = item["prompt"]
+    if item["negative"] is not None and m["negative"]:
+        for k in ("text", "clip_l", "clip_g", "t5xxl"):
+            if k in g[m["negative"]]["inputs"]:
+                g[m["negative"]]["inputs"][k] = item["negative"]
+    s = g[m["sampler"]]["inputs"]
+    s["noise_seed" if "noise_seed" in s else "seed"] = item["seed"]
+    for f in ("steps", "cfg"):
+        if item[f] is not None:
+            s[f] = item[f]
+    lat = g[m["latent"]]["inputs"]
+    for f in ("width", "height"):
+        if item[f] is not None:
+            lat[f] = item[f]
+    lat["batch_size"] = item["count"] or 1
+    for k in m["saves"]:
+        g[k]["inputs"]["filename_prefix"] = f"{prefix}/{item['name']}"
+    return g
+
+
+def settings_of(g: dict, m: dict) -> dict:
+    s, lat = g[m["sampler"]]["inputs"], g[m["latent"]]["inputs"]
+    out = {k: s.get(k) for k in ("steps", "cfg", "sampler_name", "scheduler")}
+    out.update(width=lat.get("width"), height=lat.get("height"), count=lat.get("batch_size"))
+    return out
+
+
+# UI-format widget positions of the nodes the client changes (control_after_generate follows a seed)
+UI_WIDGETS = {"CLIPTextEncode": {"text": 0}, "SD35FP8CheckpointLoader": {"ckpt_name": 0, "weight_scaling": 1},
+               "KSampler": {"seed": 0, "steps": 2, "cfg": 3},
+              "KSamplerAdvanced": {"noise_seed": 1, "steps": 3, "cfg": 4},
+              "EmptySD3LatentImage": {"width": 0, "height": 1, "batch_size": 2},
+              "EmptyLatentImage": {"width": 0, "height": 1, "batch_size": 2}, "SaveImage": {"filename_prefix": 0}}
+
+
+def ui_for(ui: dict | None, g: dict) -> dict | None:
+    """The UI workflow (same node ids as the API one) with this item's widget values, for the PNG's metadata."""
+    if not ui:
+        return None
+    ui = copy.deepcopy(ui)
+    for node in ui.get("nodes", []):
+        api = g.get(str(node.get("id")))
+        pos = UI_WIDGETS.get(node.get("type"), {})
+        if api is None or not pos or not isinstance(node.get("widgets_values"), list):
+            continue
+        for k, i in pos.items():
+            if k in api["inputs"] and not isinstance(api["inputs"][k], list) and i < len(node["widgets_values"]):
+                node["widgets_values"][i] = api["inputs"][k]
+    return ui
+
+
+# -- the server ----------------------------------------------------------------------------------------------------
+class Server:
+    """ComfyUI's HTTP API and websocket, as a client on another machine would use them."""
+
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+        self.client_id = uuid.uuid4().hex
+        self.events: dict[str, list] = {}
+        self.progress: dict = {}
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self._ws_thread = None
+        self.ws_error = None
+
+    def get(self, path: str, timeout: float = 60):
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str, timeout: float = 120) -> bytes:
+        with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+            return r.read()
+
+    def post(self, path: str, payload: dict, timeout: float = 60):
+        req = urllib.request.Request(self.base + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                return r.status, json.loads(body) if body else {}
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except json.JSONDecodeError:
+                return e.code, {"raw": body.decode(errors="replace")}
+
+    def listen(self):
+        """Websocket events of this client's prompts, by prompt id (and the current step, for the progress bar)."""
+        import websocket  # websocket-client
+        url = self.base.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
+        ws = websocket.create_connection(url, timeout=10)
+
+        def run():
+            while True:
+                try:
+                    raw = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                except Exception as e:  # noqa: BLE001  (the server went away)
+                    with self.cond:
+                        self.ws_error = str(e) or type(e).__name__
+                        self.cond.notify_all()
+                    return
+                if not isinstance(raw, str):
+                    continue
+                msg = json.loads(raw)
+                data = msg.get("data") or {}
+                pid = data.get("prompt_id")
+                with self.cond:
+                    if msg["type"] == "progress" and pid:
+                        self.progress = {"prompt_id": pid, "value": data.get("value"), "max": data.get("max")}
+                    elif pid:
+                        self.events.setdefault(pid, []).append(msg)
+                    self.cond.notify_all()
+        self._ws_thread = threading.Thread(target=run, daemon=True)
+        self._ws_thread.start()
+
+    def queue(self, graph: dict, extra: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": graph, "client_id": self.client_id, "extra_data": extra})
+        if status != 200 or "prompt_id" not in body:
+            raise QueueRefused(body.get("error", {}).get("message") if isinstance(body.get("error"), dict)
+                               else None, body)
+        return body["prompt_id"]
+
+    def finished(self, pid: str) -> dict | None:
+        """The history entry once ``pid`` has finished (success or error), else None."""
+        for m in self.events.get(pid, []):
+            if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                break
+        else:
+            return None
+        for _ in range(100):
+            h = self.get(f"/history/{urllib.parse.quote(pid)}")
+            if pid in h and h[pid].get("status", {}).get("completed") is not None:
+                return h[pid]
+            time.sleep(0.1)
+        return {"status": {"status_str": "error", "messages": []}, "outputs": {}}
+
+
+class QueueRefused(Exception):
+    def __init__(self, message, body):
+        super().__init__(message or "the server refused the prompt")
+        self.body = body
+
+    def details(self) -> str:
+        errs = []
+        for node, e in (self.body.get("node_errors") or {}).items():
+            for x in e.get("errors", []):
+                errs.append(f"node {node} ({e.get('class_type')}): {x.get('message')}: {x.get('details')}")
+        return "; ".join(errs) or json.dumps(self.body)[:500]
+
+
+def check_models(srv: Server, wf: dict, where: str) -> None:
+    """Every model file the workflow names must be in the server's lists (before anything is queued)."""
+    info = srv.get("/object_info")
+    problems = []
+    for k, v in wf.items():
+        cls = v["class_type"]
+        if cls not in info:
+            problems.append(f"node {k}: the server has no node type {cls!r} (a missing custom node pack?)")
+            continue
+        for inp in LOADERS.get(cls, ()):
+            val = v["inputs"].get(inp)
+            spec = (info[cls]["input"].get("required", {}) | info[cls]["input"].get("optional", {})).get(inp)
+            options = spec[0] if spec and isinstance(spec[0], list) else \
+                (spec[1].get("options") if spec and len(spec) > 1 and isinstance(spec[1], dict) else None)
+            if isinstance(val, str) and options is not None and val not in options:
+                problems.append(f"node {k} ({cls}) {inp}: {val!r} is not in the server's model folders "
+                                f"({len(options)} files there)")
+    if problems:
+        raise InputError(f"{where}: " + "\n".join(problems) + "\nPut the files into ComfyUI's models/ folders "
+                         "(checkpoints, diffusion_models, text_encoders, vae) or pick ones that exist")
+
+
+# -- quality -------------------------------------------------------------------------------------------------------
+def quality_flags(img) -> dict:
+    """Flags of one image (H x W x 3, uint8): black, flat (no detail), clipped (much of it at 0 or 255)."""
+    import numpy as np
+    x = np.asarray(img, dtype=np.float32)
+    mean, std = float(x.mean()), float(x.std())
+    clipped = float(((x <= 0) | (x >= 255)).mean())
+    flags = []
+    if mean < 4 and std < 4:
+        flags.append("black")
+    elif std < 2:
+        flags.append("flat")
+    if clipped > 0.5 and "black" not in flags:
+        flags.append("clipped")
+    return {"flags": flags, "mean": round(mean, 2), "std": round(std, 2), "clipped": round(clipped, 4)}
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def ssim(a, b, win: int = 7) -> float:
+    """Mean SSIM of two uint8 RGB images (grey, uniform 7x7 window, the usual constants)."""
+    import numpy as np
+
+    def grey(x):
+        x = np.asarray(x, np.float64)
+        return x @ np.array([0.299, 0.587, 0.114]) if x.ndim == 3 else x
+
+    def box(x):
+        c = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return (c[win:, win:] - c[:-win, win:] - c[win:, :-win] + c[:-win, :-win]) / win ** 2
+    x, y = grey(a), grey(b)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = box(x), box(y)
+    vx, vy, cxy = box(x * x) - mx * mx, box(y * y) - my * my, box(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def reference_graph(g: dict, m: dict) -> dict | None:
+    """The same graph through stock ComfyUI in BF16: the pack's loader -> CheckpointLoaderSimple/UNETLoader of the
+    same file, Calibrate and Autocast bypassed. None when the graph has no pack loader."""
+    if not m["loader"]:
+        return None
+    g = copy.deepcopy(g)
+    name = g[m["loader"]]["inputs"]["ckpt_name"]
+    g[m["loader"]] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}}
+    for k, v in list(g.items()):
+        if v["class_type"] in ("SD35FP8Calibrate", "SD35FP8Autocast"):
+            src = v["inputs"]["model"]
+            for other in g.values():
+                for ik, iv in other["inputs"].items():
+                    if isinstance(iv, list) and len(iv) == 2 and str(iv[0]) == k and iv[1] == 0:
+                        other["inputs"][ik] = src
+            del g[k]
+    for k in [k for k, v in g.items() if v["class_type"] == "SD35FP8SaveCheckpoint"]:
+        del g[k]
+    return g
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+class Manifest:
+    """OUT/manifest.jsonl: one JSON line per finished item, appended and synced; the last line of a name wins."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.done: dict[str, dict] = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        rec = json.loads(line)
+                        self.done[rec["name"]] = rec
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        print(f"[batch] {path}: line {n} is damaged (a crash while writing?); that item runs again",
+                              file=sys.stderr)
+
+    def finished_ok(self, item: dict, out_dir: str) -> bool:
+        rec = self.done.get(item["name"])
+        return bool(rec and rec.get("status") == "ok" and rec.get("seed") == item["seed"]
+                    and rec.get("prompt") == item["prompt"]
+                    and rec.get("files") and all(os.path.exists(os.path.join(out_dir, f)) for f in rec["files"]))
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[rec["name"]] = rec
+
+
+class Progress:
+    def __init__(self, total: int, images_total: int, stream=sys.stderr):
+        self.total, self.images_total, self.stream = total, images_total, stream
+        self.t0, self.done, self.images, self.failed = time.time(), 0, 0, 0
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def show(self, current: str = "", step: dict | None = None, force: bool = False):
+        now = time.time()
+        if not force and now - self.last < (0.2 if self.tty else 10):
+            return
+        self.last = now
+        el = now - self.t0
+        rate = self.images / el if el > 0 and self.images else 0.0
+        left = (self.images_total - self.images) / rate if rate else float("nan")
+        eta = f"{int(left // 60)}:{int(left % 60):02d}" if left == left else "?"
+        st = f" step {step['value']}/{step['max']}" if step and step.get("max") else ""
+        line = (f"[batch] {self.done}/{self.total} items, {self.images} images, {rate:.2f} images/s, ETA {eta}"
+                + (f", {self.failed} failed" if self.failed else "") + (f" | {current}{st}" if current else ""))
+        self.stream.write(("\r" + line[:150].ljust(150)) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def start_server(a):
+    """A ComfyUI with the pack, as scripts/run.sh starts one (the tiny model unless --ckpt)."""
+    from comfy_harness import ComfyServer
+    import run_batch
+    models = os.path.join(REPO, ".cache", "models")
+    work = os.path.join(REPO, ".cache", "batch")
+    os.makedirs(work, exist_ok=True)
+    tiny = not a.ckpt
+    if tiny:
+        run_batch.make_tiny_models(models)
+    else:
+        run_batch.link_models(models, a.ckpt, a.text_encoders)
+    import torch
+    dev = [] if (a.gpu or torch.cuda.is_available()) else ["--cpu"]
+    srv = ComfyServer(models, workdir=work, device_args=dev)
+    srv.start()
+    print(f"[batch] started ComfyUI at {srv.base} (log: {srv.log_path})", file=sys.stderr)
+    return srv, tiny
+
+
+def tiny_workflow(wf: dict, m: dict, cpu: bool) -> dict:
+    import run_batch
+    g = run_batch.adapt(wf, ckpt_name=run_batch.TINY_CKPT, tiny_clip=run_batch.TINY_CLIP)
+    if cpu:
+        g = run_batch.adapt(g, width=256, height=256, steps=8, calib_prompts=2)
+        g[m["latent"]]["inputs"]["batch_size"] = 1
+    return g
+
+
+def load_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"{what} {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} {path}: not JSON (line {e.lineno}: {e.msg})") from None
+
+
+def run(a) -> int:
+    items = read_items(a.items, a.seed)
+    if a.workflow in BUNDLED:
+        api_path = os.path.join(REPO, "workflows", "api", BUNDLED[a.workflow] + "_api.json")
+        ui_path = a.ui_workflow or os.path.join(REPO, "workflows", BUNDLED[a.workflow] + ".json")
+    else:
+        api_path, ui_path = a.workflow, a.ui_workflow
+    wf = load_json(api_path, "workflow")
+    m = map_workflow(wf, api_path)
+    ui = load_json(ui_path, "UI workflow") if ui_path else None
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    manifest = Manifest(os.path.join(out, "manifest.jsonl"))
+    todo = [it for it in items if not manifest.finished_ok(it, out)]
+    print(f"[batch] {len(items)} items in {a.items}; {len(items) - len(todo)} already done in {out}; "
+          f"{len(todo)} to run", file=sys.stderr)
+    started = None
+    if a.server:
+        srv = Server(a.server)
+    else:
+        started, tiny = start_server(a)
+        srv = Server(started.base)
+        if tiny:
+            wf = tiny_workflow(wf, m, "--cpu" in started.extra_args)
+    try:
+        return run_items(a, srv, wf, m, ui, todo, items, manifest, out)
+    finally:
+        if started:
+            started.stop()
+
+
+def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
+    check_models(srv, wf, a.workflow)
+    run_tag = hashlib.sha256(out.encode()).hexdigest()[:12]  # this output folder's prompts on the server
+    drop_stale(srv, run_tag)
+    prefix = f"sd35_batch/{run_tag}"
+    srv.listen()
+    prog = Progress(len(todo), sum(it["count"] or 1 for it in todo))
+    if not todo:
+        return finish(a, items, manifest, out, prog, 0, 0, {}, [])
+    cal_info = probe_calibration(srv, wf, m, prog)
+    pending: dict[str, tuple] = {}  # prompt id -> (item, attempt, graph, t0)
+    queue = [(it, 1) for it in todo]
+    failed = quality_failed = 0
+    summary_flags: dict[str, int] = {}
+    psnrs = []
+    try:
+        while queue or pending:
+            while queue and len(pending) < a.inflight:  # keep the next item queued: no idle GPU between items
+                it, attempt = queue.pop(0)
+                g = item_graph(wf, m, it, prefix)
+                png = {"workflow": ui_for(ui, g)} if ui else {}
+                png["sd35fp8"] = pack_info(g, m, cal_info)
+                extra = {"extra_pnginfo": png, "sd35fp8_batch": {"run": run_tag, "item": it["name"],
+                                                                 "attempt": attempt}}
+                try:
+                    pid = srv.queue(g, extra)
+                except QueueRefused as e:  # the graph itself is wrong: no retry helps
+                    rec = record(it, g, m, [], 0.0, "failed", attempt, f"refused: {e}: {e.details()}", [])
+                    manifest.write(rec)
+                    failed += 1
+                    prog.failed += 1
+                    continue
+                pending[pid] = (it, attempt, g, time.time())
+            with srv.cond:
+                srv.cond.wait(timeout=1.0)
+                if srv.ws_error:
+                    raise RuntimeError(f"lost the connection to ComfyUI at {srv.base}: {srv.ws_error}")
+                step = dict(srv.progress)
+            cur = pending.get(step.get("prompt_id"), (None,))[0]
+            prog.show(cur["name"] if cur else "", step)
+            for pid in list(pending):
+                entry = srv.finished(pid)
+                if entry is None:
+                    continue
+                it, attempt, g, t0 = pending.pop(pid)
+                secs = time.time() - t0
+                status = entry.get("status", {})
+                if status.get("status_str") != "success":
+                    err = next((msg[1] for msg in status.get("messages", []) if msg[0] == "execution_error"), {})
+                    why = (err.get("exception_message") or "interrupted or failed").strip()
+                    flags = ["non_finite"] if "NaN" in why or "Inf" in why else []
+                    if attempt <= a.retries and not flags:
+                        print(f"\n[batch] {it['name']}: failed ({why.splitlines()[0][:200]}); retry {attempt}",
+                              file=sys.stderr)
+                        queue.insert(0, (it, attempt + 1))
+                        continue
+                    manifest.write(record(it, g, m, [], secs, "failed", attempt, why[:2000], flags))
+                    failed += 1
+                    prog.failed += 1
+                    prog.done += 1
+                    continue
+                files, q = save_outputs(srv, entry, m, it, out)
+                flags = sorted({f for x in q for f in x["flags"]})
+                rec = record(it, g, m, files, secs, "ok", attempt, None, flags, quality=q)
+                if a.reference_every and (items.index(it) % a.reference_every == 0):
+                    rec["reference"] = reference_check(srv, g, m, it, files, out, prefix)
+                    if "psnr" in rec["reference"]:
+                        psnrs.append(rec["reference"]["psnr"])
+                        if a.min_psnr is not None and rec["reference"]["psnr"] < a.min_psnr:
+                            rec["flags"].append("below_min_psnr")
+                for f in rec["flags"]:
+                    summary_flags[f] = summary_flags.get(f, 0) + 1
+                if set(rec["flags"]) & set(a.fail_on + (["below_min_psnr"] if a.min_psnr is not None else [])):
+                    quality_failed += 1
+                manifest.write(rec)
+                prog.done += 1
+                prog.images += len(files)
+                prog.show(force=True)
+    except KeyboardInterrupt:
+        drop_stale(srv, run_tag, interrupt=True)
+        print("\n[batch] interrupted: finished items are in the manifest; run the same command again to go on",
+              file=sys.stderr)
+        return 130
+    return finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, psnrs)
+
+
+def finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, psnrs) -> int:
+    """The summary and the exit status."""
+    el = max(time.time() - prog.t0, 1e-9)
+    done_ok = sum(1 for it in items if manifest.finished_ok(it, out))
+    print(f"\n[batch] done in {el:.0f} s: {done_ok}/{len(items)} items ok, {failed} failed, {prog.images} images "
+          f"this run ({prog.images / el:.2f} images/s); manifest {manifest.path}", file=sys.stderr)
+    if summary_flags:
+        print("[batch] quality flags: " + ", ".join(f"{k} {v}" for k, v in sorted(summary_flags.items())),
+              file=sys.stderr)
+    if psnrs:
+        print(f"[batch] vs BF16 reference ({len(psnrs)} items): PSNR min {min(psnrs):.1f} dB, mean "
+              f"{sum(psnrs) / len(psnrs):.1f} dB", file=sys.stderr)
+    if failed:
+        return 1
+    if quality_failed:
+        print(f"[batch] QUALITY GATE FAILED: {quality_failed} item(s) flagged {', '.join(a.fail_on) or ''}"
+              + (f" or below {a.min_psnr} dB" if a.min_psnr is not None else ""), file=sys.stderr)
+        return 3
+    return 0
+
+
+def drop_stale(srv: Server, run_tag: str, interrupt: bool = False) -> None:
+    """Remove this output folder's prompts still waiting in the server's queue (a killed earlier run left them); with
+    ``interrupt`` also stop the one running now if it is ours."""
+    try:
+        q = srv.get("/queue")
+    except (OSError, urllib.error.URLError):
+        return
+    mine = lambda e: len(e) > 3 and isinstance(e[3], dict) and (e[3].get("sd35fp8_batch") or {}).get("run") == run_tag  # noqa: E731
+    stale = [e[1] for e in q.get("queue_pending", []) if mine(e)]
+    if stale:
+        srv.post("/queue", {"delete": stale})
+        print(f"[batch] removed {len(stale)} prompt(s) of this output folder left in the server's queue",
+              file=sys.stderr)
+    if interrupt and any(mine(e) for e in q.get("queue_running", [])):
+        srv.post("/interrupt", {})
+
+
+def ancestors(wf: dict, node: str) -> set[str]:
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in out:
+            continue
+        out.add(n)
+        todo += [str(v[0]) for v in wf[n]["inputs"].values() if isinstance(v, list) and len(v) == 2 and str(v[0]) in wf]
+    return out
+
+
+def probe_calibration(srv: Server, wf: dict, m: dict, prog) -> dict:
+    """Run the workflow's calibration alone first (ComfyUI keeps it for the items; a cached one returns at once) and
+    read its id from the report, so that every PNG names the calibration it was made with."""
+    if not m["calibrate"]:
+        return {}
+    g = {k: copy.deepcopy(wf[k]) for k in ancestors(wf, m["calibrate"])}
+    g["sd35fp8_probe"] = {"class_type": "PreviewAny", "inputs": {"source": [m["calibrate"], 1]}}
+    print("[batch] calibrating (once per model and settings; reused from ComfyUI's or the pack's cache if done "
+          "before)", file=sys.stderr)
+    t0 = time.time()
+    pid = srv.queue(g, {})
+    while (entry := srv.finished(pid)) is None:
+        with srv.cond:
+            srv.cond.wait(timeout=1.0)
+            if srv.ws_error:
+                raise RuntimeError(f"lost the connection to ComfyUI at {srv.base}: {srv.ws_error}")
+            step = dict(srv.progress)
+        prog.show("calibration", step if step.get("prompt_id") == pid else None)
+    if entry.get("status", {}).get("status_str") != "success":
+        err = next((msg[1] for msg in entry["status"].get("messages", []) if msg[0] == "execution_error"), {})
+        raise InputError(f"the workflow's calibration failed: {err.get('exception_message', 'see the server log')}")
+    outs = entry.get("outputs", {})
+    text = " ".join((outs.get("sd35fp8_probe") or {}).get("text") or (outs.get(m["calibrate"]) or {}).get("text")
+                    or [])
+    found = re.search(r"calibration id ([0-9a-f]+)", text)
+    print(f"[batch] calibration ready in {time.time() - t0:.0f} s" + (f" (id {found.group(1)})" if found else ""),
+          file=sys.stderr)
+    return {"id": found.group(1)} if found else {}
+
+
+def pack_info(g: dict, m: dict, cal_info: dict) -> dict:
+    """The pack's FP8 information for the PNG: model file, weight format, Autocast settings, calibration."""
+    info = {}
+    if m["loader"]:
+        li = g[m["loader"]]["inputs"]
+        info.update(model=li.get("ckpt_name"), weight_scaling=li.get("weight_scaling"))
+    for k, v in g.items():
+        if v["class_type"] == "SD35FP8Autocast":
+            info["autocast"] = {x: y for x, y in v["inputs"].items() if not isinstance(y, list)}
+    if m["calibrate"]:
+        c = g[m["calibrate"]]["inputs"]
+        info["calibration"] = {x: c.get(x) for x in ("steps", "cfg", "sampler_name", "scheduler", "width", "height",
+                                                    "seed", "method")}
+        info["calibration"]["prompts"] = len([p for p in str(c.get("prompts", "")).splitlines() if p.strip()])
+        if cal_info.get("id"):
+            info["calibration"]["id"] = cal_info["id"]
+    return info
+
+
+def save_outputs(srv: Server, entry: dict, m: dict, it: dict, out: str):
+    """Download the item's images (/view) into OUT as <name>_<k>.png, written whole (temp name, then renamed)."""
+    from PIL import Image
+    files, quality = [], []
+    imgs = [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
+    for k, img in enumerate(imgs):
+        q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                    "type": img.get("type", "output")})
+        data = srv.get_bytes(f"/view?{q}")
+        name = f"{it['name']}_{k + 1}.png"
+        tmp = os.path.join(out, f".{name}.partial")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(out, name))
+        files.append(name)
+        quality.append(quality_flags(Image.open(io.BytesIO(data)).convert("RGB")))
+    return files, quality
+
+
+def reference_check(srv: Server, g: dict, m: dict, it: dict, files: list[str], out: str, prefix: str) -> dict:
+    """Render the item through stock ComfyUI in BF16 (same prompt, seed, settings) and compare (PSNR, SSIM)."""
+    from PIL import Image
+    ref = reference_graph(g, m)
+    if ref is None:
+        return {"error": "no SD35FP8CheckpointLoader in the workflow: no BF16 reference to render"}
+    for k in m["saves"]:
+        ref[k]["inputs"]["filename_prefix"] = f"{prefix}/reference/{it['name']}"
+    try:
+        pid = srv.queue(ref, {})
+    except QueueRefused as e:
+        return {"error": f"reference refused: {e.details()}"}
+    while (entry := srv.finished(pid)) is None:
+        with srv.cond:
+            srv.cond.wait(timeout=1.0)
+    if entry.get("status", {}).get("status_str") != "success":
+        return {"error": "the BF16 reference render failed"}
+    imgs = [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
+    ps, ss = [], []
+    for img, f in zip(imgs, files):
+        q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                    "type": img.get("type", "output")})
+        a = Image.open(io.BytesIO(srv.get_bytes(f"/view?{q}"))).convert("RGB")
+        b = Image.open(os.path.join(out, f)).convert("RGB")
+        ps.append(psnr(a, b))
+        ss.append(ssim(a, b))
+    return {"psnr": round(min(ps), 2), "ssim": round(min(ss), 4)} if ps else {"error": "no reference image"}
+
+
+def record(it, g, m, files, secs, status, attempts, error, flags, quality=None) -> dict:
+    rec = {"name": it["name"], "line": it["line"], "prompt": it["prompt"], "negative": it["negative"],
+           "seed": it["seed"], "seed_derived": it["seed_derived"], "settings": settings_of(g, m), "files": files,
+           "seconds": round(secs, 2), "status": status, "attempts": attempts, "flags": list(flags)}
+    if quality:
+        rec["quality"] = quality
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("items", help="prompts: .txt (one per line), .csv or .jsonl")
+    ap.add_argument("--workflow", default="large", help="large, large_turbo, medium (bundled) or an API workflow")
+    ap.add_argument("--ui-workflow", help="the UI-format workflow to store in the PNGs (bundled ones: automatic)")
+    ap.add_argument("--server", help="a running ComfyUI, e.g. http://127.0.0.1:8188 (default: start one)")
+    ap.add_argument("--ckpt", help="without --server: an SD3.5 .safetensors for the started ComfyUI")
+    ap.add_argument("--text-encoders", help="without --server: the folder with clip_l/clip_g/t5xxl")
+    ap.add_argument("--gpu", action="store_true", help="without --server: let the started ComfyUI use the GPU")
+    ap.add_argument("--out", default="output/batch", help="images and manifest.jsonl (default output/batch)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed for items without one (default 0)")
+    ap.add_argument("--retries", type=int, default=2, help="retries of a failed item (default 2)")
+    ap.add_argument("--inflight", type=int, default=2, help="prompts kept in the server's queue (default 2)")
+    ap.add_argument("--fail-on", default="", help="quality flags that fail the run: black,flat,clipped,non_finite")
+    ap.add_argument("--reference-every", type=int, default=0,
+                    help="render every Nth item also through stock ComfyUI in BF16 and record PSNR/SSIM")
+    ap.add_argument("--min-psnr", type=float, help="with --reference-every: fail the run below this PSNR (dB)")
+    a = ap.parse_args(argv)
+    a.fail_on = [f for f in a.fail_on.split(",") if f]
+    bad = [f for f in a.fail_on if f not in FLAGS]
+    if bad:
+        ap.error(f"--fail-on: unknown flag(s) {', '.join(bad)}; use {', '.join(FLAGS)}")
+    if a.min_psnr is not None and not a.reference_every:
+        ap.error("--min-psnr needs --reference-every N (which items get a BF16 reference)")
+    try:
+        return run(a)
+    except InputError as e:
+        print(f"[batch] nothing was queued:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The batch client (scripts/sd35_batch.py) against a real ComfyUI server with the pack and the tiny model: a
+20-item CSV, resume after the client is killed, bad input refused before anything is queued, quality flags on a
+planted black image, the PNG metadata read back."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+import tiny_sd35
+from comfy_harness import REPO, ComfyServer
+from run_batch import TINY_CKPT, TINY_CLIP, adapt, load_workflow
+from sd35_batch import derive_seed
+
+pytestmark = pytest.mark.comfy
+CLIENT = os.path.join(REPO, "scripts", "sd35_batch.py")
+UI = os.path.join(REPO, "workflows", "sd35_large_fp8.json")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("models"))
+    tiny_sd35.write_checkpoint(os.path.join(d, "checkpoints", TINY_CKPT), variant="large", seed=0)
+    cache = os.path.join(REPO, ".cache", "test-models", TINY_CLIP)  # the random CLIP-L: once per machine
+    tiny_sd35.write_clip_l(cache)
+    os.makedirs(os.path.join(d, "text_encoders"), exist_ok=True)
+    os.symlink(cache, os.path.join(d, "text_encoders", TINY_CLIP))
+    srv = ComfyServer(d, workdir=str(tmp_path_factory.mktemp("comfy")))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    """The bundled Large workflow on the tiny model (CLIPLoader on the random CLIP-L), small and fast."""
+    wf = adapt(load_workflow(os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json")), ckpt_name=TINY_CKPT,
+               tiny_clip=TINY_CLIP, width=128, height=128, batch=1, steps=3, calib_prompts=2)
+    p = str(tmp_path_factory.mktemp("wf") / "tiny_api.json")
+    with open(p, "w") as f:
+        json.dump(wf, f)
+    return p, wf
+
+
+def client(server, items, out, *args, wait=True, workflow=None):
+    cmd = [sys.executable, CLIENT, str(items), "--server", server.base, "--workflow", workflow, "--ui-workflow", UI,
+           "--out", str(out), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def manifest(out):
+    with open(os.path.join(out, "manifest.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def history_size(server):
+    return len(server.get("/history"))
+
+
+def write_csv(path, rows, header="name,prompt,seed,width,height"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_csv_of_20_items_with_mixed_seeds_and_two_sizes(server, workflow, tmp_path):
+    rows = [f"p{i:02d},\"a red circle number {i}, top left\",{'' if i % 2 else 1000 + i},"
+            f"{128 if i < 10 else 96},{128 if i < 10 else 160}" for i in range(20)]
+    items = write_csv(tmp_path / "items.csv", rows)
+    out = tmp_path / "out"
+    r = client(server, items, out, "--seed", "77", workflow=workflow[0])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = manifest(out)
+    assert [x["name"] for x in recs] == sorted(x["name"] for x in recs) and len(recs) == 20
+    for i, rec in enumerate(recs):
+        assert rec["status"] == "ok" and rec["files"] == [f"p{i:02d}_1.png"]
+        assert rec["seed"] == (derive_seed(77, f"p{i:02d}") if i % 2 else 1000 + i)
+        w, h = (128, 128) if i < 10 else (96, 160)
+        assert Image.open(out / rec["files"][0]).size == (w, h)
+        assert rec["settings"]["width"] == w and rec["settings"]["steps"] == 3
+    assert sorted(os.listdir(out)) == sorted([f"p{i:02d}_1.png" for i in range(20)] + ["manifest.jsonl"])
+    assert "20/20 items ok" in r.stderr and "images/s" in r.stderr
+    # the same command again: nothing to do, nothing queued
+    before = history_size(server)
+    r2 = client(server, items, out, "--seed", "77", workflow=workflow[0])
+    assert r2.returncode == 0 and "20 already done" in r2.stderr
+    assert history_size(server) == before
+
+
+def test_resume_after_the_client_is_killed(server, workflow, tmp_path):
+    items = tmp_path / "items.txt"
+    items.write_text("# a comment line\n" + "\n".join(f"a blue square, view {i}" for i in range(14)) + "\n")
+    out = tmp_path / "out"
+    p = client(server, items, out, wait=False, workflow=workflow[0])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(out / "manifest.jsonl") and len(manifest(out)) >= 4:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    first = len(manifest(out))
+    assert 4 <= first < 14, "the client was to be killed half-way"
+    r = client(server, items, out, workflow=workflow[0])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = manifest(out)
+    names = [x["name"] for x in recs]
+    assert len(names) == len(set(names)) == 14, "no item twice, none missing"
+    assert f"{14 - first} to run" in r.stderr
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert pngs == [f"item-{i:05d}_1.png" for i in range(1, 15)]
+    assert not [f for f in os.listdir(out) if f.endswith(".partial")]
+
+
+def test_a_bad_line_is_reported_with_its_number_before_anything_is_queued(server, workflow, tmp_path):
+    items = write_csv(tmp_path / "bad.csv", ["a,a cat,1,128,128", "b,a dog,12x,128,128", "c,a cow,3,100,128",
+                                             "a,again,4,128,128"])
+    before = history_size(server)
+    r = client(server, items, tmp_path / "out", workflow=workflow[0])
+    assert r.returncode == 2
+    assert "bad.csv: line 3: seed must be a whole number, got '12x'" in r.stderr
+    assert "line 4: width 100 is not a multiple of 16" in r.stderr
+    assert "line 5: name 'a' is already used on line 2" in r.stderr
+    assert "nothing was queued" in r.stderr and history_size(server) == before
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text('{"prompt": "ok"}\n{"prompt": "x", "colour": "red"}\n{"prompt": \n')
+    r = client(server, jl, tmp_path / "out", workflow=workflow[0])
+    assert r.returncode == 2 and "line 2: unknown field(s) colour" in r.stderr and "line 3: not JSON" in r.stderr
+
+
+def test_missing_model_file_and_unmappable_workflow_are_refused(server, workflow, tmp_path):
+    items = tmp_path / "items.txt"
+    items.write_text("a cat\n")
+    wf = json.loads(json.dumps(workflow[1]))
+    loader = next(k for k, v in wf.items() if v["class_type"] == "SD35FP8CheckpointLoader")
+    wf[loader]["inputs"]["ckpt_name"] = "sd3.5_missing.safetensors"
+    p = tmp_path / "missing.json"
+    p.write_text(json.dumps(wf))
+    before = history_size(server)
+    r = client(server, items, tmp_path / "out", workflow=str(p))
+    assert r.returncode == 2 and "'sd3.5_missing.safetensors' is not in the server's model folders" in r.stderr
+    wf = json.loads(json.dumps(workflow[1]))
+    for k in [k for k, v in wf.items() if v["class_type"] == "SaveImage"]:
+        del wf[k]
+    p.write_text(json.dumps(wf))
+    r = client(server, items, tmp_path / "out", workflow=str(p))
+    assert r.returncode == 2 and "cannot map the workflow: it lacks a SaveImage node" in r.stderr
+    assert history_size(server) == before
+
+
+def test_a_planted_black_image_is_flagged_and_the_gate_fails(server, workflow, tmp_path):
+    """SaveImage fed by a black EmptyImage (the sampler still runs, into a preview): the flag and the gate."""
+    wf = json.loads(json.dumps(workflow[1]))
+    save = next(k for k, v in wf.items() if v["class_type"] == "SaveImage")
+    dec = next(k for k, v in wf.items() if v["class_type"] == "VAEDecode")
+    wf["90"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}}
+    wf["91"] = {"class_type": "PreviewImage", "inputs": {"images": [dec, 0]}}
+    wf[save]["inputs"]["images"] = ["90", 0]
+    p = tmp_path / "black.json"
+    p.write_text(json.dumps(wf))
+    items = tmp_path / "items.txt"
+    items.write_text("a cat\na dog\n")
+    r = client(server, items, tmp_path / "out", workflow=str(p))
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = manifest(tmp_path / "out")
+    assert all(x["flags"] == ["black"] for x in recs) and "quality flags: black 2" in r.stderr
+    r = client(server, items, tmp_path / "out2", "--fail-on", "black", workflow=str(p))
+    assert r.returncode == 3 and "QUALITY GATE FAILED" in r.stderr
+
+
+def test_pngs_carry_the_prompt_the_ui_workflow_and_the_fp8_information(server, workflow, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"prompt": "a green triangle", "negative": "blurry", "seed": 5, "name": "tri"}) + "\n"
+                     + json.dumps({"prompt": "a yellow star", "count": 2}) + "\n")
+    out = tmp_path / "out"
+    r = client(server, items, out, workflow=workflow[0])
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = manifest(out)
+    assert recs[1]["files"] == ["item-00002_1.png", "item-00002_2.png"]
+    for rec in recs:
+        im = Image.open(out / rec["files"][0])
+        prompt, ui, info = (json.loads(im.info[k]) for k in ("prompt", "workflow", "sd35fp8"))
+        texts = [v["inputs"]["text"] for v in prompt.values() if v["class_type"] == "CLIPTextEncode"]
+        assert rec["prompt"] in texts
+        ks = next(v for v in prompt.values() if v["class_type"] == "KSampler")
+        assert ks["inputs"]["seed"] == rec["seed"]
+        ui_nodes = {n["type"]: n for n in ui["nodes"]}
+        assert ui_nodes["KSampler"]["widgets_values"][0] == rec["seed"]
+        assert rec["prompt"] in [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CLIPTextEncode"]
+        assert "links" in ui and len(ui["nodes"]) == 10  # the graph as laid out, for the editor
+        assert info["model"] == TINY_CKPT and info["weight_scaling"] == "per_tensor"
+        assert info["calibration"]["prompts"] == 2 and len(info["calibration"]["id"]) == 16
+    assert "blurry" in [v["inputs"]["text"] for v in json.loads(Image.open(out / "tri_1.png").info["prompt"]).values()
+                        if v["class_type"] == "CLIPTextEncode"]
