@@ -17,7 +17,7 @@ from sd35fp8 import METHODS, DelayedScaling, Format
 from sd35fp8.kernels.attention import ATTENTION_BACKENDS
 from sd35fp8.runtime.te import BACKENDS, SCALINGS, availability, preload, resolve_backend
 
-from . import calibration, checkpoints, sampling
+from . import batching, calibration, checkpoints, sampling
 from . import state as st
 
 log = logging.getLogger("sd35fp8")
@@ -289,7 +289,59 @@ class SD35FP8SaveCheckpoint(io.ComfyNode):
         return io.NodeOutput(text, ui=preview(text) if preview else {"text": (text,)})
 
 
-NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint]
+class SD35FP8PromptBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8PromptBatch",
+            display_name="SD3.5 Prompt Batch (many prompts, one sampler call)",
+            category="advanced/model_merging/sd35 fp8",
+            description="Several different prompts, each with its own seed, denoised together in one sampler call: "
+                        "connect positive/negative to CFGGuider, latent and noise to SamplerCustomAdvanced. Each image "
+                        "is the one the same prompt and seed give alone with KSampler (deterministic samplers).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="the text encoders (TripleCLIPLoader or the checkpoint's CLIP)"),
+                io.String.Input("prompts", multiline=True, default="", tooltip="one prompt per line"),
+                io.String.Input("negative", multiline=True, default="", tooltip="the negative prompt, for all items"),
+                io.String.Input("seeds", default="", tooltip="one seed per prompt, comma separated; empty: derived "
+                                                              "from seed"),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="the base seed the items' seeds are derived from when seeds is empty"),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16, tooltip="image width"),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16, tooltip="image height"),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="the prompts, batched"),
+                     io.Conditioning.Output(display_name="negative", tooltip="the negative prompt"),
+                     io.Latent.Output(display_name="latent", tooltip="an empty latent, one per prompt"),
+                     io.Noise.Output(display_name="noise", tooltip="each item's noise from its own seed"),
+                     io.String.Output(display_name="report", tooltip="the items' seeds and any padding")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts=None, seeds=None, seed=None, width=None, height=None):
+        if prompts is not None:
+            n = len(prompt_lines(prompts))
+            if not n:
+                return "SD35FP8PromptBatch: prompts: give at least one prompt (one per line)"
+            if n > batching.MAX_ITEMS:
+                return f"SD35FP8PromptBatch: prompts: {n} lines; at most {batching.MAX_ITEMS} per sampler call"
+            if seeds is not None:
+                try:
+                    batching.item_seeds(n, seeds, 0)
+                except ValueError as e:
+                    return str(e)
+        return check_widgets(cls, dict(seed=seed, width=width, height=height))
+
+    @classmethod
+    def execute(cls, clip, prompts, negative, seeds, seed, width, height) -> io.NodeOutput:
+        lines = prompt_lines(prompts)
+        pos, neg, latent, noise, report = batching.prompt_batch(clip, lines, negative,
+                                                                batching.item_seeds(len(lines), seeds, seed),
+                                                                width, height)
+        return io.NodeOutput(pos, neg, latent, noise, report)
+
+
+NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint, SD35FP8PromptBatch]
 
 
 class SD35FP8Extension(ComfyExtension):

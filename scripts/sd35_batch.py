@@ -259,6 +259,60 @@ def settings_of(g: dict, m: dict) -> dict:
     return out
 
 
+def make_jobs(todo: list[dict], wf: dict, m: dict, per_call: int) -> list[list[dict]]:
+    """Items that share size, steps, cfg and negative prompt (one image each, consecutive in the list) go into one
+    sampler call of up to ``per_call`` prompts (SD35FP8PromptBatch); the others run alone."""
+    can = (per_call > 1 and wf[m["sampler"]]["class_type"] == "KSampler" and m["negative"]
+           and wf[m["positive"]]["class_type"] == "CLIPTextEncode" == wf[m["negative"]]["class_type"])
+    if not can:
+        return [[it] for it in todo]
+    jobs, cur = [], []
+
+    def key(it):
+        return (it["width"], it["height"], it["steps"], it["cfg"], it["negative"])
+    for it in todo:
+        if (it["count"] or 1) > 1 or "\n" in it["prompt"]:
+            jobs.append([it])
+            continue
+        if cur and (key(cur[0]) != key(it) or len(cur) >= per_call):
+            jobs.append(cur)
+            cur = []
+        cur.append(it)
+    if cur:
+        jobs.append(cur)
+    return jobs
+
+
+def group_graph(wf: dict, m: dict, items: list[dict], prefix: str) -> dict:
+    """One sampler call for ``items``: the workflow's KSampler becomes SamplerCustomAdvanced (same node id, so what
+    follows it is unchanged) fed by SD35FP8PromptBatch, CFGGuider, KSamplerSelect and BasicScheduler."""
+    g = item_graph(wf, m, items[0], prefix)
+    ks = m["sampler"]
+    s = g[ks]["inputs"]
+    pb = "sd35fp8_prompt_batch"
+    lat = g[m["latent"]]["inputs"]
+    g[pb] = {"class_type": "SD35FP8PromptBatch", "inputs": {
+        "clip": g[m["positive"]]["inputs"]["clip"], "prompts": "\n".join(it["prompt"] for it in items),
+        "negative": g[m["negative"]]["inputs"]["text"], "seeds": ", ".join(str(it["seed"]) for it in items),
+        "seed": 0, "width": lat["width"], "height": lat["height"]}}
+    g["sd35fp8_guider"] = {"class_type": "CFGGuider", "inputs": {"model": s["model"], "positive": [pb, 0],
+                                                                 "negative": [pb, 1], "cfg": s["cfg"]}}
+    g["sd35fp8_sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": s["sampler_name"]}}
+    g["sd35fp8_sigmas"] = {"class_type": "BasicScheduler", "inputs": {
+        "model": s["model"], "scheduler": s["scheduler"], "steps": s["steps"], "denoise": s.get("denoise", 1.0)}}
+    g[ks] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+        "noise": [pb, 3], "guider": ["sd35fp8_guider", 0], "sampler": ["sd35fp8_sampler", 0],
+        "sigmas": ["sd35fp8_sigmas", 0], "latent_image": [pb, 2]}}
+    for n in (m["positive"], m["negative"], m["latent"]):
+        used = any(isinstance(v, list) and len(v) == 2 and str(v[0]) == n for k, node in g.items() if k != n
+                   for v in node["inputs"].values())
+        if not used:
+            del g[n]
+    for k in m["saves"]:
+        g[k]["inputs"]["filename_prefix"] = f"{prefix}/{items[0]['name']}-batch"
+    return g
+
+
 # UI-format widget positions of the nodes the client changes (control_after_generate follows a seed)
 UI_WIDGETS = {"CLIPTextEncode": {"text": 0}, "SD35FP8CheckpointLoader": {"ckpt_name": 0, "weight_scaling": 1},
                "KSampler": {"seed": 0, "steps": 2, "cfg": 3},
@@ -604,41 +658,53 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
     if not todo:
         return finish(a, items, manifest, out, prog, 0, 0, {}, [])
     cal_info = probe_calibration(srv, wf, m, prog)
-    pending: dict[str, tuple] = {}  # prompt id -> (item, attempt, graph, t0)
-    queue = [(it, 1) for it in todo]
+    pending: dict[str, tuple] = {}  # prompt id -> (job, attempt, t0)
+    queue = [(job, 1) for job in make_jobs(todo, wf, m, a.per_call)]
     failed = quality_failed = 0
     summary_flags: dict[str, int] = {}
     psnrs = []
+    gate = set(a.fail_on + (["below_min_psnr"] if a.min_psnr is not None else []))
+
+    def item_png(it):
+        png = {"workflow": ui_for(ui, item_graph(wf, m, it, prefix))} if ui else {}
+        png["sd35fp8"] = pack_info(item_graph(wf, m, it, prefix), m, cal_info)
+        return png
+
+    def fail(it, attempt, secs, why, flags):
+        nonlocal failed
+        manifest.write(record(it, item_graph(wf, m, it, prefix), m, [], secs, "failed", attempt, why, flags))
+        failed += 1
+        prog.failed += 1
+        prog.done += 1
     try:
         while queue or pending:
-            while queue and len(pending) < a.inflight:  # keep the next item queued: no idle GPU between items
-                it, attempt = queue.pop(0)
-                g = item_graph(wf, m, it, prefix)
-                png = {"workflow": ui_for(ui, g)} if ui else {}
-                png["sd35fp8"] = pack_info(g, m, cal_info)
-                extra = {"extra_pnginfo": png, "sd35fp8_batch": {"run": run_tag, "item": it["name"],
+            while queue and len(pending) < a.inflight:  # keep the next job queued: no idle GPU between jobs
+                job, attempt = queue.pop(0)
+                g = item_graph(wf, m, job[0], prefix) if len(job) == 1 else group_graph(wf, m, job, prefix)
+                png = item_png(job[0])
+                if len(job) > 1:
+                    png["sd35fp8"]["items"] = [{"name": it["name"], "seed": it["seed"]} for it in job]
+                extra = {"extra_pnginfo": png, "sd35fp8_batch": {"run": run_tag, "items": [it["name"] for it in job],
                                                                  "attempt": attempt}}
                 try:
                     pid = srv.queue(g, extra)
                 except QueueRefused as e:  # the graph itself is wrong: no retry helps
-                    rec = record(it, g, m, [], 0.0, "failed", attempt, f"refused: {e}: {e.details()}", [])
-                    manifest.write(rec)
-                    failed += 1
-                    prog.failed += 1
+                    for it in job:
+                        fail(it, attempt, 0.0, f"refused: {e}: {e.details()}", [])
                     continue
-                pending[pid] = (it, attempt, g, time.time())
+                pending[pid] = (job, attempt, time.time())
             with srv.cond:
                 srv.cond.wait(timeout=1.0)
                 if srv.ws_error:
                     raise RuntimeError(f"lost the connection to ComfyUI at {srv.base}: {srv.ws_error}")
                 step = dict(srv.progress)
             cur = pending.get(step.get("prompt_id"), (None,))[0]
-            prog.show(cur["name"] if cur else "", step)
+            prog.show(", ".join(it["name"] for it in cur)[:60] if cur else "", step)
             for pid in list(pending):
                 entry = srv.finished(pid)
                 if entry is None:
                     continue
-                it, attempt, g, t0 = pending.pop(pid)
+                job, attempt, t0 = pending.pop(pid)
                 secs = time.time() - t0
                 status = entry.get("status", {})
                 if status.get("status_str") != "success":
@@ -646,31 +712,39 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
                     why = (err.get("exception_message") or "interrupted or failed").strip()
                     flags = ["non_finite"] if "NaN" in why or "Inf" in why else []
                     if attempt <= a.retries and not flags:
-                        print(f"\n[batch] {it['name']}: failed ({why.splitlines()[0][:200]}); retry {attempt}",
-                              file=sys.stderr)
-                        queue.insert(0, (it, attempt + 1))
+                        print(f"\n[batch] {', '.join(it['name'] for it in job)[:80]}: failed "
+                              f"({why.splitlines()[0][:200]}); retry {attempt}", file=sys.stderr)
+                        queue.insert(0, (job, attempt + 1))
                         continue
-                    manifest.write(record(it, g, m, [], secs, "failed", attempt, why[:2000], flags))
-                    failed += 1
-                    prog.failed += 1
-                    prog.done += 1
+                    for it in job:
+                        fail(it, attempt, secs, why[:2000], flags)
                     continue
-                files, q = save_outputs(srv, entry, m, it, out)
-                flags = sorted({f for x in q for f in x["flags"]})
-                rec = record(it, g, m, files, secs, "ok", attempt, None, flags, quality=q)
-                if a.reference_every and (items.index(it) % a.reference_every == 0):
-                    rec["reference"] = reference_check(srv, g, m, it, files, out, prefix)
-                    if "psnr" in rec["reference"]:
-                        psnrs.append(rec["reference"]["psnr"])
-                        if a.min_psnr is not None and rec["reference"]["psnr"] < a.min_psnr:
-                            rec["flags"].append("below_min_psnr")
-                for f in rec["flags"]:
-                    summary_flags[f] = summary_flags.get(f, 0) + 1
-                if set(rec["flags"]) & set(a.fail_on + (["below_min_psnr"] if a.min_psnr is not None else [])):
-                    quality_failed += 1
-                manifest.write(rec)
-                prog.done += 1
-                prog.images += len(files)
+                try:
+                    saved = save_outputs(srv, entry, m, job, out, [item_png(it) for it in job] if len(job) > 1
+                                         else None)
+                except (RuntimeError, OSError, urllib.error.URLError) as e:
+                    for it in job:
+                        fail(it, attempt, secs, f"could not fetch the images: {e}", [])
+                    continue
+                for it, (files, q) in zip(job, saved):
+                    flags = sorted({f for x in q for f in x["flags"]})
+                    g1 = item_graph(wf, m, it, prefix)
+                    rec = record(it, g1, m, files, secs / len(job), "ok", attempt, None, flags, quality=q)
+                    if len(job) > 1:
+                        rec["batched_with"] = len(job)
+                    if a.reference_every and (items.index(it) % a.reference_every == 0):
+                        rec["reference"] = reference_check(srv, g1, m, it, files, out, prefix)
+                        if "psnr" in rec["reference"]:
+                            psnrs.append(rec["reference"]["psnr"])
+                            if a.min_psnr is not None and rec["reference"]["psnr"] < a.min_psnr:
+                                rec["flags"].append("below_min_psnr")
+                    for f in rec["flags"]:
+                        summary_flags[f] = summary_flags.get(f, 0) + 1
+                    if set(rec["flags"]) & gate:
+                        quality_failed += 1
+                    manifest.write(rec)
+                    prog.done += 1
+                    prog.images += len(files)
                 prog.show(force=True)
     except KeyboardInterrupt:
         drop_stale(srv, run_tag, interrupt=True)
@@ -778,23 +852,43 @@ def pack_info(g: dict, m: dict, cal_info: dict) -> dict:
     return info
 
 
-def save_outputs(srv: Server, entry: dict, m: dict, it: dict, out: str):
-    """Download the item's images (/view) into OUT as <name>_<k>.png, written whole (temp name, then renamed)."""
-    from PIL import Image
-    files, quality = [], []
+def save_outputs(srv: Server, entry: dict, m: dict, job: list[dict], out: str, pnginfo: list | None = None):
+    """Download the job's images (/view) into OUT as <name>_<k>.png, in batch order (item by item), each written
+    whole (temp name, then renamed). ``pnginfo``: per item, text chunks to store instead of the server's (the
+    PNGs of a shared sampler call get their own item's UI workflow). Returns [(files, quality)] per item."""
+    from PIL import Image, PngImagePlugin
     imgs = [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
-    for k, img in enumerate(imgs):
-        q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
-                                    "type": img.get("type", "output")})
-        data = srv.get_bytes(f"/view?{q}")
-        name = f"{it['name']}_{k + 1}.png"
-        tmp = os.path.join(out, f".{name}.partial")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(out, name))
-        files.append(name)
-        quality.append(quality_flags(Image.open(io.BytesIO(data)).convert("RGB")))
-    return files, quality
+    per_item = [it["count"] or 1 for it in job]
+    if len(imgs) != sum(per_item):
+        raise RuntimeError(f"expected {sum(per_item)} image(s) from the workflow's SaveImage, got {len(imgs)}")
+    result, i = [], 0
+    for j, it in enumerate(job):
+        files, quality = [], []
+        for k in range(per_item[j]):
+            img = imgs[i]
+            i += 1
+            q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                        "type": img.get("type", "output")})
+            data = srv.get_bytes(f"/view?{q}")
+            pic = Image.open(io.BytesIO(data))
+            if pnginfo and pnginfo[j]:
+                meta = PngImagePlugin.PngInfo()
+                texts = {k: v for k, v in pic.info.items() if isinstance(v, str)}  # the server's (prompt, ...)
+                texts.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in pnginfo[j].items()})
+                for key, val in texts.items():
+                    meta.add_text(key, val)
+                buf = io.BytesIO()
+                pic.save(buf, format="PNG", pnginfo=meta, compress_level=4)
+                data = buf.getvalue()
+            name = f"{it['name']}_{k + 1}.png"
+            tmp = os.path.join(out, f".{name}.partial")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(out, name))
+            files.append(name)
+            quality.append(quality_flags(pic.convert("RGB")))
+        result.append((files, quality))
+    return result
 
 
 def reference_check(srv: Server, g: dict, m: dict, it: dict, files: list[str], out: str, prefix: str) -> dict:
@@ -850,6 +944,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed for items without one (default 0)")
     ap.add_argument("--retries", type=int, default=2, help="retries of a failed item (default 2)")
     ap.add_argument("--inflight", type=int, default=2, help="prompts kept in the server's queue (default 2)")
+    ap.add_argument("--per-call", type=int, default=1,
+                    help="up to N items of the same size, steps, cfg and negative in one sampler call "
+                         "(SD35FP8PromptBatch; KSampler workflows; default 1: one item per call)")
     ap.add_argument("--fail-on", default="", help="quality flags that fail the run: black,flat,clipped,non_finite")
     ap.add_argument("--reference-every", type=int, default=0,
                     help="render every Nth item also through stock ComfyUI in BF16 and record PSNR/SSIM")
