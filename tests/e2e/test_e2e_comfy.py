@@ -108,6 +108,7 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
                              "height", "seed", "method", "percentile"],
         "SD35FP8Autocast": ["model", "enabled", "fp8_format", "amax_history_len", "margin", "backend"],
         "SD35FP8SaveCheckpoint": ["model", "filename", "overwrite"],
+        "SD35FP8PromptBatch": ["clip", "prompts", "negative", "seeds", "seed", "width", "height"],
     }
     for node, inputs in expect.items():
         assert node in object_info, f"{node} missing: the pack failed to import (see the server log)"
@@ -123,6 +124,7 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
         "auto", "cudnn", "flash", "efficient", "math", "fp8"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
     assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
+    assert object_info["SD35FP8PromptBatch"]["output"] == ["CONDITIONING", "CONDITIONING", "LATENT", "NOISE", "STRING"]
     assert list(object_info["SD35FP8SaveCheckpoint"]["input"]["optional"]) == ["clip", "vae"]
     assert object_info["SD35FP8SaveCheckpoint"]["output_node"] is True
     # a calibration seed that the frontend randomizes after each queue would re-calibrate every run
