@@ -31,6 +31,21 @@ import sys
 import tempfile
 import time
 
+
+def _early_aimdo():
+    """ComfyUI 0.30+'s main.py loads comfy-aimdo (DynamicVRAM) before torch: so does this benchmark, unless
+    --dynamic-vram off. Returns the control module or None."""
+    if any(x in sys.argv for x in ("--dynamic-vram=off",)) or \
+            ("--dynamic-vram" in sys.argv and sys.argv[sys.argv.index("--dynamic-vram") + 1:][:1] == ["off"]):
+        return None
+    try:
+        import comfy_aimdo.control as control
+        return control if control.init(nvml_pressure=True) else None  # main.py's default nvml pressure
+    except Exception:  # noqa: BLE001  (not installed: ComfyUI before 0.30)
+        return None
+
+
+AIMDO = _early_aimdo()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from tune import gemm_configs  # noqa: E402
@@ -126,15 +141,9 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
-    aimdo = None
-    if a.dynamic_vram != "off":  # as ComfyUI's main.py: the control library before torch is imported
-        try:
-            import comfy_aimdo.control as aimdo
-            aimdo.init(nvml_pressure=True)  # main.py's default (--disable-nvml-pressure unset)
-        except Exception as e:  # noqa: BLE001
-            if a.dynamic_vram == "on":
-                raise SystemExit(f"--dynamic-vram on: comfy_aimdo does not load ({e})")
-            aimdo = None
+    aimdo = AIMDO
+    if a.dynamic_vram == "on" and aimdo is None:
+        raise SystemExit("--dynamic-vram on: comfy_aimdo is not installed or does not load")
 
     def skipped(key: str, variant: str) -> bool:
         """--skip KEY skips a row everywhere, --skip VARIANT:KEY for one variant only (e.g. large:bf16_compile)."""
