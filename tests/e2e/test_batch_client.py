@@ -272,3 +272,34 @@ def test_client_batches_items_that_share_settings_into_one_sampler_call(server, 
         assert rec["prompt"] in [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CLIPTextEncode"]
         assert [n for n in ui["nodes"] if n["type"] == "KSampler"][0]["widgets_values"][0] == rec["seed"]
         assert json.loads(im.info["sd35fp8"])["calibration"]["id"]
+
+
+def test_a_failed_item_is_retried_and_the_batch_goes_on(server, workflow, tmp_path):
+    """The server interrupts the first item while it samples: the client queues it again; the others run."""
+    items = write_csv(tmp_path / "items.csv", ["slow,a long one,1,128,128,200", "quick,a short one,2,128,128,3"],
+                      header="name,prompt,seed,width,height,steps")
+    p = client(server, items, tmp_path / "out", wait=False, workflow=workflow[0])
+    interrupted, deadline = False, time.time() + 300
+    while not interrupted and time.time() < deadline and p.poll() is None:
+        running = server.get("/queue").get("queue_running", [])
+        if any((e[3].get("sd35fp8_batch") or {}).get("items") == ["slow"] for e in running):
+            time.sleep(0.3)  # inside the sampler
+            server.post("/interrupt", {})
+            interrupted = True
+        time.sleep(0.02)
+    out, err = p.communicate(timeout=600)
+    assert interrupted and p.returncode == 0, err[-3000:]
+    recs = {r["name"]: r for r in manifest(tmp_path / "out")}
+    assert recs["slow"]["status"] == "ok" and recs["slow"]["attempts"] == 2 and "retry 1" in err
+    assert recs["quick"]["status"] == "ok" and recs["quick"]["attempts"] == 1
+
+
+def test_bf16_reference_check_records_psnr_and_ssim_and_gates(server, workflow, tmp_path):
+    items = tmp_path / "items.txt"
+    items.write_text("a cat\na dog\na cow\n")
+    r = client(server, items, tmp_path / "out", "--reference-every", "2", "--min-psnr", "200", workflow=workflow[0])
+    recs = manifest(tmp_path / "out")
+    ref = [x.get("reference") for x in recs]
+    assert ref[1] is None and ref[0]["psnr"] > 15 and 0 < ref[0]["ssim"] <= 1 and ref[2]["psnr"] > 15, ref
+    assert r.returncode == 3 and "below 200.0 dB" in r.stderr and "vs BF16 reference (2 items)" in r.stderr
+    assert all("below_min_psnr" in x["flags"] for x in (recs[0], recs[2]))
