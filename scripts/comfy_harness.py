@@ -38,6 +38,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_get(base: str, path: str, timeout: float = 30):
+    """GET a JSON answer of ComfyUI's HTTP API."""
+    with urllib.request.urlopen(base + path, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def http_post(base: str, path: str, payload: dict, timeout: float = 60) -> tuple[int, dict]:
+    """POST JSON to ComfyUI's HTTP API: (status, JSON body), also for an error status."""
+    req = urllib.request.Request(base + path, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except json.JSONDecodeError:
+            return e.code, {"raw": body.decode(errors="replace")}
+
+
 class ComfyError(RuntimeError):
     def __init__(self, msg, payload=None):
         super().__init__(msg)
@@ -133,21 +154,10 @@ class ComfyServer:
 
     # -- HTTP --------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 30):
-        with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
-            return json.loads(r.read())
+        return http_get(self.base, path, timeout)
 
     def post(self, path: str, payload: dict, timeout: float = 60):
-        req = urllib.request.Request(self.base + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            body = e.read()
-            try:
-                return e.code, json.loads(body)
-            except json.JSONDecodeError:
-                return e.code, {"raw": body.decode(errors="replace")}
+        return http_post(self.base, path, payload, timeout)
 
     def queue(self, prompt: dict) -> str:
         status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})

@@ -43,6 +43,9 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from comfy_harness import http_get, http_post  # noqa: E402  (stdlib only: the client needs no torch)
 BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -352,26 +355,14 @@ class Server:
         self.ws_error = None
 
     def get(self, path: str, timeout: float = 60):
-        with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
-            return json.loads(r.read())
+        return http_get(self.base, path, timeout)
 
     def get_bytes(self, path: str, timeout: float = 120) -> bytes:
         with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
             return r.read()
 
     def post(self, path: str, payload: dict, timeout: float = 60):
-        req = urllib.request.Request(self.base + path, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                body = r.read()
-                return r.status, json.loads(body) if body else {}
-        except urllib.error.HTTPError as e:
-            body = e.read()
-            try:
-                return e.code, json.loads(body)
-            except json.JSONDecodeError:
-                return e.code, {"raw": body.decode(errors="replace")}
+        return http_post(self.base, path, payload, timeout)
 
     def listen(self):
         """Websocket events of this client's prompts, by prompt id (and the current step, for the progress bar)."""
@@ -966,5 +957,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
     sys.exit(main())
