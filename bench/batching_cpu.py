@@ -57,8 +57,9 @@ def main():
             print(f"per call {n}: {m.group(4)} images/s", flush=True)
     rows = rows[1:]
     import torch
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    sys.path.insert(0, HERE)
+    import common
+    commit = common.commit()
     with open(os.path.join(comfy_dir(), "comfyui_version.py")) as f:
         version = f.read().split('"')[1]
     base = rows[0][1]

@@ -21,6 +21,19 @@ SHAPES = {"large": (38, 0, 192), "medium": (24, 13, 384)}
 TEXT_TOKENS = 154  # ComfyUI: 77 (CLIP-L/G) + max(77, T5)
 
 
+def commit() -> str:
+    """The code's commit for a record: SD35FP8_COMMIT when the caller knows it (a copied tree's git metadata can be
+    stale), else git's HEAD, marked ``+changes`` when the tree differs from it."""
+    import subprocess
+    if os.environ.get("SD35FP8_COMMIT"):
+        return os.environ["SD35FP8_COMMIT"]
+    git = ["git", "-C", REPO]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return (head or "unknown") + (" +changes" if dirty else "")
+
+
 def arg_parser(variant: bool = True, size: bool = True):
     """The arguments every benchmark takes: ``--comfy`` (ComfyUI source), ``--variant``, ``--size``."""
     import argparse

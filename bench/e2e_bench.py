@@ -298,8 +298,8 @@ def main():
 
     import torch  # its version only (no CUDA context here)
     comfy_version = system.get("comfyui_version", "?")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    import common
+    commit = common.commit()
     gpu_name = gpu.name if gpu.ok else "none (CPU)"
     meta = (f"GPU: {gpu_name}; torch {torch.__version__}; ComfyUI {comfy_version}; date {datetime.date.today()}; "
             f"commit "

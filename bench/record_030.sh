@@ -3,12 +3,13 @@
 # the machine given back ~30 s after a call, at most 64 MiB carried a call). Three verbs, each its own call:
 #
 #   bash bench/record_030.sh setup1   # carry .carry1: ComfyUI 0.30.0's source (tar.xz) + the wheels it needs there
-#   bash bench/record_030.sh start    # carry .carry2: comfy-kitchen; installs it, then starts the whole job detached
+#   SD35FP8_COMMIT=<git rev-parse --short HEAD here> bash bench/record_030.sh start    # carry .carry2: comfy-kitchen; installs it, then starts the whole job detached
 #   bash bench/record_030.sh wait [S] # follow it; copies the log and every finished table to $OUT (call again)
 #
 # The job (one GPU, one step after the other, each writing its own table to /tmp/rec):
 #   1. end to end through /prompt, SD3.5 Large, 1024², batch 4, 28 steps: stock BF16, ours (the bundled workflow),
-#      stock UNETLoader on our saved calibrated file + TorchCompileModel, stock fp8_e4m3fn_fast + TorchCompileModel;
+#      stock UNETLoader on our saved calibrated file (eager; + TorchCompileModel last: it failed in 0.30.0 on
+#      2026-12-05), stock fp8_e4m3fn_fast + TorchCompileModel;
 #   2. the same server set-up under a 16 GiB cap: ours (calibration from the cache of step 1), stock on our file;
 #   3. denoiser calls (bench/sd35_bench.py), Large: stock BF16, stock fp8_e4m3fn_fast eager and compiled, stock on
 #      our file eager and compiled, ours default and most faithful (BF16 + compile left out: 1.36x in 0.3.75, behind
@@ -40,12 +41,13 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .carry2/*.whl \
       || exit 1
     export PYTHONPATH=$site
+    export SD35FP8_COMMIT=${SD35FP8_COMMIT:-}  # the records' commit: the device's git metadata can be stale
     python3 -c "import comfy_kitchen; print('comfy_kitchen', comfy_kitchen.__version__ if hasattr(comfy_kitchen, '__version__') else '?')"
     models=/tmp/e2e-models work=/tmp/e2e-work
     e2e="python3 bench/e2e_bench.py --comfy $comfy --models $models --workdir $work --calib-prompts $cal --comfy-arg=--front-end-root=/tmp/web"
     bench="python3 bench/sd35_bench.py --comfy $comfy --cal-prompts $cal"
     bash bench/bg.sh start $log bash -c "
-      $e2e --variant large --out /tmp/rec/e2e_large.md --json /tmp/rec/e2e_large.json;
+      $e2e --variant large --modes stock_bf16,ours,stock_file,stock_fast_compile,stock_file_compile --out /tmp/rec/e2e_large.md --json /tmp/rec/e2e_large.json;
       $e2e --variant large --modes ours,stock_file --vram-cap-gib 16 --out /tmp/rec/e2e_large_16gib.md;
       rm -f $models/diffusion_models/sd3.5_large.safetensors $models/diffusion_models/sd35_fp8/e2e_calibrated_large.safetensors;
       $bench --variants large --skip te,fp8,eager,cudagraphs,fp8_attention,int8_adaln,int8_mlp_cudnn,bf16_compile --out /tmp/rec/denoiser_large.md --json /tmp/rec/denoiser_large.json;

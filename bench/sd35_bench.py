@@ -446,7 +446,9 @@ def main():
         os.remove(path)
 
     meta = (f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; ComfyUI {a.comfy}; "
-            f"date {datetime.date.today().isoformat()}; {a.size}², CFG batch 2 (b8 = 4 images), 154 text tokens; "
+            f"date {datetime.date.today().isoformat()}; commit {common.commit()}; {a.size}², CFG batch 2 "
+            "(b8 = 4 images), "
+            "154 text tokens; "
             f"final latent: {a.steps} steps euler/sgm_uniform CFG 4.5 seed 123\n"
             f"command: python3 bench/sd35_bench.py {' '.join(shlex.quote(x) for x in sys.argv[1:])}")
     lines, ratios = report(rows, a.variants.split(","))
