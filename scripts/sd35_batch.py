@@ -262,6 +262,16 @@ def settings_of(g: dict, m: dict) -> dict:
     return out
 
 
+def auto_per_call(srv: Server) -> int:
+    """Without --per-call: 4 prompts per sampler call on a server with a CUDA GPU (a 1024² batch of one leaves it
+    partly idle), 1 elsewhere (on CPUs larger calls measured slower: bench/results/*_cpu_prompt_batch_tiny.md)."""
+    try:
+        devices = srv.get("/system_stats").get("devices", [])
+    except (OSError, urllib.error.URLError, ValueError):
+        return 1
+    return 4 if any(d.get("type") == "cuda" for d in devices) else 1
+
+
 def make_jobs(todo: list[dict], wf: dict, m: dict, per_call: int) -> list[list[dict]]:
     """Items that share size, steps, cfg and negative prompt (one image each, consecutive in the list) go into one
     sampler call of up to ``per_call`` prompts (SD35FP8PromptBatch); the others run alone."""
@@ -650,7 +660,8 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
         return finish(a, items, manifest, out, prog, 0, 0, {}, [])
     cal_info = probe_calibration(srv, wf, m, prog)
     pending: dict[str, tuple] = {}  # prompt id -> (job, attempt, t0)
-    queue = [(job, 1) for job in make_jobs(todo, wf, m, a.per_call)]
+    per_call = a.per_call if a.per_call is not None else auto_per_call(srv)
+    queue = [(job, 1) for job in make_jobs(todo, wf, m, per_call)]
     failed = quality_failed = 0
     summary_flags: dict[str, int] = {}
     psnrs = []
@@ -935,9 +946,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed for items without one (default 0)")
     ap.add_argument("--retries", type=int, default=2, help="retries of a failed item (default 2)")
     ap.add_argument("--inflight", type=int, default=2, help="prompts kept in the server's queue (default 2)")
-    ap.add_argument("--per-call", type=int, default=1,
+    ap.add_argument("--per-call", type=int,
                     help="up to N items of the same size, steps, cfg and negative in one sampler call "
-                         "(SD35FP8PromptBatch; KSampler workflows; default 1: one item per call)")
+                         "(SD35FP8PromptBatch; KSampler workflows); default 4 on a CUDA server, 1 on a CPU one")
     ap.add_argument("--fail-on", default="", help="quality flags that fail the run: black,flat,clipped,non_finite")
     ap.add_argument("--reference-every", type=int, default=0,
                     help="render every Nth item also through stock ComfyUI in BF16 and record PSNR/SSIM")

@@ -14,7 +14,7 @@ from PIL import Image
 import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 from run_batch import TINY_CKPT, TINY_CLIP, adapt, load_workflow
-from sd35_batch import derive_seed
+from sd35_batch import Server, auto_per_call, derive_seed
 
 pytestmark = pytest.mark.comfy
 CLIENT = os.path.join(REPO, "scripts", "sd35_batch.py")
@@ -262,6 +262,8 @@ def test_client_batches_items_that_share_settings_into_one_sampler_call(server, 
     assert r1.returncode == 0 and r4.returncode == 0, r4.stderr[-3000:]
     recs = manifest(tmp_path / "batched")
     assert [x.get("batched_with") for x in recs] == [4, 4, 4, 4, 2, 2, 2, 2]  # sizes split the groups
+    assert "batched_with" not in manifest(tmp_path / "alone")[0]
+    assert auto_per_call(Server(server.base)) == 1  # a CPU server: one prompt per call unless asked
     import numpy as np
     for rec in recs:
         a = np.asarray(Image.open(tmp_path / "alone" / rec["files"][0]), dtype=np.int16)
