@@ -43,6 +43,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, HERE)
 from comfy_harness import ComfyServer  # noqa: E402
+from sd35_batch import psnr  # noqa: E402
 import e2e_models  # noqa: E402
 
 WORKFLOW = {"large": "sd35_large_fp8_api.json", "medium": "sd35_medium_fp8_api.json"}
@@ -174,12 +175,6 @@ def load_images(paths: list[str]):
     import numpy as np
     from PIL import Image
     return [np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sorted(paths)]
-
-
-def psnr(a, b) -> float:
-    import numpy as np
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def node_text(entry: dict, node: str) -> str:

@@ -35,8 +35,10 @@ import time
 def _early_aimdo():
     """ComfyUI 0.30+'s main.py loads comfy-aimdo (DynamicVRAM) before torch: so does this benchmark, unless
     --dynamic-vram off. Returns the control module or None."""
-    if any(x in sys.argv for x in ("--dynamic-vram=off",)) or \
-            ("--dynamic-vram" in sys.argv and sys.argv[sys.argv.index("--dynamic-vram") + 1:][:1] == ["off"]):
+    import argparse
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--dynamic-vram", default="auto")
+    if early.parse_known_args()[0].dynamic_vram == "off":
         return None
     try:
         import comfy_aimdo.control as control

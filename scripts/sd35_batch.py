@@ -53,6 +53,7 @@ INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 LATENTS = ("EmptySD3LatentImage", "EmptyLatentImage")
 TEXT_ENCODERS = ("CLIPTextEncode", "CLIPTextEncodeSD3")
+TEXT_INPUTS = {"text", "clip_l", "clip_g", "t5xxl"}
 # loader class -> its inputs that name model files (checked against the server's lists before queueing)
 LOADERS = {"SD35FP8CheckpointLoader": ("ckpt_name",), "CheckpointLoaderSimple": ("ckpt_name",),
            "UNETLoader": ("unet_name",), "VAELoader": ("vae_name",), "CLIPLoader": ("clip_name",),
@@ -224,22 +225,15 @@ def map_workflow(wf: dict, where: str) -> dict:
             "loader": next((k for k, v in wf.items() if v["class_type"] == "SD35FP8CheckpointLoader"), None)}
 
 
-def text_key(wf: dict, node: str) -> str:
-    ins = wf[node]["inputs"]
-    return "text" if "text" in ins else next(k for k in ("clip_l", "t5xxl", "clip_g") if k in ins)
-
-
 def item_graph(wf: dict, m: dict, item: dict, prefix: str) -> dict:
     """The workflow with this item's prompt, seed, size, steps, cfg and count, saving under ``prefix``."""
     g = copy.deepcopy(wf)
-    for k in (("text", "clip_l", "clip_g", "t5xxl") if g[m["positive"]]["class_type"] != "CLIPTextEncode" else
-              ("text",)):
-        if k in g[m["positive"]]["inputs"]:
-            g[m["positive"]]["inputs"][k] = item["prompt"]
-    if item["negative"] is not None and m["negative"]:
-        for k in ("text", "clip_l", "clip_g", "t5xxl"):
-            if k in g[m["negative"]]["inputs"]:
-                g[m["negative"]]["inputs"][k] = item["negative"]
+    texts = {"positive": item["prompt"], "negative": item["negative"]}
+    for role, text in texts.items():
+        if text is not None and m[role]:
+            ins = g[m[role]]["inputs"]
+            for k in TEXT_INPUTS & ins.keys():  # CLIPTextEncode's text, CLIPTextEncodeSD3's three
+                ins[k] = text
     s = g[m["sampler"]]["inputs"]
     s["noise_seed" if "noise_seed" in s else "seed"] = item["seed"]
     for f in ("steps", "cfg"):
@@ -425,6 +419,36 @@ class Server:
                 return h[pid]
             time.sleep(0.1)
         return {"status": {"status_str": "error", "messages": []}, "outputs": {}}
+
+
+    def wait(self, pid: str, on_step=None) -> dict:
+        """Block until ``pid`` has finished; ``on_step(progress)`` for its progress events. Returns its history."""
+        while (entry := self.finished(pid)) is None:
+            with self.cond:
+                self.cond.wait(timeout=1.0)
+                if self.ws_error:
+                    raise RuntimeError(f"lost the connection to ComfyUI at {self.base}: {self.ws_error}")
+                step = dict(self.progress)
+            if on_step:
+                on_step(step if step.get("prompt_id") == pid else None)
+        return entry
+
+    def image(self, img: dict) -> bytes:
+        """One output image of a history entry, through /view (the server may be on another machine)."""
+        q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                    "type": img.get("type", "output")})
+        return self.get_bytes(f"/view?{q}")
+
+
+def saved_images(entry: dict, m: dict) -> list[dict]:
+    return [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
+
+
+def error_of(entry: dict) -> str:
+    """ComfyUI's own message for a prompt that did not succeed."""
+    msgs = entry.get("status", {}).get("messages", [])
+    err = next((msg[1] for msg in msgs if msg[0] == "execution_error"), {})
+    return (err.get("exception_message") or "interrupted or failed (see the server log)").strip()
 
 
 class QueueRefused(Exception):
@@ -667,14 +691,22 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
     psnrs = []
     gate = set(a.fail_on + (["below_min_psnr"] if a.min_psnr is not None else []))
 
+    graphs: dict[str, dict] = {}
+
+    def graph_of(it):  # the item's own graph: queued alone, and the source of its manifest line and PNG metadata
+        if it["name"] not in graphs:
+            graphs[it["name"]] = item_graph(wf, m, it, prefix)
+        return graphs[it["name"]]
+
     def item_png(it):
-        png = {"workflow": ui_for(ui, item_graph(wf, m, it, prefix))} if ui else {}
-        png["sd35fp8"] = pack_info(item_graph(wf, m, it, prefix), m, cal_info)
+        png = {"workflow": ui_for(ui, graph_of(it))} if ui else {}
+        png["sd35fp8"] = pack_info(graph_of(it), m, cal_info)
         return png
 
     def fail(it, attempt, secs, why, flags):
         nonlocal failed
-        manifest.write(record(it, item_graph(wf, m, it, prefix), m, [], secs, "failed", attempt, why, flags))
+        manifest.write(record(it, graph_of(it), m, [], secs, "failed", attempt, why, flags))
+        graphs.pop(it["name"], None)
         failed += 1
         prog.failed += 1
         prog.done += 1
@@ -682,7 +714,7 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
         while queue or pending:
             while queue and len(pending) < a.inflight:  # keep the next job queued: no idle GPU between jobs
                 job, attempt = queue.pop(0)
-                g = item_graph(wf, m, job[0], prefix) if len(job) == 1 else group_graph(wf, m, job, prefix)
+                g = graph_of(job[0]) if len(job) == 1 else group_graph(wf, m, job, prefix)
                 png = item_png(job[0])
                 if len(job) > 1:
                     png["sd35fp8"]["items"] = [{"name": it["name"], "seed": it["seed"]} for it in job]
@@ -710,8 +742,7 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
                 secs = time.time() - t0
                 status = entry.get("status", {})
                 if status.get("status_str") != "success":
-                    err = next((msg[1] for msg in status.get("messages", []) if msg[0] == "execution_error"), {})
-                    why = (err.get("exception_message") or "interrupted or failed").strip()
+                    why = error_of(entry)
                     flags = ["non_finite"] if "NaN" in why or "Inf" in why else []
                     if attempt <= a.retries and not flags:
                         print(f"\n[batch] {', '.join(it['name'] for it in job)[:80]}: failed "
@@ -730,7 +761,7 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
                     continue
                 for it, (files, q) in zip(job, saved):
                     flags = sorted({f for x in q for f in x["flags"]})
-                    g1 = item_graph(wf, m, it, prefix)
+                    g1 = graph_of(it)
                     rec = record(it, g1, m, files, secs / len(job), "ok", attempt, None, flags, quality=q)
                     if len(job) > 1:
                         rec["batched_with"] = len(job)
@@ -745,6 +776,7 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
                     if set(rec["flags"]) & gate:
                         quality_failed += 1
                     manifest.write(rec)
+                    graphs.pop(it["name"], None)
                     prog.done += 1
                     prog.images += len(files)
                 prog.show(force=True)
@@ -815,17 +847,9 @@ def probe_calibration(srv: Server, wf: dict, m: dict, prog) -> dict:
     print("[batch] calibrating (once per model and settings; reused from ComfyUI's or the pack's cache if done "
           "before)", file=sys.stderr)
     t0 = time.time()
-    pid = srv.queue(g, {})
-    while (entry := srv.finished(pid)) is None:
-        with srv.cond:
-            srv.cond.wait(timeout=1.0)
-            if srv.ws_error:
-                raise RuntimeError(f"lost the connection to ComfyUI at {srv.base}: {srv.ws_error}")
-            step = dict(srv.progress)
-        prog.show("calibration", step if step.get("prompt_id") == pid else None)
+    entry = srv.wait(srv.queue(g, {}), lambda step: prog.show("calibration", step))
     if entry.get("status", {}).get("status_str") != "success":
-        err = next((msg[1] for msg in entry["status"].get("messages", []) if msg[0] == "execution_error"), {})
-        raise InputError(f"the workflow's calibration failed: {err.get('exception_message', 'see the server log')}")
+        raise InputError(f"the workflow's calibration failed: {error_of(entry)}")
     outs = entry.get("outputs", {})
     text = " ".join((outs.get("sd35fp8_probe") or {}).get("text") or (outs.get(m["calibrate"]) or {}).get("text")
                     or [])
@@ -859,7 +883,7 @@ def save_outputs(srv: Server, entry: dict, m: dict, job: list[dict], out: str, p
     whole (temp name, then renamed). ``pnginfo``: per item, text chunks to store instead of the server's (the
     PNGs of a shared sampler call get their own item's UI workflow). Returns [(files, quality)] per item."""
     from PIL import Image, PngImagePlugin
-    imgs = [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
+    imgs = saved_images(entry, m)
     per_item = [it["count"] or 1 for it in job]
     if len(imgs) != sum(per_item):
         raise RuntimeError(f"expected {sum(per_item)} image(s) from the workflow's SaveImage, got {len(imgs)}")
@@ -869,9 +893,7 @@ def save_outputs(srv: Server, entry: dict, m: dict, job: list[dict], out: str, p
         for k in range(per_item[j]):
             img = imgs[i]
             i += 1
-            q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
-                                        "type": img.get("type", "output")})
-            data = srv.get_bytes(f"/view?{q}")
+            data = srv.image(img)
             pic = Image.open(io.BytesIO(data))
             if pnginfo and pnginfo[j]:
                 meta = PngImagePlugin.PngInfo()
@@ -902,20 +924,14 @@ def reference_check(srv: Server, g: dict, m: dict, it: dict, files: list[str], o
     for k in m["saves"]:
         ref[k]["inputs"]["filename_prefix"] = f"{prefix}/reference/{it['name']}"
     try:
-        pid = srv.queue(ref, {})
+        entry = srv.wait(srv.queue(ref, {}))
     except QueueRefused as e:
         return {"error": f"reference refused: {e.details()}"}
-    while (entry := srv.finished(pid)) is None:
-        with srv.cond:
-            srv.cond.wait(timeout=1.0)
     if entry.get("status", {}).get("status_str") != "success":
-        return {"error": "the BF16 reference render failed"}
-    imgs = [img for k in m["saves"] for img in (entry.get("outputs", {}).get(k) or {}).get("images", [])]
+        return {"error": f"the BF16 reference render failed: {error_of(entry)}"}
     ps, ss = [], []
-    for img, f in zip(imgs, files):
-        q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
-                                    "type": img.get("type", "output")})
-        a = Image.open(io.BytesIO(srv.get_bytes(f"/view?{q}"))).convert("RGB")
+    for img, f in zip(saved_images(entry, m), files):
+        a = Image.open(io.BytesIO(srv.image(img))).convert("RGB")
         b = Image.open(os.path.join(out, f)).convert("RGB")
         ps.append(psnr(a, b))
         ss.append(ssim(a, b))
