@@ -21,6 +21,7 @@ from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_ama
 from sd35fp8.runtime.static import clear_static
 from sd35fp8.runtime.te import set_te
 
+from . import metrics
 from . import state as st
 from .sampling import AUTOCAST_KEY, apply_runtime_options, check_finite, require_fp8_model, set_autocast
 
@@ -235,9 +236,12 @@ def calibrate_cached(model, prompts: list, negative, steps: int, cfg: float, sam
             f"{record.get('method')} over {record.get('prompts')} prompt(s) x {record.get('steps')} steps): "
             "no sampling"))
         log.info("sd35fp8: %s", text.splitlines()[0])
+        metrics.count_calibration(reused=True)
         return out, text + f"\ncalibration id {key[:16]}"
+    t0 = time.perf_counter()
     out, text = calibrate(model, prompts, negative, steps, cfg, sampler_name, scheduler, width, height, seed, method,
                           percentile, progress=progress, encode=encode)
+    metrics.count_calibration(reused=False, seconds=time.perf_counter() - t0)
     if key:
         s = st.get(out)
         where = cache.put(key, s.input_amax, s.calibration, (s.source or {}).get("file", ""))

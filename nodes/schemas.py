@@ -17,7 +17,7 @@ from sd35fp8 import METHODS, DelayedScaling, Format
 from sd35fp8.kernels.attention import ATTENTION_BACKENDS
 from sd35fp8.runtime.te import BACKENDS, SCALINGS, availability, preload, resolve_backend
 
-from . import batching, calibration, checkpoints, sampling
+from . import batching, calibration, checkpoints, metrics, sampling
 from . import state as st
 
 log = logging.getLogger("sd35fp8")
@@ -99,6 +99,7 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
     def execute(cls, ckpt_name, weight_scaling="per_tensor") -> io.NodeOutput:
         path = checkpoints.resolve_model_file(ckpt_name)
         model, clip, vae, text = checkpoints.load_sd35_fp8(path, weight_scaling)
+        metrics.count_model_load()
         return io.NodeOutput(model, clip, vae, text)
 
 

@@ -67,8 +67,9 @@ class ComfyError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, models_dir: str, workdir: str | None = None, extra_args=(), device_args=("--cpu",),
-                 launcher: str | None = None):
-        """``launcher``: a Python script that runs main.py itself (``python LAUNCHER main.py ARGS``)."""
+                 launcher: str | None = None, env: dict | None = None):
+        """``launcher``: a Python script that runs main.py itself (``python LAUNCHER main.py ARGS``); ``env``:
+        extra environment variables of the server process."""
         self.models_dir = os.path.abspath(models_dir)
         self.workdir = workdir or tempfile.mkdtemp(prefix="comfy-run-")
         self.output_dir = os.path.join(self.workdir, "output")
@@ -76,6 +77,7 @@ class ComfyServer:
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(device_args) + list(extra_args)
         self.launcher = launcher
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.workdir, "comfyui.log")
         self.client_id = uuid.uuid4().hex
@@ -111,7 +113,7 @@ class ComfyServer:
                "--user-directory", os.path.join(self.workdir, "user"),
                "--database-url", "sqlite:///" + os.path.join(self.workdir, "user", "comfyui.db"),
                "--disable-auto-launch", *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=cdir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()

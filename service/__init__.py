@@ -1,0 +1,2 @@
+"""The pack's generation service and clients: pure Python (no ComfyUI, no torch); the aiohttp routes that use it
+live in nodes/routes.py."""
