@@ -659,7 +659,7 @@ def register(prompt_server) -> Service | None:
     async def jobs_delete(request):
         job = job_of(request)
         if not svc.cancel(job, "cancelled", "cancelled (DELETE /v1/jobs)"):
-            raise HTTPProblem(409, f"job {job.id} has already {job.status}", status=job.status)
+            raise HTTPProblem(409, f"job {job.id} has already {job.status}", job_status=job.status)
         return _json(job.record())
 
     @route("GET", "/v1/jobs/{job_id}/images/{index}")

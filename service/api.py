@@ -148,12 +148,19 @@ def simple_items(body, limits: Limits, d: Defaults, samplers, schedulers, allow:
             "cfg": _float(body, "cfg", 0.0, 100.0, d.cfg),
             "sampler_name": check_choice("sampler", body.get("sampler", d.sampler_name), samplers),
             "scheduler": check_choice("scheduler", body.get("scheduler", d.scheduler), schedulers), "count": 1}
+    check_combination(item)
     extras = {}
     if "webhook" in allow and body.get("webhook") is not None:
         extras["webhook"] = check_url("webhook", body["webhook"])
     if "timeout" in allow and body.get("timeout") is not None:
         extras["timeout"] = _float(body, "timeout", 1.0, limits.max_timeout)
     return [dict(item, seed=(base + i) % (SEED_MAX + 1)) for i in range(count)], extras
+
+
+def check_combination(it: dict, steps_field: str = "steps") -> None:
+    """Settings ComfyUI accepts one by one but cannot sample together."""
+    if it["scheduler"] == "kl_optimal" and it["steps"] < 2:  # its sigmas divide by steps - 1: NaN at one step
+        raise FieldError(steps_field, "the kl_optimal scheduler needs at least 2 steps")
 
 
 def check_url(field: str, v) -> str:
@@ -230,6 +237,7 @@ def a1111_items(body, limits: Limits, d: Defaults, samplers, schedulers) -> tupl
             "steps": _int(body, "steps", 1, limits.max_steps, d.steps),
             "cfg": _float(body, "cfg_scale", 0.0, 100.0, 7.0), "sampler_name": sampler, "scheduler": scheduler,
             "count": 1}
+    check_combination(item)
     items = [dict(item, seed=(seed + i) % (SEED_MAX + 1)) for i in range(batch * n_iter)]
     params = {k: v for k, v in body.items()}
     params.update(prompt=item["prompt"], negative_prompt=item["negative"], seed=seed, width=item["width"],
