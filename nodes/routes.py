@@ -262,9 +262,11 @@ class Service:
         sampler, scheduler, negative) of any request, up to the per-call limit. A lone image waits
         ``batch_window`` seconds for company."""
         job, i = self.pending[0]
-        per_call = self.per_call() if graph.can_group(self.wf, self.m) else 1
-        key = graph.batch_key(job.items[i])
-        mates = [x for x in list(self.pending)[1:] if graph.batch_key(x[0].items[x[1]]) == key][:per_call - 1]
+        first = job.items[i]
+        per_call = self.per_call() if graph.can_group(self.wf, self.m) and graph.groupable(first) else 1
+        key = graph.batch_key(first)
+        mates = [x for x in list(self.pending)[1:] if graph.groupable(x[0].items[x[1]])
+                 and graph.batch_key(x[0].items[x[1]]) == key][:per_call - 1]
         if len(mates) < per_call - 1 and now - job.queued_at < self.cfg.batch_window:
             return []
         chosen = [self.pending.popleft(), *mates]
@@ -422,14 +424,19 @@ class Service:
         from the queue."""
         job.deadline = time.monotonic() + self.cfg.request_timeout
         job.timeout = self.cfg.request_timeout
-        while not job.done.is_set():
-            try:
-                await asyncio.wait_for(job.done.wait(), 0.25)
-            except asyncio.TimeoutError:
-                pass
-            gone = request.transport is None or request.transport.is_closing()
-            if gone and job.status == "queued":
+        try:
+            while not job.done.is_set():
+                try:
+                    await asyncio.wait_for(job.done.wait(), 0.25)
+                except asyncio.TimeoutError:
+                    pass
+                gone = request.transport is None or request.transport.is_closing()
+                if gone and job.status == "queued":
+                    self.cancel(job, "cancelled", "the client disconnected before the job started")
+        except asyncio.CancelledError:  # a server that cancels handlers of lost clients
+            if job.status == "queued":
                 self.cancel(job, "cancelled", "the client disconnected before the job started")
+            raise
         return job
 
     # -- readiness ------------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ from comfy_harness import http_get, http_post  # noqa: E402  (stdlib only: the c
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from service.graph import (  # noqa: E402
-    MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, item_graph, map_workflow,
-    model_problems, saved_images, settings_of)
+    MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
+    map_workflow, model_problems, saved_images, settings_of)
 BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -186,7 +186,7 @@ def make_jobs(todo: list[dict], wf: dict, m: dict, per_call: int) -> list[list[d
     jobs, cur = [], []
     key = batch_key
     for it in todo:
-        if (it["count"] or 1) > 1 or "\n" in it["prompt"]:
+        if not groupable(it):
             jobs.append([it])
             continue
         if cur and (key(cur[0]) != key(it) or len(cur) >= per_call):

@@ -142,6 +142,12 @@ def can_group(wf: dict, m: dict) -> bool:
                 and wf[m["positive"]]["class_type"] == "CLIPTextEncode" == wf[m["negative"]]["class_type"])
 
 
+def groupable(item: dict) -> bool:
+    """An item that can share a sampler call: one image, a one-line non-empty prompt (SD35FP8PromptBatch takes one
+    prompt per line)."""
+    return (item.get("count") or 1) == 1 and bool(item["prompt"].strip()) and "\n" not in item["prompt"]
+
+
 def batch_key(item: dict) -> tuple:
     """Items with equal keys (and one image each) can share a sampler call."""
     return tuple(item.get(f) for f in ("width", "height", "steps", "cfg", "sampler_name", "scheduler", "negative"))
