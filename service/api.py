@@ -145,7 +145,7 @@ def simple_items(body, limits: Limits, d: Defaults, samplers, schedulers, allow:
             "width": _size(body, "width", limits.max_width, d.width),
             "height": _size(body, "height", limits.max_height, d.height),
             "steps": _int(body, "steps", 1, limits.max_steps, d.steps),
-            "cfg": _float(body, "cfg", 0.0, 100.0, d.cfg),
+            "cfg": _float(body, "cfg", 0.0, 30.0, d.cfg),
             "sampler_name": check_choice("sampler", body.get("sampler", d.sampler_name), samplers),
             "scheduler": check_choice("scheduler", body.get("scheduler", d.scheduler), schedulers), "count": 1}
     check_combination(item)
@@ -235,7 +235,7 @@ def a1111_items(body, limits: Limits, d: Defaults, samplers, schedulers) -> tupl
             "width": _size(body, "width", limits.max_width, 512),
             "height": _size(body, "height", limits.max_height, 512),
             "steps": _int(body, "steps", 1, limits.max_steps, d.steps),
-            "cfg": _float(body, "cfg_scale", 0.0, 100.0, 7.0), "sampler_name": sampler, "scheduler": scheduler,
+            "cfg": _float(body, "cfg_scale", 0.0, 30.0, 7.0), "sampler_name": sampler, "scheduler": scheduler,
             "count": 1}
     check_combination(item)
     items = [dict(item, seed=(seed + i) % (SEED_MAX + 1)) for i in range(batch * n_iter)]
