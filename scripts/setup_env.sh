@@ -45,10 +45,14 @@ if [ ! -f "$stamp" ]; then
   rm -rf "$empty"
   touch "$stamp"
 fi
-# test tools added after an environment was built (e.g. the linter): install what requirements-dev.txt names
-if ! "$VENV/bin/python" -m ruff --version >/dev/null 2>&1; then
-  echo "[setup] installing the test tools (requirements-dev.txt)"
-  PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check -r "$here/requirements-dev.txt"
+# requirements added after an environment was built (e.g. prometheus-client, the test tools): install them when
+# requirements.txt or requirements-dev.txt changed since the last install
+reqs_sum="$(cat "$here/requirements.txt" "$here/requirements-dev.txt" | sha256sum | cut -c1-16)"
+if [ "$(cat "$VENV/.sd35fp8-reqs" 2>/dev/null)" != "$reqs_sum" ]; then
+  echo "[setup] installing requirements.txt and requirements-dev.txt (changed since the environment was built)"
+  PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check -c "$VENV/constraints.txt" \
+      -r "$here/requirements.txt" -r "$here/requirements-dev.txt"
+  echo "$reqs_sum" > "$VENV/.sd35fp8-reqs"
 fi
 if [ "${1:-}" = "--browser" ]; then
   # optional: the frontend test (tests/test_frontend.py) drives ComfyUI's real UI in headless Chromium
