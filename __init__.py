@@ -39,12 +39,6 @@ _register_library()
 if importlib.util.find_spec("comfy") is not None:
     # inside ComfyUI: let any import error surface, so ComfyUI logs "IMPORT FAILED" with its cause
     from .nodes.schemas import comfy_entrypoint  # noqa: F401
+    from .nodes.routes import register_with_server
 
-    def _register_service() -> None:
-        """The generation service's routes on ComfyUI's own server (nodes/routes.py), when there is one."""
-        import server
-        if getattr(server.PromptServer, "instance", None) is not None:
-            from .nodes import routes
-            routes.register(server.PromptServer.instance)
-
-    _register_service()
+    register_with_server()  # the generation service's routes on ComfyUI's own server (docs/api.md)

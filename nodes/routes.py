@@ -114,6 +114,7 @@ class Service:
         self.groups: dict[str, Group] = {}
         self.ready_job: Job | None = None
         self.served_one = False
+        self.validated = False
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.loop = None
@@ -171,6 +172,20 @@ class Service:
         log.info("sd35fp8 service: /sdapi/v1/txt2img, /v1/txt2img, /v1/jobs, /metrics on this server; workflow %s "
                  "(%s)%s", service_config.workflow_path(self.cfg), self.cfg.source,
                  "; auth token required" if self.cfg.token else "")
+
+    async def check_workflow(self) -> None:
+        """Once the model files are there: ComfyUI's own validation of the configured workflow (every widget value),
+        so a bad setting is a 503 with its reason at once, not a failure at sampling time; then the warm-up."""
+        if self.validated or self.problems():
+            return
+        self.validated = True
+        valid = await execution.validate_prompt(str(uuid.uuid4()), json.loads(json.dumps(self.wf)), None)
+        if not valid[0]:
+            self.config_error = (f"the workflow {service_config.workflow_path(self.cfg)} with this configuration "
+                                 f"({self.cfg.source}) does not validate: {_validation_message(valid)}; fix the "
+                                 "configuration and restart")
+            log.error("sd35fp8 service: the routes answer 503 until this is fixed: %s", self.config_error)
+            return
         if self.cfg.warmup:
             d = self.defaults
             self.ready_job = Job("warmup", [{"prompt": "a photograph", "negative": d.negative, "width": d.width,
@@ -223,6 +238,7 @@ class Service:
             self.wake.clear()
 
     async def tick(self) -> None:
+        await self.check_workflow()
         q = self.ps.prompt_queue
         now = time.monotonic()
         with q.mutex:
@@ -287,12 +303,8 @@ class Service:
             replace(prompt)
         valid = await execution.validate_prompt(pid, prompt, None)
         if not valid[0]:
-            why = valid[1].get("message", "") + ": " + valid[1].get("details", "") if isinstance(valid[1], dict) \
-                else str(valid[1])
-            errs = "; ".join(f"{n}: {e.get('errors', [{}])[0].get('details', '')}" for n, e in valid[3].items()) \
-                if isinstance(valid[3], dict) else ""
             for job in {id(j): j for j, _ in chosen}.values():
-                self.cancel(job, "failed", f"ComfyUI refused the workflow: {why} {errs}".strip())
+                self.cancel(job, "failed", f"ComfyUI refused the workflow: {_validation_message(valid)}")
             return
         number = self.ps.number
         self.ps.number += 1
@@ -381,12 +393,13 @@ class Service:
         self.wake.set()
 
     def prune(self) -> None:
+        """Finished jobs older than job_ttl go, and the oldest finished ones beyond max_jobs_kept."""
         now = time.time()
-        for jid in [k for k, j in self.jobs.items() if j.status in TERMINAL and (
-                now - j.finished > self.cfg.job_ttl or len(self.jobs) > self.cfg.max_jobs_kept)]:
-            if len(self.jobs) <= self.cfg.max_jobs_kept and now - self.jobs[jid].finished <= self.cfg.job_ttl:
-                break
-            del self.jobs[jid]
+        excess = len(self.jobs) - self.cfg.max_jobs_kept
+        for jid in [k for k, j in self.jobs.items() if j.status in TERMINAL]:
+            if excess > 0 or now - self.jobs[jid].finished > self.cfg.job_ttl:
+                del self.jobs[jid]
+                excess -= 1
 
     async def deliver(self, job: Job) -> None:
         """POST the finished job's record to its webhook, retried with back-off; a failure is recorded on the job,
@@ -447,6 +460,8 @@ class Service:
                 reasons.append(f"warm-up {self.ready_job.status}" + (f": {self.ready_job.error}"
                                                                      if self.ready_job.error else
                                                                      " (loading and calibrating the model)"))
+            elif self.ready_job is None and self.cfg.warmup:
+                reasons.append("the warm-up has not started yet")
             elif self.ready_job is None and not self.served_one:
                 reasons.append("the model is not loaded yet: it loads and calibrates with the first request (set "
                                "SD35FP8_API_WARMUP=1 to do it at start)")
@@ -585,8 +600,7 @@ def register(prompt_server) -> Service | None:
         return _json(a1111_options())
 
     def a1111_options() -> dict:
-        ckpt = next((r for r in [svc.model_name]), "")
-        return {"sd_model_checkpoint": ckpt, "sd_checkpoint_hash": None, "samples_format": "png",
+        return {"sd_model_checkpoint": svc.model_name, "sd_checkpoint_hash": None, "samples_format": "png",
                 "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "sd_vae": "Automatic",
                 "outdir_samples": "", "save_images_add_number": True, "enable_pnginfo": True}
 
@@ -707,6 +721,23 @@ def register(prompt_server) -> Service | None:
 
     prompt_server.app.on_startup.append(svc.start)
     return svc
+
+
+def register_with_server() -> Service | None:
+    """:func:`register` on the running ComfyUI's server; nothing where there is none (the library imported on its
+    own, a test)."""
+    import server
+    instance = getattr(server.PromptServer, "instance", None)
+    return register(instance) if instance is not None else None
+
+
+def _validation_message(valid) -> str:
+    """ComfyUI's validate_prompt answer as one line: its message and each node's first error."""
+    err, nodes = valid[1], valid[3]
+    why = f"{err.get('message', '')}: {err.get('details', '')}" if isinstance(err, dict) else str(err)
+    per_node = "; ".join(f"node {n}: {(e.get('errors') or [{}])[0].get('details', '')}" for n, e in nodes.items()) \
+        if isinstance(nodes, dict) else ""
+    return f"{why} {per_node}".strip()
 
 
 def _reason(status: int) -> str:

@@ -67,13 +67,13 @@ class ComfyError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, models_dir: str, workdir: str | None = None, extra_args=(), device_args=("--cpu",),
-                 launcher: str | None = None, env: dict | None = None):
+                 launcher: str | None = None, env: dict | None = None, port: int | None = None):
         """``launcher``: a Python script that runs main.py itself (``python LAUNCHER main.py ARGS``); ``env``:
         extra environment variables of the server process."""
         self.models_dir = os.path.abspath(models_dir)
         self.workdir = workdir or tempfile.mkdtemp(prefix="comfy-run-")
         self.output_dir = os.path.join(self.workdir, "output")
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(device_args) + list(extra_args)
         self.launcher = launcher

@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-prompts", type=int, help="use only the first N calibration prompts")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu unless CUDA)")
+    ap.add_argument("--port", type=int, help="the port of the started ComfyUI (default: a free one)")
     a = ap.parse_args(argv)
 
     work = os.path.join(REPO, ".cache", "run")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         print("[run] CPU + tiny model: {width}x{height}, {steps} steps, {calib_prompts} calibration prompts "
               "(pass --width/--height/--steps/--calib-prompts to change)".format(**small))
     t0 = time.time()
-    with ComfyServer(models, workdir=work, device_args=dev) as srv:
+    with ComfyServer(models, workdir=work, device_args=dev, port=a.port) as srv:
         print(f"[run] ComfyUI up at {srv.base} (log: {srv.log_path}); queueing {os.path.basename(a.workflow)} "
               f"on {what}")
         entry = srv.run(graph, timeout=3600)

@@ -372,3 +372,25 @@ def test_missing_model_then_auth_and_readiness(tmp_path_factory):
         assert "sd35fp8_images_generated_total" in requests.get(srv.base + "/metrics", headers=auth).text
     finally:
         srv.stop()
+
+
+def test_a_bad_setting_is_a_503_naming_it_before_any_sampling(tmp_path_factory):
+    """A weight format the loader does not have: ComfyUI's own validation of the configured workflow runs at start,
+    so every generation route and readiness answer 503 with the reason, and the log says it."""
+    env = dict(LIMITS, SD35FP8_API_WORKFLOW=tiny_workflow(tmp_path_factory), SD35FP8_API_WEIGHT_FORMAT="fastest!",
+               SD35FP8_API_WARMUP="1")
+    srv = ComfyServer(models_dir(tmp_path_factory), workdir=str(tmp_path_factory.mktemp("comfy")), env=env)
+    srv.start()
+    try:
+        deadline = time.time() + 30
+        while "does not validate" not in srv.log_text():
+            assert time.time() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        for path in ("/v1/txt2img", "/sdapi/v1/txt2img", "/v1/jobs"):
+            r = requests.post(srv.base + path, json={"prompt": "x"})
+            assert r.status_code == 503 and "fastest!" in r.text and "weight_scaling" in r.text, (path, r.text)
+        ready = requests.get(srv.base + "/v1/health/ready")
+        assert ready.status_code == 503 and "does not validate" in ready.json()["reasons"][0]
+        assert requests.get(srv.base + "/history").json() == {}, "something was sampled"
+    finally:
+        srv.stop()

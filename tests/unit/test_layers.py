@@ -122,6 +122,15 @@ def test_the_library_imports_neither_comfyui_nor_the_repositorys_tools(forbidden
     assert not bad, f"{what} imported by the library:\n" + "\n".join(bad)
 
 
+def test_the_service_package_is_pure_python():
+    """service/ (request checks, configuration, workflow mapping) is shared by the batch client outside ComfyUI:
+    no ComfyUI, no torch, no aiohttp, none of the repository's tools."""
+    bad = [f"{os.path.relpath(p, REPO)}:{line} imports {i}" for m, p in modules("service", "service").items()
+           for i, line in imports(m, p) if i.split(".")[0] in COMFY | REPO_TOOLS | {"torch", "aiohttp", "sd35fp8"}]
+    assert not bad, "\n".join(bad)
+    assert len(modules("service", "service")) >= 3
+
+
 def test_only_the_adapter_imports_comfyui_and_it_reaches_no_study():
     """The pack's own code outside nodes/ (its __init__ and the library) imports no ComfyUI; whatever the nodes
     import, followed through the library, is product code: no bench/ study, no tests, and no module of it reads the
