@@ -67,9 +67,11 @@ class ComfyError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, models_dir: str, workdir: str | None = None, extra_args=(), device_args=("--cpu",),
-                 launcher: str | None = None, env: dict | None = None, port: int | None = None):
+                 launcher: str | None = None, env: dict | None = None, port: int | None = None,
+                 pack_dir: str | None = None):
         """``launcher``: a Python script that runs main.py itself (``python LAUNCHER main.py ARGS``); ``env``:
-        extra environment variables of the server process."""
+        extra environment variables of the server process; ``pack_dir``: the pack folder to install (this checkout
+        by default)."""
         self.models_dir = os.path.abspath(models_dir)
         self.workdir = workdir or tempfile.mkdtemp(prefix="comfy-run-")
         self.output_dir = os.path.join(self.workdir, "output")
@@ -78,6 +80,7 @@ class ComfyServer:
         self.extra_args = list(device_args) + list(extra_args)
         self.launcher = launcher
         self.env = dict(env or {})
+        self.pack_dir = pack_dir or REPO
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(self.workdir, "comfyui.log")
         self.client_id = uuid.uuid4().hex
@@ -92,7 +95,7 @@ class ComfyServer:
         os.makedirs(nodes_parent, exist_ok=True)
         link = os.path.join(nodes_parent, PACK_NAME)
         if not os.path.exists(link):
-            os.symlink(REPO, link)
+            os.symlink(self.pack_dir, link)
         for d in ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras"):
             os.makedirs(os.path.join(self.models_dir, d), exist_ok=True)
         yaml_path = os.path.join(self.workdir, "extra_model_paths.yaml")

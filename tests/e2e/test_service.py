@@ -327,7 +327,7 @@ def test_fuzzer_from_the_openapi_file_finds_no_server_error(server, tmp_path):
            "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "7", "--request-timeout", "300",
            "--exclude-path", "/v1/health/ready", "--report", "junit", "--report-dir", str(tmp_path)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=str(tmp_path))
         assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
         assert requests.get(server.base + "/v1/health/live").status_code == 200
     finally:  # the fuzzer's queued jobs would slow the tests after it
