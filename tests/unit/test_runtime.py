@@ -171,7 +171,7 @@ def load(name, path):
     m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m); return m
 load("ComfyUI-SD35-FP8", {repo!r})
 import sd35fp8.kernels.gemv as k1
-load("comfyui-sd35-fp8", {repo!r})
+load("sd35-fp8", {repo!r})  # the folder comfy-cli installs the Registry package into
 import sd35fp8.kernels.gemv as k2
 assert k1 is k2 and sys.modules["sd35fp8"].__file__.startswith({repo!r})
 assert not any(n.endswith(".sd35fp8") or ".sd35fp8." in n for n in sys.modules), "a second copy under the pack's name"
