@@ -147,6 +147,31 @@ def test_a1111_style_script(server):
     assert ro.status_code == 403 and "read-only" in ro.json()["errors"]
 
 
+def test_a1111_progress_and_interrupt(server):
+    """A client polling /sdapi/v1/progress sees the running request's steps; /sdapi/v1/interrupt ends it, and the
+    request answers as A1111 does (200, the images finished so far: none here)."""
+    out = {}
+
+    def run():
+        out["r"] = requests.post(server.base + "/sdapi/v1/txt2img", json={"prompt": "long", "steps": 60,
+                                                                           "width": 256, "height": 256, "seed": 1})
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 120
+    while True:
+        p = requests.get(server.base + "/sdapi/v1/progress").json()
+        if p["state"]["job_count"] == 1 and p["state"]["sampling_step"] > 0:
+            break
+        assert time.time() < deadline, p
+        time.sleep(0.05)
+    assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 60 and p["state"]["job"]
+    assert requests.post(server.base + "/sdapi/v1/interrupt").status_code == 200
+    t.join(60)
+    r = out["r"]
+    assert r.status_code == 200 and r.json()["images"] == [] and json.loads(r.json()["info"])["interrupted"]
+    assert requests.get(server.base + "/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
 # -- concurrency, batching -------------------------------------------------------------------------------------------
 def test_four_clients_ten_requests_each_none_mixed_up(server):
     """40 requests over 10 (prompt, seed) pairs, each client in its own order: every pair's 4 renders agree (so no
@@ -222,6 +247,15 @@ def test_job_polled_and_cancelled_queued_and_running(server):
     assert requests.get(f"{server.base}/v1/jobs/nope").status_code == 404
     listed = [j["id"] for j in requests.get(server.base + "/v1/jobs").json()["jobs"]]
     assert {a["id"], b["id"], c["id"]} <= set(listed)
+
+
+def test_a_job_past_its_timeout_fails_and_stops(server):
+    j = long_job(server.base, seed=9, timeout=1.5)
+    rec = wait_job(server.base, j["id"], timeout=60)
+    assert rec["status"] == "failed" and rec["error"] == "timed out after 1.5 s" and rec["images"] == []
+    t0 = time.time()  # the interrupted prompt left the queue: a quick request is served at once
+    assert txt2img(server.base, prompt="next", width=64, height=64, steps=3).status_code == 200
+    assert time.time() - t0 < 30
 
 
 class Hook(http.server.BaseHTTPRequestHandler):
