@@ -66,12 +66,19 @@ def count_webhook(delivered: bool) -> None:
         webhooks.labels("delivered" if delivered else "failed").inc()
 
 
-def observe_call(t0: float, step_times: list[float]) -> None:
-    """One sampler call: started at ``t0``, its steps ended at ``step_times`` (monotonic seconds)."""
-    if prom and step_times:
-        sampling.observe(step_times[-1] - t0)
-        for a, b in zip([t0, *step_times], step_times):
-            steps.observe(b - a)
+def observe_call(t0: float, progress: list[tuple[float, int]]) -> None:
+    """One sampler call: started at ``t0`` (monotonic seconds); ``progress``: (time, steps done) of its progress
+    events, which may skip steps (ComfyUI 0.30 throttles them): the time between two events is shared by the steps
+    between them."""
+    if not prom or not progress:
+        return
+    sampling.observe(progress[-1][0] - t0)
+    prev_t, prev_v = t0, 0
+    for t, v in progress:
+        if v > prev_v:
+            for _ in range(v - prev_v):
+                steps.observe((t - prev_t) / (v - prev_v))
+            prev_t, prev_v = t, v
 
 
 def add_gauges(queue_state, service_state) -> None:

@@ -97,7 +97,7 @@ class Group:
         self.pid, self.items = pid, items
         self.running = False
         self.sampler_t0: float | None = None
-        self.step_times: list[float] = []
+        self.step_times: list[tuple[float, int]] = []  # (time, steps done) of the sampler's progress events
         self.missing_since: float | None = None
 
 
@@ -214,7 +214,7 @@ class Service:
         elif event == "executing" and data.get("node") == sampler:
             grp.sampler_t0 = t
         elif event == "progress" and data.get("node") == sampler and data.get("max"):
-            grp.step_times.append(t)
+            grp.step_times.append((t, data["value"]))  # newer ComfyUI sends fewer events than steps (throttled)
             for job, i in grp.items:
                 job.fraction[i] = min(1.0, data["value"] / data["max"])
 
