@@ -36,6 +36,8 @@ def _register_library() -> None:
 
 _register_library()
 
+WEB_DIRECTORY = "./web"  # web/docs/<NodeId>.md: each node's help page in ComfyUI's node docs panel
+
 if importlib.util.find_spec("comfy") is not None:
     # inside ComfyUI: let any import error surface, so ComfyUI logs "IMPORT FAILED" with its cause
     from .nodes.schemas import comfy_entrypoint  # noqa: F401

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -34,6 +35,7 @@ TE_KEY = "sd35fp8_te"
 OVERRIDE = "optimized_attention_override"
 # keys of the adapter's entries in a diffusion model's marks record
 AMAX, COMPILED, GRAPHS, TE_GRAPHS, TE_ON = "amax", "compiled", "cuda_graphs", "te_graphs", "te_on"
+SEEN = "seen_shapes"  # the denoiser input shapes compiled so far (first_run)
 
 
 def _adapter(dm: torch.nn.Module) -> dict:
@@ -252,6 +254,34 @@ def te_wrapper(graphs: bool):
     return wrapper
 
 
+def show_status(text: str) -> None:
+    """``text`` on the running node in the editor (ComfyUI's progress text), best effort: a status line must never
+    break sampling."""
+    try:
+        import server
+        from comfy_execution.utils import get_executing_context
+        ctx, inst = get_executing_context(), getattr(server.PromptServer, "instance", None)
+        if ctx is not None and inst is not None:
+            inst.send_progress_text(text, ctx.node_id, inst.client_id)
+    except Exception as e:  # noqa: BLE001
+        log.debug("sd35fp8: no status line in the editor: %s", e)
+
+
+def first_run(cache: dict, x, graphs: bool) -> str | None:
+    """The message for the first denoiser call of a shape (which compiles, and with ``graphs`` captures): logged
+    once and shown on the node, since the sampler's progress bar sits at 0 meanwhile. None for a shape seen
+    before."""
+    seen = cache.setdefault(SEEN, set())
+    key = (tuple(x.shape), bool(graphs))
+    if key in seen:
+        return None
+    seen.add(key)
+    h, w = (int(x.shape[-2]) * 8, int(x.shape[-1]) * 8) if x.dim() >= 4 else (0, 0)
+    return (f"sd35fp8: first FP8 run at {w}x{h}, denoiser batch {int(x.shape[0])}: compiling"
+            f"{' and capturing CUDA graphs' if graphs else ''} once for this size (about a minute on a GPU; the "
+            "sampler's progress waits meanwhile, later runs at this size start at once)")
+
+
 def compile_wrapper(graphs: bool):
     """APPLY_MODEL wrapper running the diffusion model through ``torch.compile`` (swapped in per call, as
     ComfyUI's TorchCompileModel does). One compiled module per diffusion model, specialised per shape
@@ -273,9 +303,19 @@ def compile_wrapper(graphs: bool):
             if GRAPHS not in cache:
                 cache[GRAPHS] = GraphedModule(run, quick=quick_version)
             run = cache[GRAPHS]
+        notice = first_run(cache, args[0], graphs and GRAPHS in cache) if args and torch.is_tensor(args[0]) else None
+        if notice:
+            log.info(notice)
+            show_status(notice)
+            t0 = time.perf_counter()
         try:
             with _swapped(executor.class_obj, run):
-                return executor(*args, **kwargs)
+                out = executor(*args, **kwargs)
+            if notice:
+                done = f"sd35fp8: compiled for this size in {time.perf_counter() - t0:.0f} s"
+                log.info(done)
+                show_status(done)
+            return out
         except Exception as e:  # noqa: BLE001
             import torch._dynamo.exc as dexc
             if not isinstance(e, (dexc.BackendCompilerFailed, dexc.TorchRuntimeError, dexc.Unsupported,

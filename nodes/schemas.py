@@ -76,17 +76,13 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
                 io.Combo.Input("ckpt_name", options=checkpoints.model_file_list(),
                                tooltip="SD3.5 .safetensors from models/checkpoints or models/diffusion_models"),
                 io.Combo.Input("weight_scaling", options=list(checkpoints.WEIGHT_SCALINGS), default="per_tensor",
-                               tooltip="one fp32 scale per weight tensor, or one per output channel; "
-                                       "per_tensor_int8_adaln: per tensor, and the adaLN modulation weights (a "
-                                       "third of the bytes, run with BF16 activations) as INT8 with one scale per "
-                                       "output channel: less rounding error in the same memory. Applies when "
-                                       "quantizing a BF16/FP16 file; saved FP8 files store E4M3 throughout"),
+                               tooltip="per_tensor: fastest; per_tensor_int8_mlp: most faithful (see the help page)"),
             ],
             outputs=[
-                io.Model.Output(display_name="MODEL"),
-                io.Clip.Output(display_name="CLIP"),
-                io.Vae.Output(display_name="VAE"),
-                io.String.Output(display_name="info"),
+                io.Model.Output(display_name="MODEL", tooltip="the FP8 model: calibrate it, then Autocast"),
+                io.Clip.Output(display_name="CLIP", tooltip="the file's text encoders, when it has them"),
+                io.Vae.Output(display_name="VAE", tooltip="the file's VAE, when it has one"),
+                io.String.Output(display_name="info", tooltip="what was loaded: file, format, memory"),
             ],
         )
 
@@ -114,24 +110,28 @@ class SD35FP8Calibrate(io.ComfyNode):
                         "uncond), records every FP8 layer's input range and returns a MODEL with static "
                         "calibrated FP8 activation scales that samples inside fp8_autocast, plus a report.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
+                io.Model.Input("model", tooltip="the FP8 model from Load SD3.5 Checkpoint (FP8)"),
+                io.Clip.Input("clip", tooltip="the text encoders for the calibration prompts"),
                 io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS,
-                                tooltip="one calibration prompt per line"),
-                io.Int.Input("steps", default=28, min=1, max=200),
-                io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform"),
-                io.Int.Input("width", default=1024, min=64, max=8192, step=16),
-                io.Int.Input("height", default=1024, min=64, max=8192, step=16),
+                                tooltip="one calibration prompt per line; add prompts like yours"),
+                io.Int.Input("steps", default=28, min=1, max=200, tooltip="as in your KSampler"),
+                io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="as in your KSampler"),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="as in your KSampler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform",
+                               tooltip="as in your KSampler"),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16, tooltip="as your latent image"),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16, tooltip="as your latent image"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
-                             tooltip="noise seed of the calibration runs (fixed: a new seed would re-calibrate)"),
+                             tooltip="noise of the calibration runs (fixed: a new seed calibrates again)"),
                 io.Combo.Input("method", options=list(METHODS), default="max",
                                tooltip="max: largest |x| seen; percentile: clip rare outliers"),
                 io.Float.Input("percentile", default=99.99, min=90.0, max=100.0, step=0.001, round=0.0001,
                                tooltip="used by method=percentile"),
             ],
-            outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="report")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="the calibrated model: connect it to Autocast"),
+                     io.String.Output(display_name="report", tooltip="ranges, time, and the calibration id")],
         )
 
     @classmethod
@@ -181,39 +181,26 @@ class SD35FP8Autocast(io.ComfyNode):
                         "headroom); uncalibrated ones delayed scaling over amax_history_len calls. "
                         "enabled=false runs weight-only FP8 (BF16 compute) for comparison.",
             inputs=[
-                io.Model.Input("model"),
-                io.Boolean.Input("enabled", default=True),
+                io.Model.Input("model", tooltip="the calibrated model from Calibrate SD3.5 FP8"),
+                io.Boolean.Input("enabled", default=True, tooltip="off: weight-only FP8, BF16 compute (to compare)"),
                 io.Combo.Input("fp8_format", options=[f.value for f in Format], default=RECIPE.fp8_format.value,
-                               tooltip="HYBRID = E4M3 forward / E5M2 backward: identical for inference"),
-                io.Int.Input("amax_history_len", default=RECIPE.amax_history_len, min=1, max=1024),
-                io.Int.Input("margin", default=RECIPE.margin, min=0, max=8),
+                               tooltip="E4M3 and HYBRID are the same for inference"),
+                io.Int.Input("amax_history_len", default=RECIPE.amax_history_len, min=1, max=1024,
+                             tooltip="uncalibrated layers and TransformerEngine only"),
+                io.Int.Input("margin", default=RECIPE.margin, min=0, max=8,
+                             tooltip="2^margin headroom on activation scales; raise to 1 if you see NaN"),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="torch: our fused PyTorch/Triton path; transformer_engine: TE's te.Linear "
-                                       "modules inside te.autocast with this recipe (needs TransformerEngine); "
-                                       "auto: the backend our benchmark measured faster on this GPU class, if "
-                                       "installed"),
+                               tooltip="torch: ours; transformer_engine: TE; auto: the faster one installed"),
                 io.Boolean.Input("compile", default=RUNTIME.compile, optional=True,
-                                 tooltip="torch.compile the calibrated FP8 MMDiT (fuses the FP8 casts into "
-                                         "LayerNorm/modulation/GELU). The first run per resolution and batch "
-                                         "compiles (about a minute for Large); falls back to eager where "
-                                         "compilation is unavailable"),
+                                 tooltip="torch.compile the FP8 model (first run per size compiles, ~1 min)"),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default=RUNTIME.attention, optional=True,
-                               tooltip="attention of the MMDiT: an SDPA backend (auto = cuDNN on NVIDIA GPUs, "
-                                       "fastest BF16 attention on Hopper at SD3.5 shapes, else ComfyUI's choice), "
-                                       "or fp8: our FP8 attention kernel (Q·Kᵀ and P·V on FP8 tensor cores with "
-                                       "per-token/per-block scales found at run time; faster, adds some error; "
-                                       "GPUs with FP8, else cuDNN)"),
+                               tooltip="auto: cuDNN on NVIDIA; fp8: our FP8 attention (faster, a little error)"),
                 io.Boolean.Input("cuda_graphs", default=RUNTIME.cudagraphs, optional=True,
-                                 tooltip="replay the whole denoiser as CUDA graphs, one per resolution/batch "
-                                         "(removes launch gaps and host overhead; holds a private memory pool per "
-                                         "shape). torch backend: the compiled, calibrated model, captured "
-                                         "whole; transformer_engine: removes TE's per-layer host overhead"),
+                                 tooltip="replay the denoiser as CUDA graphs, one per size (fastest)"),
                 io.Combo.Input("scaling", options=list(SCALINGS), default=RUNTIME.scaling, optional=True,
-                               tooltip="transformer_engine backend: delayed scaling (TE's DelayedScaling: history "
-                                       "seeded with the calibrated amax, updated after every denoiser call) or "
-                                       "current scaling (per-call amax)"),
+                               tooltip="transformer_engine only: delayed or current scaling"),
             ],
-            outputs=[io.Model.Output(display_name="MODEL")],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="samples in FP8: connect it to KSampler")],
         )
 
     @classmethod
@@ -262,13 +249,12 @@ class SD35FP8SaveCheckpoint(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="a MODEL from SD35FP8Calibrate (or a calibrated FP8 file)"),
                 io.String.Input("filename", default="sd35_fp8/sd3.5_fp8_calibrated",
-                                tooltip="relative to models/diffusion_models (or models/checkpoints with "
-                                        "CLIP/VAE); .safetensors is added"),
+                                tooltip="in models/diffusion_models (checkpoints with CLIP/VAE); .safetensors added"),
                 io.Boolean.Input("overwrite", default=False, tooltip="replace an existing file of that name"),
                 io.Clip.Input("clip", optional=True, tooltip="include the text encoders (all-in-one checkpoint)"),
                 io.Vae.Input("vae", optional=True, tooltip="include the VAE (all-in-one checkpoint)"),
             ],
-            outputs=[io.String.Output(display_name="info")],
+            outputs=[io.String.Output(display_name="info", tooltip="the file written, its size and contents")],
             is_output_node=True,
         )
 
@@ -304,8 +290,7 @@ class SD35FP8PromptBatch(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="the text encoders (TripleCLIPLoader or the checkpoint's CLIP)"),
                 io.String.Input("prompts", multiline=True, default="", tooltip="one prompt per line"),
                 io.String.Input("negative", multiline=True, default="", tooltip="the negative prompt, for all items"),
-                io.String.Input("seeds", default="", tooltip="one seed per prompt, comma separated; empty: derived "
-                                                              "from seed"),
+                io.String.Input("seeds", default="", tooltip="one seed per prompt, comma separated; empty: from seed"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="the base seed the items' seeds are derived from when seeds is empty"),
                 io.Int.Input("width", default=1024, min=64, max=8192, step=16, tooltip="image width"),
