@@ -112,10 +112,65 @@ def run_context(patcher, enabled: bool, recipe: DelayedScaling):
         yield
 
 
+def calibration_mismatch(record, guider, noise, sampler, sigmas, model_sampling) -> list[str]:
+    """The sampling settings of this call that the MODEL's calibration did not cover: size, steps, cfg, sampler,
+    scheduler (seen as other sigmas at the same steps)."""
+    import comfy.samplers
+    if not record or not torch.is_tensor(noise) or not torch.is_tensor(sigmas):
+        return []
+    out = []
+    if noise.dim() == 4 and record.get("width") and record.get("height"):
+        w, h = int(noise.shape[-1]) * 8, int(noise.shape[-2]) * 8
+        if (w, h) != (record["width"], record["height"]):
+            out.append(f"size {w}x{h} (calibrated at {record['width']}x{record['height']})")
+    steps = int(sigmas.numel()) - 1
+    if record.get("steps") and steps != record["steps"]:
+        out.append(f"{steps} steps (calibrated with {record['steps']})")
+    cfg = getattr(guider, "cfg", None)
+    rcfg = record.get("cfg")
+    if isinstance(cfg, (int, float)) and isinstance(rcfg, (int, float)) and abs(cfg - rcfg) > 1e-6:
+        out.append(f"cfg {cfg:g} (calibrated with {record['cfg']:g})")
+    name = getattr(getattr(sampler, "sampler_function", None), "__name__", "").removeprefix("sample_")
+    if name in comfy.samplers.KSampler.SAMPLERS and record.get("sampler") and name != record["sampler"]:
+        out.append(f"sampler {name} (calibrated with {record['sampler']})")
+    sched = record.get("scheduler")
+    if sched in comfy.samplers.KSampler.SCHEDULERS and steps == record.get("steps") and model_sampling is not None:
+        expected = comfy.samplers.calculate_sigmas(model_sampling, sched, steps).float().cpu()
+        if expected.shape != sigmas.shape or not torch.allclose(expected, sigmas.float().cpu(), rtol=1e-3, atol=1e-4):
+            out.append(f"a schedule other than {sched}'s (another scheduler or denoise)")
+    return out
+
+
+_mismatch_said: set[str] = set()
+
+
+def warn_mismatch(patcher, guider, args) -> None:
+    """One log line (once per distinct case) and a status line on the sampler node when this call samples with
+    settings the calibration did not cover. Never raises: a warning must not stop sampling."""
+    try:
+        s = st.get(patcher)
+        if s is None or not s.calibrated or len(args) < 4:
+            return
+        diffs = calibration_mismatch(s.calibration, guider, args[0], args[2], args[3],
+                                     patcher.get_model_object("model_sampling"))
+        if not diffs:
+            return
+        text = ("sd35fp8: sampling with settings the calibration did not cover: " + "; ".join(diffs) + ". The FP8 "
+                "scales fit these less well (more error, rarely NaN): give SD35FP8Calibrate the same size, steps, "
+                "cfg, sampler and scheduler as the sampler (the bundled workflows share one set of values)")
+        show_status(text)
+        if text not in _mismatch_said and len(_mismatch_said) < 1000:
+            _mismatch_said.add(text)
+            log.warning(text)
+    except Exception as e:  # noqa: BLE001
+        log.debug("sd35fp8: calibration/sampling comparison skipped: %s", e)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: run the whole sampling call inside ``fp8_autocast`` with this MODEL's
     calibrated scales, recipe and runtime; fail clearly if the result holds NaN/Inf."""
     patcher = executor.class_obj.model_patcher
+    warn_mismatch(patcher, executor.class_obj, args)
     enabled, recipe = prepare_run(patcher)
     with run_context(patcher, enabled, recipe):
         out = executor(*args, **kwargs)

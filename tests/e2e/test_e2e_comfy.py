@@ -186,6 +186,36 @@ def test_batch_through_bundled_workflow(server):
         assert complaint not in log, complaint
 
 
+def test_sampling_outside_the_calibrated_settings_is_named_once(server):
+    """Calibrate at 128², 3 steps, euler/sgm_uniform, cfg 4.5; sample at 64², 4 steps, dpmpp_2m/karras, cfg 7: one
+    log line names all five and says what to do. The same settings as calibrated say nothing."""
+    def said():
+        return [line for line in server.log_text().splitlines() if "settings the calibration did not cover" in line]
+    before = len(said())
+    server.run(graph(seed=21, prefix="match"))  # the adapted workflow gives both nodes the same values
+    assert len(said()) == before
+    g = graph(seed=22, prefix="mismatch")
+    for v in g.values():
+        if v["class_type"] == "KSampler":
+            v["inputs"].update(steps=4, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras")
+        if v["class_type"] == "EmptySD3LatentImage":
+            v["inputs"].update(width=64, height=64)
+    server.run(g)
+    line = said()[-1]
+    for part in ("size 64x64 (calibrated at 128x128)", "4 steps (calibrated with 3)", "cfg 7 (calibrated with 4.5)",
+                 "sampler dpmpp_2m (calibrated with euler)", "give SD35FP8Calibrate the same"):
+        assert part in line, (part, line)
+    g2 = graph(seed=23, prefix="sched")
+    for v in g2.values():
+        if v["class_type"] == "KSampler":
+            v["inputs"]["scheduler"] = "karras"
+    server.run(g2)
+    assert said()[-1].endswith("(the bundled workflows share one set of values)")
+    assert "a schedule other than sgm_uniform's" in said()[-1] and "steps (calibrated" not in said()[-1]
+    server.run(g)  # the same case again: no second line
+    assert len(said()) == before + 2
+
+
 def test_calibration_shows_a_progress_bar(server):
     server.run(graph(steps=3, prompts=2, seed=11, prefix="progress", size=64))
     prog = [m["data"] for m in server.messages if m["type"] == "progress" and str(m["data"].get("node")) == "3"]
