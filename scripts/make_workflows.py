@@ -44,39 +44,55 @@ VARIANTS = {
     "sd35_medium": ("sd3.5_medium.safetensors", 40, 4.5, "euler", "sgm_uniform", "SD3.5 Medium"),
 }
 CLIPS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
+# the official downloads (Stability AI's Hugging Face repositories; gated: accept the licence there first), in the
+# UI workflows' node properties where the frontend's missing-models dialog reads them
+HF = "https://huggingface.co/stabilityai"
+REPOS = {"sd3.5_large.safetensors": "stable-diffusion-3.5-large",
+         "sd3.5_large_turbo.safetensors": "stable-diffusion-3.5-large-turbo",
+         "sd3.5_medium.safetensors": "stable-diffusion-3.5-medium"}
+
+
+def model_links(cls: str, inputs: dict) -> list[dict]:
+    if cls == "SD35FP8CheckpointLoader":
+        name = inputs["ckpt_name"]
+        return [{"name": name, "url": f"{HF}/{REPOS[name]}/resolve/main/{name}", "directory": "checkpoints"}]
+    if cls == "TripleCLIPLoader":
+        return [{"name": n, "url": f"{HF}/stable-diffusion-3.5-large/resolve/main/text_encoders/{n}",
+                 "directory": "text_encoders"} for n in CLIPS]
+    return []
 
 
 def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, seed: int = 42):
-    """Nodes as (id, class, {input: value or (src_id, slot)}, [widget names in order], pos)."""
+    """Nodes as (id, class, {input: value or (src_id, slot)}, [widget names in order], column); ``layout`` places
+    them."""
     ckpt, steps, cfg, sampler, sched, title = VARIANTS[variant]
     nodes = [
         (1, "SD35FP8CheckpointLoader", {"ckpt_name": ckpt, "weight_scaling": "per_tensor"},
-         ["ckpt_name", "weight_scaling"], (40, 80)),
+         ["ckpt_name", "weight_scaling"], 0),
         (2, "TripleCLIPLoader", {"clip_name1": CLIPS[0], "clip_name2": CLIPS[1], "clip_name3": CLIPS[2]},
-         ["clip_name1", "clip_name2", "clip_name3"], (40, 330)),
+         ["clip_name1", "clip_name2", "clip_name3"], 0),
         (3, "SD35FP8Calibrate", {"model": (1, 0), "clip": (2, 0), "prompts": None,  # None: the shipped default set
                                  "steps": steps,
                                  "cfg": cfg, "sampler_name": sampler, "scheduler": sched, "width": width,
                                  "height": height, "seed": 0, "method": "max", "percentile": 99.99},
          ["prompts", "steps", "cfg", "sampler_name", "scheduler", "width", "height", "seed", "method",
-          "percentile"], (420, 80)),
+          "percentile"], 1),
         (4, "SD35FP8Autocast", {"model": (3, 0), "enabled": True, "fp8_format": "E4M3", "amax_history_len": 16,
                                 "margin": 0, "backend": "auto", "compile": True, "attention": "auto",
                                 "cuda_graphs": False, "scaling": "delayed"},
          ["enabled", "fp8_format", "amax_history_len", "margin", "backend", "compile", "attention", "cuda_graphs",
           "scaling"],
-         (800, 80)),
-        (5, "CLIPTextEncode", {"clip": (2, 0), "text": POSITIVE}, ["text"], (420, 560)),
-        (6, "CLIPTextEncode", {"clip": (2, 0), "text": NEGATIVE}, ["text"], (420, 780)),
+         2),
+        (5, "CLIPTextEncode", {"clip": (2, 0), "text": POSITIVE}, ["text"], 1),
+        (6, "CLIPTextEncode", {"clip": (2, 0), "text": NEGATIVE}, ["text"], 1),
         (7, "EmptySD3LatentImage", {"width": width, "height": height, "batch_size": batch},
-         ["width", "height", "batch_size"], (800, 330)),
+         ["width", "height", "batch_size"], 2),
         (8, "KSampler", {"model": (4, 0), "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
                          "scheduler": sched, "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0),
                          "denoise": 1.0},
-         ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], (1180, 80)),
-        (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, [], (1560, 80)),
-        (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"sd35_fp8/{variant}"}, ["filename_prefix"],
-         (1800, 80)),
+         ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], 3),
+        (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, [], 4),
+        (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"sd35_fp8/{variant}"}, ["filename_prefix"], 4),
     ]
     return nodes, title
 
@@ -100,6 +116,37 @@ def to_api(nodes) -> dict:
     return api
 
 
+MULTILINE = {("SD35FP8Calibrate", "prompts"), ("CLIPTextEncode", "text")}
+COLUMN_X = (40, 470, 960, 1390, 1820)
+WIDE = {"SD35FP8Calibrate": 440, "CLIPTextEncode": 440, "SaveImage": 440, "KSampler": 380}
+TITLE, GAP = 30, 40  # the frontend draws the title bar above a node's pos
+
+
+def node_size(cls: str, inputs: dict, widgets: list) -> list[int]:
+    """A generous estimate of the box the frontend draws (it grows a node to fit its slots and widgets, never
+    shrinks it): slot rows, one row per widget (the seed's control widget too), multiline text boxes, an image
+    preview for SaveImage."""
+    links = sum(isinstance(v, tuple) for v in inputs.values())
+    rows = max(links, len(OUTPUTS[cls]))
+    n_widgets = len(widgets) + (1 if cls == "KSampler" else 0)
+    multiline = sum((cls, w) in MULTILINE for w in widgets)
+    h = 12 + 22 * rows + 26 * (n_widgets - multiline) + 150 * multiline + (360 if cls == "SaveImage" else 0)
+    return [WIDE.get(cls, 360), max(h, 60)]
+
+
+def layout(nodes) -> dict[int, tuple[list[int], list[int]]]:
+    """{node id: (pos, size)}: columns left to right in data-flow order, nodes stacked in each with a gap, so no
+    two boxes (title bar included) overlap and no node hides another's links (tests/e2e/test_frontend.py checks
+    the boxes the real frontend draws)."""
+    out, y = {}, {}
+    for nid, cls, inputs, widgets, col in nodes:
+        size = node_size(cls, inputs, widgets)
+        top = y.get(col, 60)
+        out[nid] = ([COLUMN_X[col], top + TITLE], size)
+        y[col] = top + TITLE + size[1] + GAP
+    return out
+
+
 def to_ui(nodes, title: str) -> dict:
     prompts = default_prompts()
     links, ui_nodes = [], []
@@ -111,7 +158,8 @@ def to_ui(nodes, title: str) -> dict:
                 src_type = OUTPUTS[dict((n[0], n[1]) for n in nodes)[v[0]]][v[1]][1]
                 links.append([lid, v[0], v[1], nid, None, src_type, k])
                 out_links.setdefault((v[0], v[1]), []).append(lid)
-    for order, (nid, cls, inputs, widgets, pos) in enumerate(nodes):
+    boxes = layout(nodes)
+    for order, (nid, cls, inputs, widgets, _col) in enumerate(nodes):
         link_inputs = [(k, v) for k, v in inputs.items() if isinstance(v, tuple)]
         ui_inputs = []
         for slot, (k, v) in enumerate(link_inputs):
@@ -130,9 +178,11 @@ def to_ui(nodes, title: str) -> dict:
             wv.append(v)
             if cls == "KSampler" and w == "seed":
                 wv.append("fixed")  # the frontend's control_after_generate widget value
-        ui_nodes.append({"id": nid, "type": cls, "pos": list(pos), "size": [340, 200 if widgets else 80],
+        ui_nodes.append({"id": nid, "type": cls, "pos": boxes[nid][0], "size": boxes[nid][1],
                          "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
-                         "properties": {"Node name for S&R": cls}, "widgets_values": wv})
+                         "properties": {"Node name for S&R": cls, **({"models": model_links(cls, inputs)}
+                                                                      if model_links(cls, inputs) else {})},
+                         "widgets_values": wv})
     return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},
             "extra": {"sd35fp8": {"title": f"{title} FP8 (calibrated), 1024x1024 batch 4"}}, "version": 0.4}

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -150,8 +151,11 @@ def test_bundled_workflows_validate_against_object_info(object_info):
 
 def test_only_ui_workflows_are_offered_as_templates(server):
     listed = server.get("/workflow_templates")
-    ours = next(v for k, v in listed.items() if "SD35" in k.upper())
+    pack, ours = next((k, v) for k, v in listed.items() if "SD35" in k.upper())
     assert sorted(ours) == ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
+    for name in ours:  # the template browser's thumbnails: a JPEG of the same name
+        r = requests.get(f"{server.base}/api/workflow_templates/{pack}/{name}.jpg")
+        assert r.status_code == 200 and r.content[:3] == b"\xff\xd8\xff", name
 
 
 def test_validator_catches_broken_workflows(object_info):

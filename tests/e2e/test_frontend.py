@@ -62,3 +62,9 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
                     if not (node["class_type"] == "PreviewAny" and k == "preview")}
         assert g_inputs == node["inputs"], nid
     assert os.path.getsize(tmp_path / f"{name}.png") > 10_000
+    boxes = {n["id"]: n["box"] for n in r["nodes"]}
+    overlaps = [(a, b) for a in boxes for b in boxes if a < b and boxes[a][0] < boxes[b][2] and boxes[b][0] <
+                boxes[a][2] and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
+    assert not overlaps, f"{name}: nodes overlap in the editor: {overlaps} ({boxes})"
+    if os.environ.get("SD35FP8_SCREENSHOTS"):  # scripts/make_thumbnails.py makes the thumbnails from these
+        shutil.copy(tmp_path / f"{name}.png", os.path.join(os.environ["SD35FP8_SCREENSHOTS"], f"{name}.png"))

@@ -8,7 +8,7 @@ const fs = require('fs');
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
            '--disable-component-update', '--disable-sync'] });
-  const page = await browser.newPage({ viewport: { width: 1800, height: 1000 } });
+  const page = await browser.newPage({ viewport: { width: 2400, height: 1150 } });
   const errors = [];
   page.on('pageerror', e => errors.push(String(e)));
   await page.goto(base, { waitUntil: 'load' });
@@ -18,8 +18,14 @@ const fs = require('fs');
   const nodes = await page.evaluate(async (wf) => {
     await window.app.loadGraphData(wf);
     const g = window.app.graph;
-    return (g._nodes || g.nodes).map(n => ({ id: n.id, type: n.type, has_errors: !!n.has_errors,
-      widgets: (n.widgets || []).map(w => w.name) }));
+    const titleH = (window.LiteGraph && window.LiteGraph.NODE_TITLE_HEIGHT) || 30;
+    return (g._nodes || g.nodes).map(n => {
+      // the box the frontend draws: at least the node's computed size (slots + widgets), title bar above pos
+      const need = n.computeSize ? n.computeSize() : n.size;
+      const w = Math.max(n.size[0], need[0]), h = Math.max(n.size[1], need[1]);
+      return { id: n.id, type: n.type, has_errors: !!n.has_errors, widgets: (n.widgets || []).map(w => w.name),
+               box: [n.pos[0], n.pos[1] - titleH, n.pos[0] + w, n.pos[1] + h] };
+    });
   }, wf);
   await page.waitForTimeout(1000);
   const missing = await page.evaluate(() => Array.from(document.querySelectorAll('.p-dialog'))

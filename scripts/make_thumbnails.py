@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""The template thumbnails (workflows/<name>.jpg, shown by ComfyUI's template browser) and docs/workflow.png, from
+screenshots of the bundled workflows in the real frontend:
+
+    mkdir -p /tmp/shots && SD35FP8_SCREENSHOTS=/tmp/shots .venv/bin/python -m pytest tests/e2e/test_frontend.py
+    .venv/bin/python scripts/make_thumbnails.py /tmp/shots
+"""
+import os
+import sys
+
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRAPH = (290, 150, 2110, 1000)  # the part of a 2400x1150 screenshot that shows the graph (no menus, no banner)
+
+
+def main(shots: str) -> int:
+    names = sorted(f[:-4] for f in os.listdir(shots) if f.endswith(".png"))
+    if not names:
+        raise SystemExit(f"{shots}: no screenshots (run the frontend test with SD35FP8_SCREENSHOTS={shots})")
+    for name in names:
+        img = Image.open(os.path.join(shots, name + ".png")).convert("RGB").crop(GRAPH)
+        thumb = img.copy()
+        thumb.thumbnail((640, 400))
+        thumb.save(os.path.join(REPO, "workflows", name + ".jpg"), quality=85)
+        if name == "sd35_large_fp8":
+            img.save(os.path.join(REPO, "docs", "workflow.png"), optimize=True)
+        print("wrote", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/shots"))
