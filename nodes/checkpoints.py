@@ -60,7 +60,22 @@ def _comfy_load(fn, *args, **kwargs):
 # token into fc1, at a calibrated static scale into fc2) for about a third of E4M3's rounding error there
 INT8_ADALN = "per_tensor_int8_adaln"
 INT8_MLP = "per_tensor_int8_mlp"
-WEIGHT_SCALINGS = ("per_tensor", "per_channel", INT8_ADALN, INT8_MLP)
+# what the loader offers, named for what it gives -> the weight format. The formats' own names (the options before
+# 0.3) stay accepted, so saved workflows and API prompts keep their choice.
+WEIGHT_FORMATS = {"fastest": "per_tensor", "finer weights (per channel)": "per_channel",
+                  "less error (INT8 adaLN)": INT8_ADALN, "most faithful (INT8 MLP)": INT8_MLP}
+WEIGHT_SCALINGS = tuple(WEIGHT_FORMATS.values())
+CHOICE_OF = {v: k for k, v in WEIGHT_FORMATS.items()}
+
+
+def weight_format(choice: str) -> str:
+    """The weight format of a loader choice: a goal name ("fastest", ...) or a format's own name ("per_tensor")."""
+    if choice in WEIGHT_FORMATS:
+        return WEIGHT_FORMATS[choice]
+    if choice in WEIGHT_SCALINGS:
+        return choice
+    raise ValueError(f"unknown weight_scaling {choice!r}; use one of {', '.join(WEIGHT_FORMATS)} (or the formats' "
+                     f"names {', '.join(WEIGHT_SCALINGS)})")
 
 
 def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
@@ -73,8 +88,7 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
     src = MappedSafetensors(path)
     src.stored_fp8 = bool(info.fp8_tensors)
-    if granularity not in WEIGHT_SCALINGS:
-        raise ValueError(f"unknown weight_scaling {granularity!r}; use one of {', '.join(WEIGHT_SCALINGS)}")
+    granularity = weight_format(granularity)
     policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True, mlp_int8=granularity == INT8_MLP)
               if granularity in (INT8_ADALN, INT8_MLP) else QuantPolicy(granularity=granularity))
     # every tensor checked for NaN/Inf before anything is built (the FP8 layers' weights as the ops read them, so the
@@ -290,7 +304,7 @@ def save_fp8_checkpoint(model, filename: str, overwrite: bool = False, clip=None
         tensors = hybrid_state_dict(dm, prefix, amax)
     except PerChannelWeightsError as e:  # the library speaks of scales; the user chooses the loader's widget
         raise ValueError(f"SD35FP8SaveCheckpoint: {e}. Load the model with SD35FP8CheckpointLoader's "
-                         "weight_scaling=per_tensor to save it.") from None
+                         "weight_scaling=fastest (per-tensor scales) to save it.") from None
     mc = model.model.model_config
     if clip is not None:
         tensors.update(mc.process_clip_state_dict_for_saving(clip.get_sd()))

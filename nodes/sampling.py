@@ -89,7 +89,8 @@ def prepare_run(patcher) -> tuple[bool, DelayedScaling]:
             set_te(dm, recipe, rt.scaling, rt.adaln)
         except PerChannelWeightsError as e:  # the library speaks of scales; the user chooses the nodes' options
             raise ValueError(f"SD35FP8Autocast backend=transformer_engine: {e}. Load the model with "
-                             "SD35FP8CheckpointLoader's weight_scaling=per_tensor, or choose backend=torch.") from None
+                             "SD35FP8CheckpointLoader's weight_scaling=fastest (per-tensor scales), or choose "
+                             "backend=torch.") from None
         ad[TE_ON] = True
     # the graphs check every weight's address once per run, on the first call (the sampler loads and patches the
     # model after this, before that call), and per call only cheaply (sd35fp8.runtime.graphs.quick_version)

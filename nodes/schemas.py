@@ -75,7 +75,7 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoints.model_file_list(),
                                tooltip="SD3.5 .safetensors from models/checkpoints or models/diffusion_models"),
-                io.Combo.Input("weight_scaling", options=list(checkpoints.WEIGHT_SCALINGS), default="per_tensor",
+                io.Combo.Input("weight_scaling", options=list(checkpoints.WEIGHT_FORMATS), default="fastest",
                                tooltip="per_tensor: fastest; per_tensor_int8_mlp: most faithful (see the help page)"),
             ],
             outputs=[
@@ -89,10 +89,12 @@ class SD35FP8CheckpointLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, ckpt_name=None, weight_scaling=None):
         """At queue time: a file that is not in the model folders, an unknown weight format."""
-        return check_widgets(cls, {"ckpt_name": ckpt_name, "weight_scaling": weight_scaling})
+        # the formats' own names (the options before 0.3) are the same choices: saved workflows keep theirs
+        return check_widgets(cls, {"ckpt_name": ckpt_name,
+                                   "weight_scaling": checkpoints.CHOICE_OF.get(weight_scaling, weight_scaling)})
 
     @classmethod
-    def execute(cls, ckpt_name, weight_scaling="per_tensor") -> io.NodeOutput:
+    def execute(cls, ckpt_name, weight_scaling="fastest") -> io.NodeOutput:
         path = checkpoints.resolve_model_file(ckpt_name)
         model, clip, vae, text = checkpoints.load_sd35_fp8(path, weight_scaling)
         metrics.count_model_load()

@@ -67,7 +67,7 @@ def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, se
     them."""
     ckpt, steps, cfg, sampler, sched, title = VARIANTS[variant]
     nodes = [
-        (1, "SD35FP8CheckpointLoader", {"ckpt_name": ckpt, "weight_scaling": "per_tensor"},
+        (1, "SD35FP8CheckpointLoader", {"ckpt_name": ckpt, "weight_scaling": "fastest"},
          ["ckpt_name", "weight_scaling"], 0),
         (2, "TripleCLIPLoader", {"clip_name1": CLIPS[0], "clip_name2": CLIPS[1], "clip_name3": CLIPS[2]},
          ["clip_name1", "clip_name2", "clip_name3"], 0),

@@ -193,7 +193,7 @@ def test_pngs_carry_the_prompt_the_ui_workflow_and_the_fp8_information(server, w
         assert ui_nodes["KSampler"]["widgets_values"][0] == rec["seed"]
         assert rec["prompt"] in [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CLIPTextEncode"]
         assert "links" in ui and len(ui["nodes"]) == 10  # the graph as laid out, for the editor
-        assert info["model"] == TINY_CKPT and info["weight_scaling"] == "per_tensor"
+        assert info["model"] == TINY_CKPT and info["weight_scaling"] == "fastest"
         assert info["calibration"]["prompts"] == 2 and len(info["calibration"]["id"]) == 16
     assert "blurry" in [v["inputs"]["text"] for v in json.loads(Image.open(out / "tri_1.png").info["prompt"]).values()
                         if v["class_type"] == "CLIPTextEncode"]

@@ -319,13 +319,13 @@ def test_library_errors_about_per_channel_scales_become_node_messages(env):
     model, _, _, _ = env.adapter.checkpoints.load_sd35_fp8(env.src, "per_channel")
     cal, _ = env.adapter.calibration.calibrate(model, [cond(1)], cond(2), 2, 4.0, "euler", "sgm_uniform", 64, 64, 0)
     with pytest.raises(ValueError, match=r"SD35FP8SaveCheckpoint: \d+ layer\(s\) use per-channel weight scales .*"
-                                         r"weight_scaling=per_tensor") as e:
+                                         r"weight_scaling=fastest \(per-tensor scales\)") as e:
         env.adapter.checkpoints.save_fp8_checkpoint(cal, "per_channel_model")
     assert not isinstance(e.value, env.fp8.core.quant.PerChannelWeightsError)  # the node's message, not the library's
     assert not os.path.exists(env.dir / "diffusion_models" / "per_channel_model.safetensors")
     te = env.adapter.sampling.set_autocast(cal, True, None, env.adapter.state.Runtime(backend="transformer_engine"))
     with pytest.raises(ValueError, match=r"SD35FP8Autocast backend=transformer_engine: .*per-channel weight scales.*"
-                                         r"weight_scaling=per_tensor, or choose backend=torch"):
+                                         r"weight_scaling=fastest \(per-tensor scales\), or choose backend=torch"):
         env.adapter.sampling.prepare_run(te)
     assert not any(m.fp8_backend for m in env.fp8.fp8_layers(cal.model.diffusion_model).values())
 

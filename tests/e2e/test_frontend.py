@@ -68,3 +68,23 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     assert not overlaps, f"{name}: nodes overlap in the editor: {overlaps} ({boxes})"
     if os.environ.get("SD35FP8_SCREENSHOTS"):  # scripts/make_thumbnails.py makes the thumbnails from these
         shutil.copy(tmp_path / f"{name}.png", os.path.join(os.environ["SD35FP8_SCREENSHOTS"], f"{name}.png"))
+
+
+def test_a_workflow_saved_with_an_old_option_keeps_it(server, tmp_path):
+    """Before 0.3 the loader's options were the formats' names (per_tensor_int8_mlp, ...); now they are named for
+    what they give. A workflow saved then loads with its choice intact, and the server accepts it."""
+    ui = json.load(open(os.path.join(REPO, "workflows", "sd35_large_fp8.json")))
+    loader = next(n for n in ui["nodes"] if n["type"] == "SD35FP8CheckpointLoader")
+    loader["widgets_values"][1] = "per_tensor_int8_mlp"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(ui))
+    env = dict(os.environ, PLAYWRIGHT_CORE=PW, CHROMIUM=CHROMIUM)
+    out = subprocess.run(["node", os.path.join(REPO, "tests", "support", "frontend_check.cjs"), server.base, str(old)],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["prompt"]["1"]["inputs"]["weight_scaling"] == "per_tensor_int8_mlp"
+    assert not any(n["has_errors"] for n in r["nodes"]) and r["errors"] == []
+    info = server.get("/object_info/SD35FP8CheckpointLoader")["SD35FP8CheckpointLoader"]
+    assert info["input"]["required"]["weight_scaling"][1]["options"] == [
+        "fastest", "finer weights (per channel)", "less error (INT8 adaLN)", "most faithful (INT8 MLP)"]
