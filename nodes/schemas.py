@@ -54,6 +54,14 @@ with open(PROMPTS_FILE, encoding="utf-8") as _f:
     DEFAULT_PROMPTS = _f.read().strip()  # the shipped default calibration set, one prompt per line
 
 
+def advanced(inp):
+    """Mark a rarely used input advanced (the frontend keeps it behind its advanced toggle). ComfyUI 0.30 reads the
+    input's ``advanced``; 0.3.75 has no such field, so it also travels in the input's extra dict (object_info)."""
+    inp.advanced = True
+    inp.extra_dict = {**(getattr(inp, "extra_dict", None) or {}), "advanced": True}
+    return inp
+
+
 def prompt_lines(prompts: str | None) -> list[str]:
     """The calibration prompts: one per non-empty line."""
     return [p.strip() for p in (prompts or "").splitlines() if p.strip()]
@@ -127,10 +135,10 @@ class SD35FP8Calibrate(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=64, max=8192, step=16, tooltip="as your latent image"),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
                              tooltip="noise of the calibration runs (fixed: a new seed calibrates again)"),
-                io.Combo.Input("method", options=list(METHODS), default="max",
-                               tooltip="max: largest |x| seen; percentile: clip rare outliers"),
-                io.Float.Input("percentile", default=99.99, min=90.0, max=100.0, step=0.001, round=0.0001,
-                               tooltip="used by method=percentile"),
+                advanced(io.Combo.Input("method", options=list(METHODS), default="max",
+                               tooltip="max: largest |x| seen; percentile: clip rare outliers")),
+                advanced(io.Float.Input("percentile", default=99.99, min=90.0, max=100.0, step=0.001, round=0.0001,
+                               tooltip="used by method=percentile")),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="the calibrated model: connect it to Autocast"),
                      io.String.Output(display_name="report", tooltip="ranges, time, and the calibration id")],
@@ -185,22 +193,24 @@ class SD35FP8Autocast(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="the calibrated model from Calibrate SD3.5 FP8"),
                 io.Boolean.Input("enabled", default=True, tooltip="off: weight-only FP8, BF16 compute (to compare)"),
-                io.Combo.Input("fp8_format", options=[f.value for f in Format], default=RECIPE.fp8_format.value,
-                               tooltip="E4M3 and HYBRID are the same for inference"),
-                io.Int.Input("amax_history_len", default=RECIPE.amax_history_len, min=1, max=1024,
-                             tooltip="uncalibrated layers and TransformerEngine only"),
-                io.Int.Input("margin", default=RECIPE.margin, min=0, max=8,
-                             tooltip="2^margin headroom on activation scales; raise to 1 if you see NaN"),
-                io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="torch: ours; transformer_engine: TE; auto: the faster one installed"),
+                advanced(io.Combo.Input("fp8_format", options=[f.value for f in Format],
+                                        default=RECIPE.fp8_format.value,
+                               tooltip="E4M3 and HYBRID are the same for inference")),
+                advanced(io.Int.Input("amax_history_len", default=RECIPE.amax_history_len, min=1, max=1024,
+                             tooltip="uncalibrated layers and TransformerEngine only")),
+                advanced(io.Int.Input("margin", default=RECIPE.margin, min=0, max=8,
+                             tooltip="2^margin headroom on activation scales; raise to 1 if you see NaN")),
+                advanced(io.Combo.Input("backend", options=list(BACKENDS), default="auto",
+                               tooltip="torch: ours; transformer_engine: TE; auto: the faster one installed")),
                 io.Boolean.Input("compile", default=RUNTIME.compile, optional=True,
                                  tooltip="torch.compile the FP8 model (first run per size compiles, ~1 min)"),
-                io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default=RUNTIME.attention, optional=True,
-                               tooltip="auto: cuDNN on NVIDIA; fp8: our FP8 attention (faster, a little error)"),
+                advanced(io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default=RUNTIME.attention,
+                                        optional=True,
+                               tooltip="auto: cuDNN on NVIDIA; fp8: our FP8 attention (faster, a little error)")),
                 io.Boolean.Input("cuda_graphs", default=RUNTIME.cudagraphs, optional=True,
                                  tooltip="replay the denoiser as CUDA graphs, one per size (fastest)"),
-                io.Combo.Input("scaling", options=list(SCALINGS), default=RUNTIME.scaling, optional=True,
-                               tooltip="transformer_engine only: delayed or current scaling"),
+                advanced(io.Combo.Input("scaling", options=list(SCALINGS), default=RUNTIME.scaling, optional=True,
+                               tooltip="transformer_engine only: delayed or current scaling")),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="samples in FP8: connect it to KSampler")],
         )

@@ -55,3 +55,16 @@ def test_help_page_covers_every_input_and_output(info, node):
 
 def test_service_can_be_turned_off(info):
     assert "sd35fp8 service: off" in info[2]
+
+
+def test_rarely_used_knobs_are_advanced_inputs(info):
+    """The recipe knobs that matter only for uncalibrated models, TransformerEngine or a tuning session sit behind
+    the frontend's advanced toggle; what a user sets every day does not."""
+    def advanced(node):
+        d = info[0][node]["input"]
+        return {k for part in ("required", "optional") for k, spec in d.get(part, {}).items()
+                if len(spec) > 1 and spec[1].get("advanced")}
+    assert advanced("SD35FP8Autocast") == {"fp8_format", "amax_history_len", "margin", "backend", "attention",
+                                           "scaling"}
+    assert advanced("SD35FP8Calibrate") == {"method", "percentile"}
+    assert advanced("SD35FP8CheckpointLoader") == set()
