@@ -107,7 +107,7 @@ class Service:
         self.version = pack_version()
         self.cfg = service_config.Config()
         self.config_error: str | None = None
-        self.wf = self.m = None
+        self.wf = self.m = self.ui = None
         self.defaults = api.Defaults()
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.pending: collections.deque = collections.deque()  # (job, index) not yet in ComfyUI's queue
@@ -125,6 +125,7 @@ class Service:
         try:
             self.cfg = service_config.load()
             self.wf = service_config.build_workflow(self.cfg)
+            self.ui = service_config.ui_workflow(self.cfg)
             self.m = graph.map_workflow(self.wf, service_config.workflow_path(self.cfg))
         except (service_config.ConfigError, graph.InputError) as e:
             self.config_error = str(e)
@@ -309,6 +310,8 @@ class Service:
         number = self.ps.number
         self.ps.number += 1
         extra = {"client_id": CLIENT_ID, "create_time": int(time.time() * 1000)}
+        if self.ui and len(items) == 1:  # the PNG opens in the editor as this item's workflow
+            extra["extra_pnginfo"] = {"workflow": graph.ui_for(self.ui, g)}
         self.groups[pid] = Group(pid, chosen)
         self.ps.prompt_queue.put((number, pid, prompt, extra, valid[2], {}))
 
@@ -326,6 +329,10 @@ class Service:
                     continue
                 job.images[i] = dict(img, path=os.path.join(folder_paths.get_directory_by_type(img.get("type",
                                      "output")), img.get("subfolder", ""), img["filename"]))
+                if len(grp.items) > 1:  # a shared call's PNG gets its own item's prompt and workflow when served
+                    own = graph.item_graph(self.wf, self.m, job.items[i], self.cfg.output_prefix)
+                    job.images[i]["pnginfo"] = {"prompt": own, **({"workflow": graph.ui_for(self.ui, own)}
+                                                                  if self.ui else {})}
                 job.fraction.pop(i, None)
             if grp.sampler_t0 is not None:
                 metrics.observe_call(grp.sampler_t0, grp.step_times)
@@ -481,7 +488,12 @@ class Service:
             return len(q.queue), len(q.currently_running)
 
     async def image_bytes(self, img: dict) -> bytes:
+        """The PNG's bytes; an image of a shared sampler call first gets its own item's metadata (written once,
+        atomically, off the event loop)."""
         def read():
+            meta = img.pop("pnginfo", None)
+            if meta:
+                retag_png(img["path"], meta)
             with open(img["path"], "rb") as f:
                 return f.read()
         return await asyncio.get_running_loop().run_in_executor(None, read)
@@ -729,6 +741,21 @@ def register_with_server() -> Service | None:
     import server
     instance = getattr(server.PromptServer, "instance", None)
     return register(instance) if instance is not None else None
+
+
+def retag_png(path: str, texts: dict) -> None:
+    """Replace text chunks of a PNG (values as JSON), keeping the others; temp file, then rename."""
+    from PIL import Image, PngImagePlugin
+    with Image.open(path) as pic:
+        pic.load()
+        meta = PngImagePlugin.PngInfo()
+        merged = {k: v for k, v in pic.info.items() if isinstance(v, str)}
+        merged.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in texts.items()})
+        for k, v in merged.items():
+            meta.add_text(k, v)
+        tmp = f"{path}.{os.getpid()}.retag"
+        pic.save(tmp, format="PNG", pnginfo=meta, compress_level=4)
+    os.replace(tmp, path)
 
 
 def _validation_message(valid) -> str:

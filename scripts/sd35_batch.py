@@ -51,7 +51,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from service.graph import (  # noqa: E402
     MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
-    map_workflow, model_problems, saved_images, settings_of)
+    map_workflow, model_problems, saved_images, settings_of, ui_for)
 BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -196,30 +196,6 @@ def make_jobs(todo: list[dict], wf: dict, m: dict, per_call: int) -> list[list[d
     if cur:
         jobs.append(cur)
     return jobs
-
-
-# UI-format widget positions of the nodes the client changes (control_after_generate follows a seed)
-UI_WIDGETS = {"CLIPTextEncode": {"text": 0}, "SD35FP8CheckpointLoader": {"ckpt_name": 0, "weight_scaling": 1},
-               "KSampler": {"seed": 0, "steps": 2, "cfg": 3},
-              "KSamplerAdvanced": {"noise_seed": 1, "steps": 3, "cfg": 4},
-              "EmptySD3LatentImage": {"width": 0, "height": 1, "batch_size": 2},
-              "EmptyLatentImage": {"width": 0, "height": 1, "batch_size": 2}, "SaveImage": {"filename_prefix": 0}}
-
-
-def ui_for(ui: dict | None, g: dict) -> dict | None:
-    """The UI workflow (same node ids as the API one) with this item's widget values, for the PNG's metadata."""
-    if not ui:
-        return None
-    ui = copy.deepcopy(ui)
-    for node in ui.get("nodes", []):
-        api = g.get(str(node.get("id")))
-        pos = UI_WIDGETS.get(node.get("type"), {})
-        if api is None or not pos or not isinstance(node.get("widgets_values"), list):
-            continue
-        for k, i in pos.items():
-            if k in api["inputs"] and not isinstance(api["inputs"][k], list) and i < len(node["widgets_values"]):
-                node["widgets_values"][i] = api["inputs"][k]
-    return ui
 
 
 # -- the server ----------------------------------------------------------------------------------------------------

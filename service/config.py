@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class Config:
     enabled: bool = True           # SD35FP8_API_ENABLED=0 registers no route
     workflow: str = "large"        # large | large_turbo | medium | path of an API-format workflow
+    ui_workflow: str = ""          # its UI-format twin (same node ids), embedded in the PNGs; bundled: automatic
     ckpt_name: str = ""            # the checkpoint loader's file (default: the workflow's)
     text_encoders: str = ""        # comma-separated: TripleCLIPLoader's three files, or CLIPLoader's one
     weight_format: str = ""        # SD35FP8CheckpointLoader's weight_scaling
@@ -117,6 +118,23 @@ def workflow_path(cfg: Config) -> str:
     if cfg.workflow in BUNDLED:
         return os.path.join(REPO, "workflows", "api", BUNDLED[cfg.workflow] + "_api.json")
     return cfg.workflow
+
+
+def ui_workflow(cfg: Config) -> dict | None:
+    """The UI-format workflow whose widgets the PNGs' metadata fills (ComfyUI opens a PNG dropped on the editor as
+    that workflow): ``ui_workflow``, else the bundled twin of a bundled workflow, else none."""
+    path = cfg.ui_workflow or (os.path.join(REPO, "workflows", BUNDLED[cfg.workflow] + ".json")
+                               if cfg.workflow in BUNDLED else "")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            ui = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"ui_workflow {path} ({cfg.source}): cannot read it: {e}") from None
+    if not isinstance(ui, dict) or not isinstance(ui.get("nodes"), list):
+        raise ConfigError(f"ui_workflow {path}: not a UI-format workflow (ComfyUI's Workflow -> Save)")
+    return ui
 
 
 def build_workflow(cfg: Config) -> dict:

@@ -192,3 +192,27 @@ def error_of(entry: dict) -> str:
     msgs = entry.get("status", {}).get("messages", [])
     err = next((msg[1] for msg in msgs if msg[0] == "execution_error"), {})
     return (err.get("exception_message") or "interrupted or failed (see the server log)").strip()
+
+
+# UI-format widget positions of the nodes the client changes (control_after_generate follows a seed)
+UI_WIDGETS = {"CLIPTextEncode": {"text": 0}, "SD35FP8CheckpointLoader": {"ckpt_name": 0, "weight_scaling": 1},
+               "KSampler": {"seed": 0, "steps": 2, "cfg": 3},
+              "KSamplerAdvanced": {"noise_seed": 1, "steps": 3, "cfg": 4},
+              "EmptySD3LatentImage": {"width": 0, "height": 1, "batch_size": 2},
+              "EmptyLatentImage": {"width": 0, "height": 1, "batch_size": 2}, "SaveImage": {"filename_prefix": 0}}
+
+
+def ui_for(ui: dict | None, g: dict) -> dict | None:
+    """The UI workflow (same node ids as the API one) with this item's widget values, for the PNG's metadata."""
+    if not ui:
+        return None
+    ui = copy.deepcopy(ui)
+    for node in ui.get("nodes", []):
+        api = g.get(str(node.get("id")))
+        pos = UI_WIDGETS.get(node.get("type"), {})
+        if api is None or not pos or not isinstance(node.get("widgets_values"), list):
+            continue
+        for k, i in pos.items():
+            if k in api["inputs"] and not isinstance(api["inputs"][k], list) and i < len(node["widgets_values"]):
+                node["widgets_values"][i] = api["inputs"][k]
+    return ui

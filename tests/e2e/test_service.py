@@ -53,7 +53,8 @@ def tiny_workflow(tmp_path_factory) -> str:
 def server(tmp_path_factory):
     """Open (no token), warmed up at start, up to 4 compatible images per sampler call."""
     env = dict(LIMITS, SD35FP8_API_WORKFLOW=tiny_workflow(tmp_path_factory), SD35FP8_API_WARMUP="1",
-               SD35FP8_API_MAX_PER_CALL="4", SD35FP8_API_BATCH_WINDOW="0.2")
+               SD35FP8_API_MAX_PER_CALL="4", SD35FP8_API_BATCH_WINDOW="0.2",
+               SD35FP8_API_UI_WORKFLOW=os.path.join(REPO, "workflows", "sd35_large_fp8.json"))
     srv = ComfyServer(models_dir(tmp_path_factory), workdir=str(tmp_path_factory.mktemp("comfy")), env=env)
     srv.start()
     deadline = time.time() + 300
@@ -192,6 +193,10 @@ def test_four_clients_ten_requests_each_none_mixed_up(server):
                 assert r.status_code == 200, r.text
                 assert r.headers["X-Seed"] == str(pairs[k][1])
                 results[k].append((r.headers["X-Job-Id"], png(r.content)))
+                meta = Image.open(io.BytesIO(r.content)).info  # its own item's graph, also from a shared call
+                ui = {n["id"]: n for n in json.loads(meta["workflow"])["nodes"]}
+                assert ui[5]["widgets_values"][0] == pairs[k][0] and ui[8]["widgets_values"][0] == pairs[k][1]
+                assert json.loads(meta["prompt"])["5"]["inputs"]["text"] == pairs[k][0]
             except Exception as e:  # noqa: BLE001 - collected and reported below
                 errors.append(repr(e))
     threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]

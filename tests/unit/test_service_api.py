@@ -125,3 +125,13 @@ def test_config_file_unknown_key_and_bad_workflow(tmp_path):
         cfgmod.build_workflow(cfgmod.load({"SD35FP8_API_TEXT_ENCODERS": "one.safetensors"}))
     with pytest.raises(cfgmod.ConfigError, match="cannot read it"):
         cfgmod.build_workflow(cfgmod.load({"SD35FP8_API_WORKFLOW": str(tmp_path / "missing.json")}))
+
+
+def test_ui_workflow_for_the_pngs(tmp_path):
+    ui = cfgmod.ui_workflow(cfgmod.load({}))  # the bundled Large workflow's UI twin
+    assert {n["type"] for n in ui["nodes"]} >= {"SD35FP8CheckpointLoader", "KSampler", "SaveImage"}
+    assert cfgmod.ui_workflow(cfgmod.load({"SD35FP8_API_WORKFLOW": str(tmp_path / "mine.json")})) is None
+    p = tmp_path / "ui.json"
+    p.write_text("{}")
+    with pytest.raises(cfgmod.ConfigError, match="not a UI-format workflow"):
+        cfgmod.ui_workflow(cfgmod.load({"SD35FP8_API_UI_WORKFLOW": str(p)}))
