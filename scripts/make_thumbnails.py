@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The template thumbnails (workflows/<name>.jpg, shown by ComfyUI's template browser) and docs/workflow.png, from
+"""The template thumbnails (workflows/<name>.jpg, shown by ComfyUI's template browser), docs/workflow.png and the
+help pages' web/docs/workflow.jpg, from
 screenshots of the bundled workflows in the real frontend:
 
     mkdir -p /tmp/shots && SD35FP8_SCREENSHOTS=/tmp/shots .venv/bin/python -m pytest tests/e2e/test_frontend.py
@@ -23,8 +24,11 @@ def main(shots: str) -> int:
         thumb = img.copy()
         thumb.thumbnail((640, 400))
         thumb.save(os.path.join(REPO, "workflows", name + ".jpg"), quality=85)
-        if name == "sd35_large_fp8":
+        if name == "sd35_large_fp8":  # the README's picture and the node help pages'
             img.save(os.path.join(REPO, "docs", "workflow.png"), optimize=True)
+            small = img.copy()
+            small.thumbnail((1280, 800))
+            small.save(os.path.join(REPO, "web", "docs", "workflow.jpg"), quality=82)
         print("wrote", name)
     return 0
 

@@ -21,7 +21,11 @@ def info(tmp_path_factory):
     try:
         data = requests.get(srv.base + "/object_info").json()
         pages = {n: requests.get(f"{srv.base}/extensions/{PACK_NAME}/docs/{n}.md") for n in NODES}
-        yield data, pages, srv.log_text()
+        images = {}
+        for page in pages.values():
+            for ref in re.findall(r"!\[[^]]*\]\(([^)]+)\)", page.text):
+                images[ref] = requests.get(f"{srv.base}/extensions/{PACK_NAME}/docs/{ref}")
+        yield data, pages, srv.log_text(), images
     finally:
         srv.stop()
 
@@ -51,6 +55,12 @@ def test_help_page_covers_every_input_and_output(info, node):
     names = [*d["input"].get("required", {}), *d["input"].get("optional", {}), *d["output_name"]]
     missing = [n for n in names if not re.search(rf"\*\*{re.escape(n)}\*\*", text)]
     assert not missing, f"{node}'s help page does not explain {missing}"
+
+
+def test_help_pages_show_the_bundled_workflow(info):
+    images = info[3]
+    assert "workflow.jpg" in images and all(r.status_code == 200 and r.content[:3] == b"\xff\xd8\xff"
+                                            for r in images.values())
 
 
 def test_service_can_be_turned_off(info):
