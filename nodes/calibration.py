@@ -16,8 +16,8 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 
-from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, fp8_autocast, fp8_layers, report,
-                     weight_bytes)
+from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, describe_outliers, fp8_autocast,
+                     fp8_layers, outlier_channels, report, weight_bytes)
 from sd35fp8.runtime.static import clear_static
 from sd35fp8.runtime.te import set_te
 
@@ -97,7 +97,10 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
     record = {"method": method, "percentile": percentile if method == "percentile" else None,
               "prompts": len(positives), "steps": steps, "cfg": cfg, "sampler": sampler_name,
               "scheduler": scheduler, "width": width, "height": height, "seed": seed,
-              "date": datetime.date.today().isoformat(), "seconds": round(secs, 2)}
+              "date": datetime.date.today().isoformat(), "seconds": round(secs, 2),
+              # massive activations: the layers with input channels far above the rest (kept with the calibration)
+              "outliers": [[n, round(med, 6), [[c, round(t, 1)] for c, t in chs]]
+                           for n, med, chs in outlier_channels(session.channel_amax())[:32]]}
     passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
     how = (f"calibrated with method={method}" + (f" ({percentile}th percentile)" if method == "percentile" else "")
            + f" over {len(positives)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
@@ -114,6 +117,8 @@ def calibrated(model, amax: dict, record: dict, how: str):
     s = st.get(out)
     text = report(QuantPolicy.from_dict(s.policy), amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2),
                   extra=[f"{s.variant}: {how}"])
+    if "outliers" in record:  # calibrations recorded before 0.3 have no channel statistics
+        text += "\n" + describe_outliers(record["outliers"], len(amax))
     return out, text
 
 

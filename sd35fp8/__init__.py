@@ -14,7 +14,7 @@ beside this package.
 """
 from .core.autocast import CalibrationSession, DelayedScaling, current_state, fp8_autocast, is_fp8_enabled
 from .core.formats import E4M3, E4M3_MAX, Format, device_supports_fp8_matmul, saturating_cast, scale_from_amax
-from .core.observers import METHODS, AmaxObserver
+from .core.observers import METHODS, AmaxObserver, describe_outliers, outlier_channels
 from .core.policy import LayerDecision, QuantPolicy
 from .core.quant import GRANULARITIES, dequantize_weight, quantize_weight
 from .io.checkpoint import CheckpointError, SD3Info, detect_sd3, inspect_checkpoint, read_safetensors_header

@@ -73,6 +73,10 @@ class CalibrationSession:
                 "the model or its inputs are broken (check the checkpoint and the text encoders)")
         return {n: o.result(self.method, self.percentile) for n, o in self.observers.items()}
 
+    def channel_amax(self) -> dict[str, torch.Tensor]:
+        """Each layer's per-input-channel amax (max |x| of every feature over all calls)."""
+        return {n: o.channel_amax for n, o in self.observers.items() if o.channel_amax is not None}
+
 
 @dataclasses.dataclass
 class _State:

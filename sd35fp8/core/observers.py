@@ -1,4 +1,6 @@
-"""Calibration observers: per-layer input amax over real sampling runs.
+"""Calibration observers: per-layer input amax over real sampling runs, and each input channel's own amax (the
+range of every feature over all tokens, steps, cond and uncond), which shows "massive activations": a few channels
+far above the rest that set a per-tensor scale for all of them (:func:`outlier_channels`).
 
 ``max`` keeps the exact running maximum of |x|. ``percentile`` additionally keeps a histogram of
 |x| over log2-spaced bins (64 per octave, 2^-24 .. 2^24), accumulated over every call, so the
@@ -18,6 +20,7 @@ _BINS = int((_HI - _LO) * _PER_OCTAVE)
 class AmaxObserver:
     def __init__(self, keep_histogram: bool = False):
         self.amax: torch.Tensor | None = None  # fp32 scalar on the data's device
+        self.channel_amax: torch.Tensor | None = None  # fp32 [in_features]: each input channel's max |x|
         self.hist: torch.Tensor | None = None
         self.calls = 0
         self.numel = 0
@@ -34,6 +37,12 @@ class AmaxObserver:
             a = torch.where(finite, a, torch.zeros_like(a))
         m = a.amax() if a.numel() else torch.zeros((), device=a.device)
         self.amax = m if self.amax is None else torch.maximum(self.amax, m.to(self.amax.device))
+        if a.dim() >= 1 and a.numel():
+            ch = a.reshape(-1, a.shape[-1]).amax(0)
+            if self.channel_amax is None:
+                self.channel_amax = ch
+            elif self.channel_amax.shape == ch.shape:  # a layer's inputs always share their last dimension
+                self.channel_amax = torch.maximum(self.channel_amax, ch.to(self.channel_amax.device))
         if self.keep_histogram and a.numel():
             lg = torch.log2(a.flatten().clamp_min(2.0**_LO))
             h = torch.histc(lg, bins=_BINS, min=_LO, max=_HI).to(torch.float64).cpu()
@@ -58,3 +67,36 @@ class AmaxObserver:
         idx = int(torch.searchsorted(cdf, target.unsqueeze(0)).item())
         upper_edge = 2.0 ** (_LO + (idx + 1) / _PER_OCTAVE)  # conservative: the bin's upper edge
         return min(amax, upper_edge) if math.isfinite(upper_edge) else amax
+
+
+def outlier_channels(channel_amax: dict[str, torch.Tensor], ratio: float = 20.0,
+                     top: int = 4) -> list[tuple[str, float, list[tuple[int, float]]]]:
+    """Layers whose input has channels ``ratio`` times or more above the layer's median channel range:
+    ``[(layer, median channel amax, [(channel, times the median), ...]), ...]``, the largest first, at most ``top``
+    channels a layer. With one per-tensor scale, such a channel leaves every other channel of that input only
+    ``log2(ratio)`` fewer bits of E4M3's range."""
+    out = []
+    for name, ch in channel_amax.items():
+        if ch is None or ch.numel() < 8:
+            continue
+        c = ch.detach().float().cpu()
+        med = float(c.median())
+        if not med > 0:
+            continue
+        times = c / med
+        idx = torch.nonzero(times >= ratio).flatten()
+        if idx.numel():
+            order = idx[torch.argsort(times[idx], descending=True)][:top]
+            out.append((name, med, [(int(i), float(times[i])) for i in order]))
+    out.sort(key=lambda r: -r[2][0][1])
+    return out
+
+
+def describe_outliers(outliers: list, n_layers: int, ratio: float = 20.0, shown: int = 3) -> str:
+    """One report line about :func:`outlier_channels`' result (also as stored in a calibration record: lists)."""
+    if not outliers:
+        return f"input channels: none {ratio:g}x or more above its layer's median range (no massive activations)"
+    worst = "; ".join(f"{name} channel{'s' if len(chs) > 1 else ''} "
+                      + ", ".join(f"{c} ({t:.0f}x)" for c, t in chs) for name, _med, chs in outliers[:shown])
+    return (f"input channels {ratio:g}x or more above their layer's median range in {len(outliers)} of {n_layers} "
+            f"FP8 layers (massive activations: one per-tensor scale spends E4M3's range on them); largest: {worst}")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sd35fp8 import AmaxObserver, CalibrationSession
+from sd35fp8 import AmaxObserver, CalibrationSession, FP8Linear, describe_outliers, fp8_autocast, outlier_channels
 
 
 def test_max_over_calls_is_exact():
@@ -41,3 +41,46 @@ def test_session_errors_are_clear():
         o = AmaxObserver(True)
         o.update(torch.ones(3))
         o.result("percentile", 0.0)
+
+
+def planted(scale: dict, calls=4, tokens=77, features=64, seed=0):
+    """Inputs of one layer over several calls, with channels scaled up: massive activations."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in range(calls):
+        x = torch.randn(2, tokens, features, generator=g)
+        for c, k in scale.items():
+            x[..., c] *= k
+        xs.append(x.to(torch.bfloat16))
+    return xs
+
+
+def calibrate_layer(xs, features=64):
+    torch.manual_seed(0)
+    q = FP8Linear.from_linear(torch.nn.Linear(features, 32).to(torch.bfloat16), "per_tensor", name="blk.mlp.fc2")
+    with fp8_autocast(calibrating=True) as sess:
+        for x in xs:
+            q(x)
+    return sess
+
+
+def test_calibration_names_the_outlier_channels_of_a_layer():
+    sess = calibrate_layer(planted({17: 300.0, 3: 100.0, 40: 10.0}))
+    ch = sess.channel_amax()["blk.mlp.fc2"]
+    assert ch.shape == (64,) and int(ch.argmax()) == 17
+    found = outlier_channels(sess.channel_amax())
+    assert [(n, [c for c, _ in chs]) for n, _, chs in found] == [("blk.mlp.fc2", [17, 3])]  # 10x is not flagged
+    times = dict(found[0][2])
+    assert 200 < times[17] < 450 and 60 < times[3] < 160
+    line = describe_outliers(found, n_layers=1)
+    assert "in 1 of 1 FP8 layers" in line and "blk.mlp.fc2 channels 17 (" in line
+
+
+def test_no_outliers_says_so():
+    sess = calibrate_layer(planted({}))
+    assert outlier_channels(sess.channel_amax()) == []
+    assert describe_outliers([], 5).startswith("input channels: none 20x or more")
+    # the stored form (lists, as in a calibration record) reads the same
+    found = outlier_channels(calibrate_layer(planted({5: 300.0})).channel_amax())
+    stored = [[n, m, [[c, t] for c, t in chs]] for n, m, chs in found]
+    assert describe_outliers(stored, 3) == describe_outliers(found, 3)
