@@ -54,6 +54,22 @@ case "${1:-}" in
       $bench --variants medium --skip te,fp8,eager,cudagraphs,fp8_attention,int8_adaln,int8_mlp_cudnn,fast_compile,file_compile --out /tmp/rec/denoiser_medium.md;
       $e2e --variant medium --modes ours --vram-cap-gib 12 --out /tmp/rec/e2e_medium_12gib.md"
     ;;
+  start_rest)
+    # what 2026-12-05's first record left: the denoiser tables, stock on our file uncompiled end to end, the caps
+    [ -f $comfy/main.py ] || { echo "no ComfyUI at $comfy: this machine is fresh, run setup1 first"; exit 4; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .carry2/*.whl \
+      || exit 1
+    export PYTHONPATH=$site
+    export SD35FP8_COMMIT=${SD35FP8_COMMIT:-}
+    models=/tmp/e2e-models work=/tmp/e2e-work
+    e2e="python3 bench/e2e_bench.py --comfy $comfy --models $models --workdir $work --calib-prompts $cal --comfy-arg=--front-end-root=/tmp/web"
+    bench="python3 bench/sd35_bench.py --comfy $comfy --cal-prompts $cal"
+    bash bench/bg.sh start $log bash -c "
+      $bench --variants large --skip te,fp8,eager,cudagraphs,fp8_attention,int8_adaln,int8_mlp_cudnn,bf16_compile --out /tmp/rec/denoiser_large.md --json /tmp/rec/denoiser_large.json;
+      $e2e --variant large --modes ours,stock_file --out /tmp/rec/e2e_large_file.md --json /tmp/rec/e2e_large_file.json;
+      $e2e --variant large --modes ours,stock_file --vram-cap-gib 16 --out /tmp/rec/e2e_large_16gib.md;
+      $bench --variants medium --skip te,fp8,eager,cudagraphs,fp8_attention,int8_adaln,int8_mlp_cudnn,fast_compile,file_compile --out /tmp/rec/denoiser_medium.md"
+    ;;
   wait)
     bash bench/bg.sh wait $log "${2:-540}"
     rc=$?
@@ -61,7 +77,7 @@ case "${1:-}" in
     exit $rc
     ;;
   *)
-    echo "usage: bench/record_030.sh setup1 | start | wait [SECONDS]" >&2
+    echo "usage: bench/record_030.sh setup1 | start | start_rest | wait [SECONDS]" >&2
     exit 2
     ;;
 esac
