@@ -35,14 +35,15 @@ from . import metrics
 
 log = logging.getLogger("sd35fp8")
 CLIENT_ID = "sd35fp8-service"
-OPENAPI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "openapi.json")
+PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPENAPI = os.path.join(PACK, "docs", "openapi.json")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def pack_version() -> str:
     try:
         import tomllib
-        with open(os.path.join(os.path.dirname(OPENAPI), "..", "pyproject.toml"), "rb") as f:
+        with open(os.path.join(PACK, "pyproject.toml"), "rb") as f:
             return "sd35fp8-" + tomllib.load(f)["project"]["version"]
     except (OSError, KeyError, ValueError, ImportError):
         return "sd35fp8"
@@ -101,6 +102,11 @@ class Group:
         self.missing_since: float | None = None
 
 
+def jobs_of(items: list) -> list[Job]:
+    """The distinct jobs of (job, index) items, in order."""
+    return list({id(j): j for j, _ in items}.values())
+
+
 class Service:
     def __init__(self, prompt_server):
         self.ps = prompt_server
@@ -115,6 +121,7 @@ class Service:
         self.ready_job: Job | None = None
         self.served_one = False
         self.validated = False
+        self._all_there = float("-inf")  # when problems() last found every file
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.loop = None
@@ -138,22 +145,34 @@ class Service:
                                      scheduler=s.get("scheduler", "sgm_uniform"))
 
     def problems(self) -> list[str]:
-        """Why the routes cannot serve: a bad configuration, a missing node type or model file (re-checked on each
-        call, so a file put into models/ later is found)."""
+        """Why the routes cannot serve: a bad configuration, a missing node type or model file. While something is
+        missing every call looks again (a file put into models/ is found at once); once all is there, the model
+        lists are read at most once a second, since every request asks."""
         if self.config_error:
             return [self.config_error]
+        now = time.monotonic()
+        if now - self._all_there < 1.0:
+            return []
 
         def options_of(cls, inp):
             return graph.combo_options(comfy_nodes.NODE_CLASS_MAPPINGS[cls].INPUT_TYPES(), inp)
-        return graph.model_problems(self.wf, comfy_nodes.NODE_CLASS_MAPPINGS.keys(), options_of)
+        found = graph.model_problems(self.wf, comfy_nodes.NODE_CLASS_MAPPINGS.keys(), options_of)
+        if not found:
+            self._all_there = now
+        return found
 
     @property
-    def model_name(self) -> str:
+    def ckpt_file(self) -> str:
+        """The model file the configured workflow loads ("" when it cannot be mapped)."""
         if not self.m:
             return ""
         loader = next((v["inputs"] for v in self.wf.values() if v["class_type"] in
                        ("SD35FP8CheckpointLoader", "CheckpointLoaderSimple", "UNETLoader")), {})
-        return os.path.splitext(str(loader.get("ckpt_name") or loader.get("unet_name") or ""))[0]
+        return str(loader.get("ckpt_name") or loader.get("unet_name") or "")
+
+    @property
+    def model_name(self) -> str:
+        return os.path.splitext(self.ckpt_file)[0]
 
     def per_call(self) -> int:
         if self.cfg.max_per_call:
@@ -304,7 +323,7 @@ class Service:
             replace(prompt)
         valid = await execution.validate_prompt(pid, prompt, None)
         if not valid[0]:
-            for job in {id(j): j for j, _ in chosen}.values():
+            for job in jobs_of(chosen):
                 self.cancel(job, "failed", f"ComfyUI refused the workflow: {_validation_message(valid)}")
             return
         number = self.ps.number
@@ -317,7 +336,7 @@ class Service:
 
     def finish_group(self, grp: Group, entry: dict) -> None:
         ok = entry.get("status", {}).get("status_str") == "success"
-        jobs = {id(j): j for j, _ in grp.items}.values()
+        jobs = jobs_of(grp.items)
         if ok:
             imgs = graph.saved_images(entry, self.m)
             if len(imgs) != len(grp.items):
@@ -588,8 +607,7 @@ def register(prompt_server) -> Service | None:
     @route("GET", "/sdapi/v1/sd-models")
     async def a1111_models(request):
         name = svc.model_name
-        ckpt = next((v["inputs"].get("ckpt_name") or v["inputs"].get("unet_name") for v in (svc.wf or {}).values()
-                     if v["class_type"] in ("SD35FP8CheckpointLoader", "CheckpointLoaderSimple", "UNETLoader")), "")
+        ckpt = svc.ckpt_file
         return _json([{"title": ckpt, "model_name": name, "hash": None, "sha256": None, "filename": ckpt,
                        "config": None}] if ckpt else [])
 

@@ -178,10 +178,10 @@ def to_ui(nodes, title: str) -> dict:
             wv.append(v)
             if cls == "KSampler" and w == "seed":
                 wv.append("fixed")  # the frontend's control_after_generate widget value
+        links_out = model_links(cls, inputs)
         ui_nodes.append({"id": nid, "type": cls, "pos": boxes[nid][0], "size": boxes[nid][1],
                          "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs, "outputs": ui_outputs,
-                         "properties": {"Node name for S&R": cls, **({"models": model_links(cls, inputs)}
-                                                                      if model_links(cls, inputs) else {})},
+                         "properties": {"Node name for S&R": cls, **({"models": links_out} if links_out else {})},
                          "widgets_values": wv})
     return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},

@@ -239,7 +239,7 @@ def a1111_items(body, limits: Limits, d: Defaults, samplers, schedulers) -> tupl
             "count": 1}
     check_combination(item)
     items = [dict(item, seed=(seed + i) % (SEED_MAX + 1)) for i in range(batch * n_iter)]
-    params = {k: v for k, v in body.items()}
+    params = dict(body)
     params.update(prompt=item["prompt"], negative_prompt=item["negative"], seed=seed, width=item["width"],
                   height=item["height"], steps=item["steps"], cfg_scale=item["cfg"], batch_size=batch, n_iter=n_iter,
                   sampler_name=body.get("sampler_name") or body.get("sampler_index") or sampler,
