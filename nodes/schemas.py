@@ -141,7 +141,16 @@ class SD35FP8Calibrate(io.ComfyNode):
                                tooltip="used by method=percentile")),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="the calibrated model: connect it to Autocast"),
-                     io.String.Output(display_name="report", tooltip="ranges, time, and the calibration id")],
+                     io.String.Output(display_name="report", tooltip="ranges, time, and the calibration id"),
+                     # the settings calibrated for, to feed KSampler and the latent image: one set of values
+                     io.Int.Output(display_name="steps", tooltip="connect to KSampler's steps"),
+                     io.Float.Output(display_name="cfg", tooltip="connect to KSampler's cfg"),
+                     io.Combo.Output(display_name="sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                                     tooltip="connect to KSampler's sampler_name"),
+                     io.Combo.Output(display_name="scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                                     tooltip="connect to KSampler's scheduler"),
+                     io.Int.Output(display_name="width", tooltip="connect to the latent image's width"),
+                     io.Int.Output(display_name="height", tooltip="connect to the latent image's height")],
         )
 
     @classmethod
@@ -176,7 +185,8 @@ class SD35FP8Calibrate(io.ComfyNode):
         # the report shows on the node itself: no separate preview output that ComfyUI would queue (and calibrate
         # for) when the sampling half of a graph is invalid
         preview = getattr(ui, "PreviewText", None)
-        return io.NodeOutput(out, text, ui=preview(text) if preview else {"text": (text,)})
+        return io.NodeOutput(out, text, steps, cfg, sampler_name, scheduler, width, height,
+                             ui=preview(text) if preview else {"text": (text,)})
 
 
 class SD35FP8Autocast(io.ComfyNode):

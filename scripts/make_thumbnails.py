@@ -12,6 +12,8 @@ import sys
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from service.config import TEMPLATES  # noqa: E402
 GRAPH = (290, 150, 2110, 1000)  # the part of a 2400x1150 screenshot that shows the graph (no menus, no banner)
 
 
@@ -24,7 +26,7 @@ def main(shots: str) -> int:
         thumb = img.copy()
         thumb.thumbnail((640, 400))
         thumb.save(os.path.join(REPO, "workflows", name + ".jpg"), quality=85)
-        if name == "sd35_large_fp8":  # the README's picture and the node help pages'
+        if name == TEMPLATES["large"]:  # the README's picture and the node help pages'
             img.save(os.path.join(REPO, "docs", "workflow.png"), optimize=True)
             small = img.copy()
             small.thumbnail((1280, 800))

@@ -15,6 +15,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, "workflows")
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from service.config import TEMPLATES  # noqa: E402  (the UI workflows' file names: the template browser's titles)
 
 NEGATIVE = ""
 POSITIVE = ("a professional photograph of a red fox sitting in a snowy birch forest at golden hour, "
@@ -24,7 +27,8 @@ POSITIVE = ("a professional photograph of a red fox sitting in a snowy birch for
 OUTPUTS = {
     "SD35FP8CheckpointLoader": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE"), ("info", "STRING")],
     "TripleCLIPLoader": [("CLIP", "CLIP")],
-    "SD35FP8Calibrate": [("MODEL", "MODEL"), ("report", "STRING")],
+    "SD35FP8Calibrate": [("MODEL", "MODEL"), ("report", "STRING"), ("steps", "INT"), ("cfg", "FLOAT"),
+                         ("sampler_name", "COMBO"), ("scheduler", "COMBO"), ("width", "INT"), ("height", "INT")],
     "SD35FP8Autocast": [("MODEL", "MODEL")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "EmptySD3LatentImage": [("LATENT", "LATENT")],
@@ -36,6 +40,11 @@ OUTPUTS = {
 LINK_INPUT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
                     "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT",
                     "images": "IMAGE", "source": "*"}
+# widgets fed by a link (Calibrate's settings outputs): one set of values for calibration and sampling
+WIDGET_INPUT_TYPES = {"steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO", "scheduler": "COMBO", "width": "INT",
+                      "height": "INT"}
+CAL = 3  # the Calibrate node's id
+SETTING = {name: (CAL, 2 + i) for i, name in enumerate(WIDGET_INPUT_TYPES)}
 
 VARIANTS = {
     # name: (checkpoint, steps, cfg, sampler, scheduler, title)
@@ -85,11 +94,11 @@ def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, se
          2),
         (5, "CLIPTextEncode", {"clip": (2, 0), "text": POSITIVE}, ["text"], 1),
         (6, "CLIPTextEncode", {"clip": (2, 0), "text": NEGATIVE}, ["text"], 1),
-        (7, "EmptySD3LatentImage", {"width": width, "height": height, "batch_size": batch},
+        (7, "EmptySD3LatentImage", {"width": SETTING["width"], "height": SETTING["height"], "batch_size": batch},
          ["width", "height", "batch_size"], 2),
-        (8, "KSampler", {"model": (4, 0), "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-                         "scheduler": sched, "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0),
-                         "denoise": 1.0},
+        (8, "KSampler", {"model": (4, 0), "seed": seed, "steps": SETTING["steps"], "cfg": SETTING["cfg"],
+                         "sampler_name": SETTING["sampler_name"], "scheduler": SETTING["scheduler"],
+                         "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0), "denoise": 1.0},
          ["seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"], 3),
         (9, "VAEDecode", {"samples": (8, 0), "vae": (1, 2)}, [], 4),
         (10, "SaveImage", {"images": (9, 0), "filename_prefix": f"sd35_fp8/{variant}"}, ["filename_prefix"], 4),
@@ -126,7 +135,7 @@ def node_size(cls: str, inputs: dict, widgets: list) -> list[int]:
     """A generous estimate of the box the frontend draws (it grows a node to fit its slots and widgets, never
     shrinks it): slot rows, one row per widget (the seed's control widget too), multiline text boxes, an image
     preview for SaveImage."""
-    links = sum(isinstance(v, tuple) for v in inputs.values())
+    links = sum(isinstance(v, tuple) and k not in widgets for k, v in inputs.items())
     rows = max(links, len(OUTPUTS[cls]))
     n_widgets = len(widgets) + (1 if cls == "KSampler" else 0)
     multiline = sum((cls, w) in MULTILINE for w in widgets)
@@ -165,7 +174,10 @@ def to_ui(nodes, title: str) -> dict:
         for slot, (k, v) in enumerate(link_inputs):
             lid = next(l[0] for l in links if l[3] == nid and l[6] == k)
             links[lid - 1][4] = slot
-            ui_inputs.append({"name": k, "type": LINK_INPUT_TYPES[k], "link": lid})
+            if k in widgets:  # a widget fed by a link: the frontend keeps the widget (and its value)
+                ui_inputs.append({"name": k, "type": WIDGET_INPUT_TYPES[k], "widget": {"name": k}, "link": lid})
+            else:
+                ui_inputs.append({"name": k, "type": LINK_INPUT_TYPES[k], "link": lid})
         ui_outputs = []
         for slot, (name, typ) in enumerate(OUTPUTS[cls]):
             ui_outputs.append({"name": name, "type": typ, "links": out_links.get((nid, slot), []),
@@ -173,6 +185,8 @@ def to_ui(nodes, title: str) -> dict:
         wv = []
         for w in widgets:
             v = inputs[w]
+            if isinstance(v, tuple):  # linked: the value the source node holds
+                v = next(n[2] for n in nodes if n[0] == v[0])[w]
             if w == "prompts" and v is None:
                 v = prompts
             wv.append(v)
@@ -194,7 +208,7 @@ def render() -> dict[str, str]:
         nodes, title = spec(variant)
         # API format in a subfolder: ComfyUI offers */workflows/*.json (not recursive) as UI templates
         files[f"api/{variant}_fp8_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
-        files[f"{variant}_fp8.json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
+        files[TEMPLATES[variant.removeprefix("sd35_")] + ".json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
     return files
 
 

@@ -51,8 +51,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from service.graph import (  # noqa: E402
     MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
-    map_workflow, model_problems, saved_images, settings_of, ui_for)
-BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
+    inline_settings, map_workflow, model_problems, saved_images, settings_of, ui_for)
+from service.config import BUNDLED, bundled_ui_path  # noqa: E402
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
               "count": (1, 64)}
@@ -476,10 +476,10 @@ def run(a) -> int:
     items = read_items(a.items, a.seed)
     if a.workflow in BUNDLED:
         api_path = os.path.join(REPO, "workflows", "api", BUNDLED[a.workflow] + "_api.json")
-        ui_path = a.ui_workflow or os.path.join(REPO, "workflows", BUNDLED[a.workflow] + ".json")
+        ui_path = a.ui_workflow or bundled_ui_path(a.workflow)
     else:
         api_path, ui_path = a.workflow, a.ui_workflow
-    wf = load_json(api_path, "workflow")
+    wf = inline_settings(load_json(api_path, "workflow"))
     m = map_workflow(wf, api_path)
     ui = load_json(ui_path, "UI workflow") if ui_path else None
     out = os.path.abspath(a.out)

@@ -4,13 +4,24 @@ the configuration names. Pure Python; errors name the file or variable and the k
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
 
+from . import graph
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "medium": "sd35_medium_fp8"}
+# the UI twins' file names: ComfyUI's template browser shows a pack's template by its file name (title and
+# description), so the name says what the workflow does
+TEMPLATES = {"large": "SD3.5 Large FP8 (28 steps, 1024px, batch of 4)",
+             "large_turbo": "SD3.5 Large Turbo FP8 (4 steps, 1024px, batch of 4)",
+             "medium": "SD3.5 Medium FP8 (40 steps, 1024px, batch of 4)"}
+
+
+def bundled_ui_path(name: str) -> str:
+    """The UI-format twin of bundled workflow ``name`` (large, large_turbo, medium)."""
+    return os.path.join(REPO, "workflows", TEMPLATES[name] + ".json")
 ENV_PREFIX = "SD35FP8_API_"
 
 
@@ -123,8 +134,7 @@ def workflow_path(cfg: Config) -> str:
 def ui_workflow(cfg: Config) -> dict | None:
     """The UI-format workflow whose widgets the PNGs' metadata fills (ComfyUI opens a PNG dropped on the editor as
     that workflow): ``ui_workflow``, else the bundled twin of a bundled workflow, else none."""
-    path = cfg.ui_workflow or (os.path.join(REPO, "workflows", BUNDLED[cfg.workflow] + ".json")
-                               if cfg.workflow in BUNDLED else "")
+    path = cfg.ui_workflow or (bundled_ui_path(cfg.workflow) if cfg.workflow in BUNDLED else "")
     if not path:
         return None
     try:
@@ -147,7 +157,7 @@ def build_workflow(cfg: Config) -> dict:
         raise ConfigError(f"workflow {path} ({cfg.source}): cannot read it: {e}") from None
     if not isinstance(wf, dict) or not all(isinstance(v, dict) and "class_type" in v for v in wf.values()):
         raise ConfigError(f"workflow {path}: not an API-format workflow (in ComfyUI: Workflow -> Export (API))")
-    wf = copy.deepcopy(wf)
+    wf = graph.inline_settings(wf)
 
     def nodes(*classes):
         return [v for v in wf.values() if v["class_type"] in classes]

@@ -72,6 +72,31 @@ def _trace(wf: dict, start, wanted: tuple, via: tuple) -> str | None:
     return None
 
 
+# SD35FP8Calibrate's outputs after MODEL and report: the settings it calibrated for, which the bundled workflows feed to
+# KSampler and the latent image (one set of values); and ComfyUI's own primitive nodes
+CALIBRATE_SETTINGS = ("steps", "cfg", "sampler_name", "scheduler", "width", "height")
+SETTINGS_OUTPUTS = {"SD35FP8Calibrate": {2 + i: name for i, name in enumerate(CALIBRATE_SETTINGS)},
+                    **{cls: {0: "value"} for cls in ("PrimitiveInt", "PrimitiveFloat", "PrimitiveString",
+                                                     "PrimitiveBoolean")}}
+
+
+def inline_settings(wf: dict) -> dict:
+    """A copy of ``wf`` in which every input fed by a settings output (Calibrate's steps, cfg, sampler, scheduler,
+    size; a primitive node's value) holds that value itself, so the clients read and replace plain values."""
+    g, changed = copy.deepcopy(wf), True
+    while changed:  # a Calibrate fed by a primitive node feeds the KSampler the primitive's value
+        changed = False
+        for v in g.values():
+            ins = v.get("inputs", {})
+            for k, val in ins.items():
+                src = _source(g, val)
+                name = SETTINGS_OUTPUTS.get(g[src]["class_type"], {}).get(val[1]) if src else None
+                lit = g[src].get("inputs", {}).get(name) if name else None
+                if lit is not None and _source(g, lit) is None:
+                    ins[k], changed = lit, True
+    return g
+
+
 def map_workflow(wf: dict, where: str) -> dict:
     """The nodes the client fills, found by type and role. Raises InputError naming what is missing."""
     if not isinstance(wf, dict) or not all(isinstance(v, dict) and "class_type" in v for v in wf.values()):

@@ -14,11 +14,13 @@ from PIL import Image
 import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 from run_batch import TINY_CKPT, TINY_CLIP, adapt, load_workflow
+
+from service.config import bundled_ui_path
 from sd35_batch import Server, auto_per_call, derive_seed
 
 pytestmark = pytest.mark.comfy
 CLIENT = os.path.join(REPO, "scripts", "sd35_batch.py")
-UI = os.path.join(REPO, "workflows", "sd35_large_fp8.json")
+UI = bundled_ui_path("large")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 import tiny_sd35
 from comfy_harness import REPO, ComfyError, ComfyServer, cached_nodes
 from run_batch import TINY_CLIP, adapt, load_workflow
+
+from service.config import TEMPLATES, bundled_ui_path
+from service.graph import inline_settings
 from tests.support.workflow_check import validate_api, validate_ui
 
 WF_DIR = os.path.join(REPO, "workflows")
@@ -79,7 +82,8 @@ def object_info(server):
 
 def graph(ckpt=LARGE, size=128, steps=3, batch=2, prompts=2, seed=7, workflow="sd35_large_fp8_api.json",
           prefix="e2e"):
-    wf = load_workflow(os.path.join(WF_DIR, "api", workflow))
+    # the settings Calibrate feeds KSampler and the latent as plain values: tests change one side or drop Calibrate
+    wf = inline_settings(load_workflow(os.path.join(WF_DIR, "api", workflow)))
     return adapt(wf, ckpt_name=ckpt, tiny_clip=TINY_CLIP, width=size, height=size, batch=batch, steps=steps,
                  calib_prompts=prompts, seed=seed, prefix=prefix)
 
@@ -124,7 +128,12 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
     assert object_info["SD35FP8Autocast"]["input"]["optional"]["attention"][1]["options"] == [
         "auto", "cudnn", "flash", "efficient", "math", "fp8"]
     assert object_info["SD35FP8CheckpointLoader"]["output"] == ["MODEL", "CLIP", "VAE", "STRING"]
-    assert object_info["SD35FP8Calibrate"]["output"] == ["MODEL", "STRING"]
+    # outputs only ever appended: saved links to MODEL and report keep their slots; the settings calibrated for
+    # follow, typed as KSampler's and the latent's inputs so they connect to them
+    cal_out = object_info["SD35FP8Calibrate"]["output"]
+    assert cal_out[:2] == ["MODEL", "STRING"] and cal_out[2:4] == ["INT", "FLOAT"] and cal_out[6:] == ["INT", "INT"]
+    ks = object_info["KSampler"]["input"]["required"]
+    assert cal_out[4] == ks["sampler_name"][0] and cal_out[5] == ks["scheduler"][0]
     assert object_info["SD35FP8PromptBatch"]["output"] == ["CONDITIONING", "CONDITIONING", "LATENT", "NOISE", "STRING"]
     assert list(object_info["SD35FP8SaveCheckpoint"]["input"]["optional"]) == ["clip", "vae"]
     assert object_info["SD35FP8SaveCheckpoint"]["output_node"] is True
@@ -145,14 +154,15 @@ def test_bundled_workflows_validate_against_object_info(object_info):
             assert {n["type"] for n in wf["nodes"]} >= {"SD35FP8CheckpointLoader", "SD35FP8Calibrate",
                                                          "SD35FP8Autocast", "TripleCLIPLoader", "SaveImage"}
         else:
-            lat = next(v for v in wf.values() if v["class_type"] == "EmptySD3LatentImage")["inputs"]
+            lat = next(v for v in inline_settings(wf).values() if v["class_type"] == "EmptySD3LatentImage")["inputs"]
             assert (lat["width"], lat["height"], lat["batch_size"]) == (1024, 1024, 4)
 
 
 def test_only_ui_workflows_are_offered_as_templates(server):
     listed = server.get("/workflow_templates")
     pack, ours = next((k, v) for k, v in listed.items() if "SD35" in k.upper())
-    assert sorted(ours) == ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
+    # named for what they do: the template browser shows the file name as title and description
+    assert sorted(ours) == sorted(TEMPLATES.values())
     for name in ours:  # the template browser's thumbnails: a JPEG of the same name
         r = requests.get(f"{server.base}/api/workflow_templates/{pack}/{name}.jpg")
         assert r.status_code == 200 and r.content[:3] == b"\xff\xd8\xff", name
@@ -168,7 +178,7 @@ def test_validator_catches_broken_workflows(object_info):
     errs = " | ".join(validate_api(bad, object_info))
     assert "unknown node type 'SD35FP8Calibrated'" in errs and "E5M2" in errs and "outside" in errs
     assert "expects VAE" in errs
-    ui = json.load(open(os.path.join(WF_DIR, "sd35_large_fp8.json")))
+    ui = json.load(open(bundled_ui_path("large")))
     ui["nodes"][3]["widgets_values"] = ui["nodes"][3]["widgets_values"][:-1]
     assert validate_ui(ui, object_info)
 
@@ -221,6 +231,29 @@ def test_sampling_outside_the_calibrated_settings_is_named_once(server):
     assert "a schedule other than sgm_uniform's" in said()[-1] and "steps (calibrated" not in said()[-1]
     server.run(g)  # the same case again: no second line
     assert len(said()) == before + 2
+
+
+def test_bundled_graph_feeds_calibrate_settings_to_the_sampler(server):
+    """The bundled API workflow as shipped: KSampler's steps/cfg/sampler/scheduler and the latent's size are links
+    from SD35FP8Calibrate. Changing them on Calibrate alone changes what is sampled, and nothing is reported as
+    uncovered."""
+    def said():
+        return [line for line in server.log_text().splitlines() if "settings the calibration did not cover" in line]
+    g = adapt(load_workflow(os.path.join(WF_DIR, "api", "sd35_large_fp8_api.json")), ckpt_name=LARGE,
+              tiny_clip=TINY_CLIP, batch=1, calib_prompts=1, seed=3, prefix="linked")
+    ks = next(k for k, v in g.items() if v["class_type"] == "KSampler")
+    cal = next(k for k, v in g.items() if v["class_type"] == "SD35FP8Calibrate")
+    lat = next(k for k, v in g.items() if v["class_type"] == "EmptySD3LatentImage")
+    assert all(g[ks]["inputs"][f] == [cal, i] for i, f in enumerate(("steps", "cfg", "sampler_name", "scheduler"), 2))
+    assert g[lat]["inputs"]["width"] == [cal, 6] and g[lat]["inputs"]["height"] == [cal, 7]
+    g[cal]["inputs"].update(steps=4, cfg=3.0, sampler_name="dpmpp_2m", scheduler="simple", width=96, height=64)
+    before = len(said())
+    entry = server.run(g)
+    steps = [m["data"]["max"] for m in server.messages if m["type"] == "progress" and str(m["data"]["node"]) == ks]
+    assert steps and set(steps) == {4}, steps
+    img = next(i for out in entry["outputs"].values() for i in out.get("images", []))
+    assert Image.open(os.path.join(server.output_dir, img["subfolder"], img["filename"])).size == (96, 64)
+    assert len(said()) == before
 
 
 def test_calibration_shows_a_progress_bar(server):

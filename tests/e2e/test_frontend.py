@@ -15,13 +15,15 @@ import pytest
 import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 
+from service.config import BUNDLED, TEMPLATES, bundled_ui_path
+
 PW = os.path.join(REPO, ".cache", "node", "node_modules", "playwright-core")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.comfy, pytest.mark.skipif(
     not (shutil.which("node") and os.path.isdir(PW) and os.path.exists(CHROMIUM)),
     reason="needs node, chromium and playwright-core (run scripts/setup_env.sh --browser)")]
 
-WORKFLOWS = ["sd35_large_fp8", "sd35_large_turbo_fp8", "sd35_medium_fp8"]
+WORKFLOWS = list(BUNDLED)  # large, large_turbo, medium
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +46,16 @@ def server(tmp_path_factory):
 def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     env = dict(os.environ, PLAYWRIGHT_CORE=PW, CHROMIUM=CHROMIUM)
     out = subprocess.run(["node", os.path.join(REPO, "tests", "support", "frontend_check.cjs"), server.base,
-                          os.path.join(REPO, "workflows", f"{name}.json"), str(tmp_path / f"{name}.png")],
+                          bundled_ui_path(name), str(tmp_path / f"{name}.png")],
                          capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["errors"] == [] and r["missing"] == []
-    ui = json.load(open(os.path.join(REPO, "workflows", f"{name}.json")))
+    ui = json.load(open(bundled_ui_path(name)))
     assert len(r["nodes"]) == len(ui["nodes"]) == 10 and not any(n["has_errors"] for n in r["nodes"])
     cal = next(n for n in r["nodes"] if n["type"] == "SD35FP8Calibrate")
     assert "control_after_generate" not in cal["widgets"]  # calibration seed is never randomized
-    api = json.load(open(os.path.join(REPO, "workflows", "api", f"{name}_api.json")))
+    api = json.load(open(os.path.join(REPO, "workflows", "api", f"{BUNDLED[name]}_api.json")))
     got = r["prompt"]
     assert set(got) == set(api)
     for nid, node in api.items():
@@ -67,13 +69,13 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
                 boxes[a][2] and boxes[a][1] < boxes[b][3] and boxes[b][1] < boxes[a][3]]
     assert not overlaps, f"{name}: nodes overlap in the editor: {overlaps} ({boxes})"
     if os.environ.get("SD35FP8_SCREENSHOTS"):  # scripts/make_thumbnails.py makes the thumbnails from these
-        shutil.copy(tmp_path / f"{name}.png", os.path.join(os.environ["SD35FP8_SCREENSHOTS"], f"{name}.png"))
+        shutil.copy(tmp_path / f"{name}.png", os.path.join(os.environ["SD35FP8_SCREENSHOTS"], f"{TEMPLATES[name]}.png"))
 
 
 def test_a_workflow_saved_with_an_old_option_keeps_it(server, tmp_path):
     """Before 0.3 the loader's options were the formats' names (per_tensor_int8_mlp, ...); now they are named for
     what they give. A workflow saved then loads with its choice intact, and the server accepts it."""
-    ui = json.load(open(os.path.join(REPO, "workflows", "sd35_large_fp8.json")))
+    ui = json.load(open(bundled_ui_path("large")))
     loader = next(n for n in ui["nodes"] if n["type"] == "SD35FP8CheckpointLoader")
     loader["widgets_values"][1] = "per_tensor_int8_mlp"
     old = tmp_path / "old.json"

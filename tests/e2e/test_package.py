@@ -14,7 +14,8 @@ from test_service import LIMITS, models_dir, png, tiny_workflow
 
 pytestmark = pytest.mark.comfy
 RUNTIME = ("__init__.py", "nodes/schemas.py", "nodes/routes.py", "sd35fp8/__init__.py", "service/api.py",
-           "workflows/api/sd35_large_fp8_api.json", "workflows/sd35_large_fp8.json", "workflows/sd35_large_fp8.jpg",
+           "workflows/api/sd35_large_fp8_api.json", "workflows/SD3.5 Large FP8 (28 steps, 1024px, batch of 4).json",
+           "workflows/SD3.5 Large FP8 (28 steps, 1024px, batch of 4).jpg",
            "web/docs/SD35FP8Calibrate.md", "requirements.txt",
            "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md", "docs/openapi.json",
            "nodes/calibration_prompts.txt", "scripts/batch.sh", "scripts/sd35_batch.py", "scripts/comfy_harness.py")

@@ -21,6 +21,8 @@ import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 from run_batch import TINY_CKPT, TINY_CLIP, adapt, load_workflow
 
+from service.config import bundled_ui_path
+
 pytestmark = pytest.mark.comfy
 OPENAPI = os.path.join(REPO, "docs", "openapi.json")
 LIMITS = {"SD35FP8_API_MAX_WIDTH": "256", "SD35FP8_API_MAX_HEIGHT": "256", "SD35FP8_API_MAX_STEPS": "60",
@@ -54,7 +56,7 @@ def server(tmp_path_factory):
     """Open (no token), warmed up at start, up to 4 compatible images per sampler call."""
     env = dict(LIMITS, SD35FP8_API_WORKFLOW=tiny_workflow(tmp_path_factory), SD35FP8_API_WARMUP="1",
                SD35FP8_API_MAX_PER_CALL="4", SD35FP8_API_BATCH_WINDOW="0.2",
-               SD35FP8_API_UI_WORKFLOW=os.path.join(REPO, "workflows", "sd35_large_fp8.json"))
+               SD35FP8_API_UI_WORKFLOW=bundled_ui_path("large"))
     srv = ComfyServer(models_dir(tmp_path_factory), workdir=str(tmp_path_factory.mktemp("comfy")), env=env)
     srv.start()
     deadline = time.time() + 300

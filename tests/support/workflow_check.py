@@ -31,9 +31,13 @@ def _input_order(info: dict, cls: str) -> list[str]:
     return list(inp.get("required", {})) + list(inp.get("optional", {}))
 
 
-def _types_match(a: str, b: str) -> bool:
+def _types_match(a, b) -> bool:
+    """Output/input types agree: "*" matches all, comma lists overlap; a combo (its option list, "COMBO" in the UI
+    format) matches "COMBO" or the same options (ComfyUI's validator compares the lists)."""
     if a == "*" or b == "*":
         return True
+    if isinstance(a, list) or isinstance(b, list):
+        return a == b or "COMBO" in (a, b)
     return bool(set(a.split(",")) & set(b.split(",")))
 
 
@@ -93,7 +97,7 @@ def validate_api(wf: dict, info: dict) -> list[str]:
                 outs = info.get(src["class_type"], {}).get("output", [])
                 if value[1] >= len(outs):
                     errs.append(f"node {nid} ({cls}).{name}: {src['class_type']} has no output {value[1]}")
-                elif not _types_match(outs[value[1]], spec[0] if isinstance(spec[0], str) else "COMBO"):
+                elif not _types_match(outs[value[1]], spec[0] if isinstance(spec[0], str) else _combo_options(spec)):
                     errs.append(f"node {nid} ({cls}).{name}: expects {spec[0]}, linked to {outs[value[1]]}")
             else:
                 errs.extend(f"node {nid}: {e}" for e in check_value(cls, name, spec, value))
@@ -127,7 +131,8 @@ def validate_ui(wf: dict, info: dict) -> list[str]:
         if cls not in info:
             errs.append(f"node {n['id']}: unknown node type {cls!r}")
             continue
-        linked = {i["name"] for i in n.get("inputs", [])}
+        # a slot-only input has no widget value; a widget fed by a link ("widget" in its input) keeps its value
+        linked = {i["name"] for i in n.get("inputs", []) if "widget" not in i}
         widgets = []
         for name in _input_order(info, cls):
             spec = _spec(info, cls, name)
