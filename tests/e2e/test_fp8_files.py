@@ -637,3 +637,18 @@ def test_every_sampling_run_asks_the_cuda_graphs_for_a_full_weight_check(env):
         assert runner.stale and env.adapter.sampling.graph_runners(dm)["compiled"] is runner
     finally:
         env.adapter.sampling.drop_graphs(dm)
+
+
+def test_first_run_notice_once_per_size_and_batch(env):
+    """The notice shown while the first denoiser call at a size compiles (CUDA only, where the progress bar waits):
+    it names the size in pixels and the denoiser batch, says whether CUDA graphs are captured, and comes once per
+    shape. (The compile itself runs on the GPU: not here.)"""
+    first_run = env.adapter.sampling.first_run
+    cache = {}
+    x = torch.zeros(2, 16, 128, 96)
+    msg = first_run(cache, x, graphs=False)
+    assert "first FP8 run at 768x1024, denoiser batch 2: compiling once" in msg and "CUDA graphs" not in msg
+    assert first_run(cache, x, graphs=False) is None
+    assert "capturing CUDA graphs" in first_run(cache, x, graphs=True)  # graphs: a capture of its own
+    assert "at 768x1024, denoiser batch 4" in first_run(cache, torch.zeros(4, 16, 128, 96), graphs=False)
+    assert first_run({}, x, graphs=False) == msg  # another model: its own first run
