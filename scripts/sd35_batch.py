@@ -52,6 +52,7 @@ if REPO not in sys.path:
 from service.graph import (  # noqa: E402
     MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
     inline_settings, map_workflow, model_problems, saved_images, settings_of, ui_for)
+from service.cluster import job_id  # noqa: E402
 from service.config import BUNDLED, bundled_ui_path  # noqa: E402
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -488,6 +489,8 @@ def run(a) -> int:
     todo = [it for it in items if not manifest.finished_ok(it, out)]
     print(f"[batch] {len(items)} items in {a.items}; {len(items) - len(todo)} already done in {out}; "
           f"{len(todo)} to run", file=sys.stderr)
+    if a.queue:
+        return run_cluster(a, wf, m, ui, todo, items, manifest, out)
     started = None
     if a.server:
         srv = Server(a.server)
@@ -616,6 +619,126 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
               file=sys.stderr)
         return 130
     return finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, psnrs)
+
+
+class JobImages:
+    """A finished cluster job's images, read from the queue's store (what :func:`save_outputs` asks a server)."""
+
+    def __init__(self, cl, jid: str):
+        self.cl, self.jid = cl, jid
+
+    def image(self, img: dict) -> bytes:
+        return self.cl.image(self.jid, img)
+
+
+def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
+    """The same batch on a cluster (``--queue redis://...``): every job goes to the queue under an id made from this
+    output folder and its items (a re-run finds its jobs again: nothing is rendered twice), workers run them on
+    their ComfyUIs, and this client writes the files and manifest lines as results come. A lost queue server is
+    waited for."""
+    from redis.exceptions import RedisError
+
+    from service.cluster import Cluster
+    cl = Cluster(a.queue)
+    cl.ping()
+    run_tag = hashlib.sha256(out.encode()).hexdigest()[:12]
+    prefix = f"sd35_batch/{run_tag}"
+    prog = Progress(len(todo), sum(it["count"] or 1 for it in todo))
+    jobs = make_jobs(todo, wf, m, a.per_call or 1)
+    failed = quality_failed = 0
+    summary_flags: dict[str, int] = {}
+    gate = set(a.fail_on)
+
+    def graph_of(it):
+        return item_graph(wf, m, it, prefix)
+
+    def item_png(it):
+        png = {"workflow": ui_for(ui, graph_of(it))} if ui else {}
+        png["sd35fp8"] = pack_info(graph_of(it), m, {})
+        return png
+
+    def fail(job, why, flags, attempts):
+        nonlocal failed
+        for it in job:
+            manifest.write(record(it, graph_of(it), m, [], 0.0, "failed", attempts, why[:2000], flags))
+            failed += 1
+            prog.failed += 1
+            prog.done += 1
+
+    pending: dict[str, list[dict]] = {}
+    for job in jobs:
+        g = graph_of(job[0]) if len(job) == 1 else group_graph(wf, m, job, prefix)
+        png = item_png(job[0])
+        if len(job) > 1:
+            png["sd35fp8"]["items"] = [{"name": it["name"], "seed": it["seed"]} for it in job]
+        jid = job_id(run_tag, [it["name"] for it in job])
+        tag = {"run": run_tag, "items": [it["name"] for it in job]}
+        cl.submit(jid, g, {"extra_pnginfo": png, "sd35fp8_batch": tag}, a.retries, a.job_timeout)
+        pending[jid] = job
+    print(f"[batch] {len(pending)} job(s) on the queue {a.queue} ({cl.depth()})", file=sys.stderr)
+    lost_since = None
+    try:
+        while pending:
+            try:
+                for jid in list(pending):
+                    rj = cl.job(jid)
+                    status = rj.get_status() if rj else None
+                    if status in ("queued", "started", "deferred", "scheduled"):
+                        continue
+                    job = pending.pop(jid)
+                    if rj is None:
+                        fail(job, "the job vanished from the queue (the queue server lost its data?): run the batch "
+                             "again", [], 0)
+                        continue
+                    res = rj.return_value() if status == "finished" else None
+                    n = (res or {}).get("delivery") or int(cl.conn.get(f"sd35fp8:deliveries:{jid}") or 0)
+                    if status != "finished":
+                        exc = rj.latest_result().exc_string if rj.latest_result() else status
+                        fail(job, f"failed on the cluster after {n} deliveries: {str(exc).strip().splitlines()[-1]}",
+                             [], n)
+                        continue
+                    if res.get("status") != "ok":
+                        fail(job, f"{res.get('status')}: {res.get('error')}", res.get("flags", []), n)
+                        continue
+                    entry = res["entry"]
+                    try:
+                        saved = save_outputs(JobImages(cl, jid), entry, m, job, out,
+                                             [item_png(it) for it in job] if len(job) > 1 else None)
+                    except (RuntimeError, OSError) as e:
+                        fail(job, f"could not fetch the images: {e}", [], n)
+                        continue
+                    for it, (files, q) in zip(job, saved):
+                        flags = sorted({f for x in q for f in x["flags"]})
+                        rec = record(it, graph_of(it), m, files, res.get("seconds", 0.0) / len(job), "ok", n, None,
+                                     flags, quality=q)
+                        rec["worker"] = res.get("worker")
+                        if len(job) > 1:
+                            rec["batched_with"] = len(job)
+                        for f in rec["flags"]:
+                            summary_flags[f] = summary_flags.get(f, 0) + 1
+                        if set(rec["flags"]) & gate:
+                            quality_failed += 1
+                        manifest.write(rec)
+                        prog.done += 1
+                        prog.images += len(files)
+                    cl.forget(jid, entry)
+                if lost_since is not None:
+                    print(f"\n[batch] the queue at {a.queue} is back", file=sys.stderr)
+                    lost_since = None
+            except RedisError as e:
+                if lost_since is None:
+                    lost_since = time.time()
+                    print(f"\n[batch] the queue at {a.queue} does not answer ({e}): waiting for it (Ctrl-C stops; the "
+                          "jobs stay queued)", file=sys.stderr)
+            prog.show(f"{len(pending)} job(s) on the cluster")
+            if pending:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\n[batch] interrupted: the jobs stay on the queue and finish; run the same command again to collect "
+              "them", file=sys.stderr)
+        return 130
+    prog.show(force=True)
+    return finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, [])
 
 
 def finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, psnrs) -> int:
@@ -785,6 +908,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workflow", default="large", help="large, large_turbo, medium (bundled) or an API workflow")
     ap.add_argument("--ui-workflow", help="the UI-format workflow to store in the PNGs (bundled ones: automatic)")
     ap.add_argument("--server", help="a running ComfyUI, e.g. http://127.0.0.1:8188 (default: start one)")
+    ap.add_argument("--queue", help="a cluster's queue instead of one ComfyUI: redis://host:6379/0 (workers: "
+                                    "python -m service.worker; docs/scale-out.md)")
+    ap.add_argument("--job-timeout", type=int, default=3600,
+                    help="with --queue: seconds a job may run before its worker stops it (default 3600)")
     ap.add_argument("--ckpt", help="without --server: an SD3.5 .safetensors for the started ComfyUI")
     ap.add_argument("--text-encoders", help="without --server: the folder with clip_l/clip_g/t5xxl")
     ap.add_argument("--gpu", action="store_true", help="without --server: let the started ComfyUI use the GPU")
@@ -804,6 +931,8 @@ def main(argv=None) -> int:
     bad = [f for f in a.fail_on if f not in FLAGS]
     if bad:
         ap.error(f"--fail-on: unknown flag(s) {', '.join(bad)}; use {', '.join(FLAGS)}")
+    if a.queue and (a.server or a.reference_every):
+        ap.error("--queue sends the jobs to the cluster's workers: drop --server and --reference-every")
     if a.min_psnr is not None and not a.reference_every:
         ap.error("--min-psnr needs --reference-every N (which items get a BF16 reference)")
     try:

@@ -1,0 +1,272 @@
+"""Scale-out on a real queue: Debian's redis-server started here, two CPU ComfyUIs with the pack (the tiny model,
+warmed up), one worker each (``python -m service.worker``, RQ), and the batch client with ``--queue``.
+
+What breaks in production fleets is what these tests do: ``kill -9`` of a worker mid-job, the queue server
+restarted mid-run, SIGTERM on a busy worker, a job that fails on every delivery.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from comfy_harness import REPO, ComfyServer, free_port
+from test_service import LIMITS, models_dir, tiny_workflow
+
+from service.config import bundled_ui_path
+
+rq = pytest.importorskip("rq", reason="needs rq and redis (requirements-cluster.txt; scripts/setup_env.sh)")
+from redis import Redis  # noqa: E402
+from rq import Worker  # noqa: E402
+
+from service.cluster import QUEUE, Cluster  # noqa: E402
+
+REDIS = shutil.which("redis-server")
+pytestmark = [pytest.mark.comfy, pytest.mark.skipif(not REDIS, reason="needs Debian's redis-server "
+                                                    "(scripts/setup_env.sh installs it)")]
+CLIENT = os.path.join(REPO, "scripts", "sd35_batch.py")
+LEASE = 2  # seconds between lease renewals: a dead worker's job is handed on about LEASE + 60 s later (RQ)
+
+
+class RedisServer:
+    """redis-server on a free port, its data on disk (append-only file, synced on every write), restartable."""
+
+    def __init__(self, d):
+        self.dir, self.port, self.proc = str(d), free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.proc = subprocess.Popen([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                                      "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                                     stdout=open(os.path.join(self.dir, "redis.log"), "a"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while True:
+            try:
+                Redis.from_url(self.url).ping()
+                return self
+            except Exception:  # noqa: BLE001
+                assert time.time() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+
+    def stop(self):
+        self.proc.terminate()  # SIGTERM: redis-server flushes its append-only file and exits
+        self.proc.wait(30)
+
+
+class WorkerProc:
+    def __init__(self, name, comfy, url, log_dir):
+        self.name, self.comfy, self.url = name, comfy, url
+        self.log = os.path.join(str(log_dir), f"{name}.log")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.worker", "--queue", self.url, "--comfy", self.comfy.base, "--name",
+             self.name, "--lease", str(LEASE), "--maintenance", "3"], cwd=REPO, start_new_session=True,
+            stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self):
+        """SIGKILL to the worker and its work horse (RQ puts the horse in a process group of its own), as a crash,
+        an OOM kill or a lost machine does."""
+        horses = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True,
+                                text=True).stdout.split()
+        for pid in [self.proc.pid, *map(int, horses)]:
+            os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def text(self):
+        return open(self.log).read()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    rs = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    wf_path = tiny_workflow(tmp_path_factory)
+    env = dict(LIMITS, SD35FP8_API_WORKFLOW=wf_path, SD35FP8_API_WARMUP="1")
+    models = models_dir(tmp_path_factory)
+    comfys = [ComfyServer(models, workdir=str(tmp_path_factory.mktemp(f"comfy{i}")), env=env) for i in range(2)]
+    for c in comfys:
+        c.start()
+    logs = tmp_path_factory.mktemp("workers")
+    workers = [WorkerProc(f"w{i + 1}", c, rs.url, logs).start() for i, c in enumerate(comfys)]
+    ns = type("Cluster", (), {})()
+    ns.redis, ns.comfys, ns.workers, ns.wf_path, ns.models = rs, comfys, workers, wf_path, models
+    ns.conn = Redis.from_url(rs.url)
+    wait_for(lambda: len(Worker.all(connection=ns.conn)) == 2, 300, "two workers registered")
+    yield ns
+    for w in workers:
+        w.stop()
+    for c in comfys:
+        c.stop()
+    rs.stop()
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.2)
+
+
+def ensure_workers(cl):
+    for w in cl.workers:
+        if not w.alive():
+            w.start()
+    wait_for(lambda: {w.name for w in Worker.all(connection=cl.conn)} >= {w.name for w in cl.workers}, 120,
+             "the workers registered")
+
+
+def items_file(path, n, tag):
+    path.write_text("".join(f"a {tag} circle number {i}, top left\n" for i in range(n)))
+    return path
+
+
+def slower(cl, tmp_path, steps):
+    """The workflow with more sampling steps (seconds per job on the CPU: a kill lands mid-job)."""
+    wf = json.load(open(cl.wf_path))
+    for v in wf.values():
+        if v["class_type"] == "KSampler":
+            v["inputs"]["steps"] = steps
+    p = tmp_path / f"steps{steps}_api.json"
+    p.write_text(json.dumps(wf))
+    return str(p)
+
+
+def client(cl, items, out, *args, workflow=None):
+    return subprocess.Popen([sys.executable, CLIENT, str(items), "--queue", cl.redis.url, "--workflow",
+                             workflow or cl.wf_path,
+                             "--ui-workflow", bundled_ui_path("large"), "--out", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def manifest(out):
+    p = os.path.join(out, "manifest.jsonl")
+    if not os.path.exists(p):
+        return []
+    with open(p) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def busy_job(cl, name):
+    for w in Worker.all(connection=cl.conn):
+        if w.name == name and w.get_current_job_id():
+            return w.get_current_job_id()
+    return None
+
+
+def test_kill_9_of_a_worker_mid_job_loses_nothing_and_duplicates_nothing(cluster, tmp_path):
+    """40 items on two workers; one worker (and its work horse) is killed with SIGKILL while it runs a job. Its
+    lease runs out, the other worker's maintenance puts the job back, and every item ends in the manifest exactly
+    once with its image; the killed job's item says it took two deliveries."""
+    ensure_workers(cluster)
+    out = tmp_path / "out"
+    p = client(cluster, items_file(tmp_path / "items.txt", 40, "red"), out, "--retries", "3",
+               workflow=slower(cluster, tmp_path, 16))
+    victim = cluster.workers[0]
+    wait_for(lambda: len(manifest(out)) >= 3 and busy_job(cluster, victim.name), 600, "w1 busy after 3 items")
+    time.sleep(0.5)  # into the job (several seconds long)
+    killed_job = busy_job(cluster, victim.name)
+    victim.kill9()
+    assert Cluster(cluster.redis.url).job(killed_job).get_status() == "started"  # killed mid-job
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stderr[-3000:]
+    recs = manifest(out)
+    names = [r["name"] for r in recs]
+    assert len(names) == 40 == len(set(names)) and all(r["status"] == "ok" for r in recs), stderr[-2000:]
+    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert len(pngs) == 40 and not [f for f in os.listdir(out) if f.endswith(".partial")]
+    assert {r["worker"] for r in recs} == {"w1", "w2"}  # both took work before the kill
+    again = Cluster(cluster.redis.url).job(killed_job).return_value()
+    assert again["status"] == "ok" and again["worker"] == "w2" and again["delivery"] == 2, again
+    assert sum(r["attempts"] == 2 for r in recs) >= 1
+    # nothing left behind: no job waiting or leased, nothing dead-lettered, the images fetched and deleted
+    depth = Cluster(cluster.redis.url).depth()
+    assert depth == {"waiting": 0, "running": 0, "failed": 0}, depth
+    assert not list(cluster.conn.scan_iter("sd35fp8:img:*"))
+
+
+def test_queue_server_restarted_mid_run_workers_and_client_reconnect(cluster, tmp_path):
+    ensure_workers(cluster)
+    out = tmp_path / "out"
+    p = client(cluster, items_file(tmp_path / "items.txt", 16, "blue"), out)
+    wait_for(lambda: len(manifest(out)) >= 3, 600, "3 items done")
+    cluster.redis.stop()
+    time.sleep(3)
+    cluster.redis.start()
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stderr[-3000:]
+    recs = manifest(out)
+    assert len({r["name"] for r in recs}) == 16 == len(recs) and all(r["status"] == "ok" for r in recs)
+    assert "does not answer" in stderr and "is back" in stderr
+    assert all(w.alive() for w in cluster.workers)
+    assert any("unreachable" in w.text() for w in cluster.workers)
+    # the workers registered again and take jobs
+    wait_for(lambda: {w.name.split(".")[0] for w in Worker.all(connection=cluster.conn)} == {"w1", "w2"}, 120,
+             "both workers back on the queue")
+
+
+def test_sigterm_finishes_the_running_job_then_exits(cluster, tmp_path):
+    """docker stop / a pod ending: the busy worker takes no new job, finishes the one it runs, exits 0; a job queued
+    meanwhile goes to the other worker."""
+    ensure_workers(cluster)
+    cl = Cluster(cluster.redis.url)
+    wf = json.load(open(cluster.wf_path))
+    ks = next(k for k, v in wf.items() if v["class_type"] == "KSampler")
+    slow = json.loads(json.dumps(wf))
+    slow[ks]["inputs"]["steps"] = 40  # several seconds on the CPU
+    jobs = [cl.submit(f"t-sigterm-{i}-{time.time_ns()}", slow, {}, retries=1) for i in range(2)]
+    w1 = cluster.workers[0]
+    wait_for(lambda: busy_job(cluster, "w1") in {j.id for j in jobs}, 300, "w1 runs a slow job")
+    mine = busy_job(cluster, "w1")
+    os.kill(w1.proc.pid, signal.SIGTERM)
+    late = cl.submit(f"t-late-{time.time_ns()}", wf, {}, retries=1)
+    assert w1.proc.wait(300) == 0
+    res = cl.job(mine).return_value()
+    assert res["status"] == "ok" and res["worker"] == "w1" and res["delivery"] == 1
+    assert "warm shut down" in w1.text()
+    wait_for(lambda: late.get_status() == "finished", 300, "the late job done elsewhere")
+    assert late.return_value()["worker"] == "w2"
+    wait_for(lambda: all(j.get_status() == "finished" for j in jobs), 300, "both slow jobs done")
+    w1.start()
+
+
+def test_a_job_failing_on_every_delivery_goes_to_the_dead_letter_registry(cluster, tmp_path):
+    """A checkpoint that is damaged fails at execution on every worker: after 1 + retries deliveries the job sits in
+    RQ's FailedJobRegistry (the operator sees it) and the client records the item as failed with the cause."""
+    ensure_workers(cluster)
+    bad = os.path.join(cluster.models, "checkpoints", "damaged.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}...")
+    wf = json.load(open(cluster.wf_path))
+    for v in wf.values():
+        if v["class_type"] == "SD35FP8CheckpointLoader":
+            v["inputs"]["ckpt_name"] = "damaged.safetensors"
+    wf_bad = tmp_path / "bad_api.json"
+    wf_bad.write_text(json.dumps(wf))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, CLIENT, str(items_file(tmp_path / "i.txt", 1, "green")), "--queue",
+                        cluster.redis.url, "--workflow", str(wf_bad), "--out", str(out), "--retries", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-3000:]
+    (rec,) = manifest(out)
+    assert rec["status"] == "failed" and "after 3 deliveries" in rec["error"] and "damaged" in rec["error"], rec
+    cl = Cluster(cluster.redis.url)
+    assert cl.depth()["failed"] == 1
+    from rq.registry import FailedJobRegistry
+    (jid,) = FailedJobRegistry(QUEUE, connection=cluster.conn).get_job_ids()
+    assert int(cluster.conn.get(f"sd35fp8:deliveries:{jid}")) == 3
+    # the next run of the same batch queues it afresh (the file fixed: here, still damaged -> failed again)
+    os.remove(bad)
