@@ -81,9 +81,10 @@ def observe_call(t0: float, progress: list[tuple[float, int]]) -> None:
             prev_t, prev_v = t, v
 
 
-def add_gauges(queue_state, service_state) -> None:
+def add_gauges(queue_state, service_state, cluster_state=lambda: None) -> None:
     """Gauges read at scrape time: ``queue_state()`` -> (pending, running) of ComfyUI's queue, ``service_state()``
-    -> {state: count} of the service's jobs; GPU memory where CUDA is present."""
+    -> {state: count} of the service's jobs, ``cluster_state()`` -> a gateway's cluster queue depth (or None);
+    GPU memory where CUDA is present."""
     if not prom:
         return
 
@@ -101,6 +102,16 @@ def add_gauges(queue_state, service_state) -> None:
             for state, n in service_state().items():
                 g.add_metric([state], n)
             yield g
+            depth = cluster_state()
+            if depth:
+                g = GaugeMetricFamily("sd35fp8_cluster_jobs", "a gateway's cluster jobs, by state (waiting, "
+                                      "running, failed = dead-lettered)", labels=["state"])
+                for state in ("waiting", "running", "failed"):
+                    g.add_metric([state], depth[state])
+                yield g
+                g = GaugeMetricFamily("sd35fp8_cluster_workers", "workers registered on the cluster's queue")
+                g.add_metric([], depth.get("workers", 0))
+                yield g
             yield from gpu_memory()
 
     registry.register(Collector())

@@ -29,7 +29,7 @@ import execution
 import folder_paths
 import nodes as comfy_nodes
 
-from ..service import api, graph
+from ..service import api, cluster, graph
 from ..service import config as service_config
 from . import metrics
 
@@ -125,6 +125,9 @@ class Service:
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.loop = None
+        self.cluster = None  # a gateway (``queue`` set): jobs go to the cluster's workers instead of ComfyUI's queue
+        self.cluster_depth: dict | None = None
+        self.cluster_error: str | None = None
         self.configure()
 
     # -- configuration --------------------------------------------------------------------------------------------
@@ -137,6 +140,16 @@ class Service:
         except (service_config.ConfigError, graph.InputError) as e:
             self.config_error = str(e)
             return
+        if self.cfg.queue:
+            try:
+                self.cluster = cluster.Cluster(self.cfg.queue)
+            except ImportError:
+                self.config_error = ("queue is set but rq/redis are not installed in ComfyUI's Python: pip install -r "
+                                     "requirements-cluster.txt (the pack's folder), then restart")
+                return
+            except ValueError as e:
+                self.config_error = f"queue ({self.cfg.source}): {e}"
+                return
         s, lat = self.wf[self.m["sampler"]]["inputs"], self.wf[self.m["latent"]]["inputs"]
         neg = self.wf[self.m["negative"]]["inputs"].get("text", "") if self.m["negative"] else ""
         self.defaults = api.Defaults(negative=neg if isinstance(neg, str) else "", width=lat.get("width", 1024),
@@ -150,6 +163,8 @@ class Service:
         lists are read at most once a second, since every request asks."""
         if self.config_error:
             return [self.config_error]
+        if self.cluster:  # the workers have the models and validate; the gateway needs its queue
+            return [self.cluster_error] if self.cluster_error else []
         now = time.monotonic()
         if now - self._all_there < 1.0:
             return []
@@ -177,6 +192,8 @@ class Service:
     def per_call(self) -> int:
         if self.cfg.max_per_call:
             return self.cfg.max_per_call
+        if self.cluster:  # the workers are GPUs
+            return 4
         return 4 if comfy.model_management.get_torch_device().type == "cuda" else 1
 
     # -- start ----------------------------------------------------------------------------------------------------
@@ -196,7 +213,7 @@ class Service:
     async def check_workflow(self) -> None:
         """Once the model files are there: ComfyUI's own validation of the configured workflow (every widget value),
         so a bad setting is a 503 with its reason at once, not a failure at sampling time; then the warm-up."""
-        if self.validated or self.problems():
+        if self.validated or self.problems() or self.cluster:
             return
         self.validated = True
         valid = await execution.validate_prompt(str(uuid.uuid4()), json.loads(json.dumps(self.wf)), None)
@@ -258,6 +275,8 @@ class Service:
             self.wake.clear()
 
     async def tick(self) -> None:
+        if self.cluster:
+            return await self.cluster_tick()
         await self.check_workflow()
         q = self.ps.prompt_queue
         now = time.monotonic()
@@ -292,6 +311,108 @@ class Service:
 
     def active(self):
         return (j for j in self.jobs.values() if j.status not in TERMINAL)
+
+    # -- a gateway: the cluster's queue instead of ComfyUI's ---------------------------------------------------------
+    CLUSTER_INFLIGHT = 64  # the gateway's jobs on the cluster's queue at a time (the workers pull them)
+
+    def cluster_poll(self, jids: list[str]) -> dict:
+        """(in a thread) Each job's state and result, and the queue's depth; raises RedisError when it is away."""
+        states = {}
+        for jid in jids:
+            rj = self.cluster.job(jid)
+            if rj is None:
+                states[jid] = ("missing", None, None)
+                continue
+            status = rj.get_status()
+            res = rj.return_value() if status == "finished" else None
+            exc = None
+            if status in ("failed", "stopped", "canceled"):
+                last = rj.latest_result()
+                exc = str(last.exc_string if last and last.exc_string else status).strip().splitlines()[-1]
+                n = int(self.cluster.conn.get(cluster.deliveries_key(jid)) or 0)
+                exc = f"failed on the cluster after {n} deliveries: {exc}"
+            states[jid] = (status, res, exc)
+        depth = self.cluster.depth()
+        from rq import Worker
+        depth["workers"] = Worker.count(connection=self.cluster.conn, queue=self.cluster.queue)
+        return states, depth
+
+    def cluster_fetch(self, jid: str, entry: dict) -> dict:
+        """(in a thread) The job's images into this server's output folder (``<prefix>/cluster/<job>/``: the
+        workers' own file names may repeat), each written whole; the entry, pointing at them."""
+        entry = json.loads(json.dumps(entry))
+        base = folder_paths.get_output_directory()
+        sub = os.path.join(self.cfg.output_prefix, "cluster", jid)
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+        for out in entry.get("outputs", {}).values():
+            for img in out.get("images", []):
+                data = self.cluster.image(jid, img)
+                path = os.path.join(base, sub, img["filename"])
+                with open(path + ".partial", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".partial", path)
+                img.update(subfolder=sub, type="output")
+        self.cluster.forget(jid, None)
+        return entry
+
+    async def cluster_tick(self) -> None:
+        from redis.exceptions import RedisError
+        loop = asyncio.get_running_loop()
+        try:
+            states, self.cluster_depth = await loop.run_in_executor(None, self.cluster_poll, list(self.groups))
+            if self.cluster_error:
+                log.info("sd35fp8 gateway: the queue at %s is back", self.cfg.queue)
+            self.cluster_error = None
+        except RedisError as e:
+            if not self.cluster_error:
+                log.error("sd35fp8 gateway: the queue at %s does not answer: %s", self.cfg.queue, e)
+            self.cluster_error = f"the cluster's queue at {self.cfg.queue} does not answer: {e}"
+            return
+        for jid, (status, res, exc) in states.items():
+            grp = self.groups.get(jid)
+            if grp is None:
+                continue
+            if status == "started" and not grp.running:
+                self.mark_running(grp)
+            elif status == "finished":
+                del self.groups[jid]
+                if res.get("status") != "ok":
+                    for job in jobs_of(grp.items):
+                        self.cancel(job, "failed", f"{res.get('status')}: {res.get('error')}")
+                    continue
+                try:
+                    entry = await loop.run_in_executor(None, self.cluster_fetch, jid, res["entry"])
+                except (RuntimeError, OSError, RedisError) as e:
+                    for job in jobs_of(grp.items):
+                        self.cancel(job, "failed", f"could not fetch the images from the queue: {e}")
+                    continue
+                self.finish_group(grp, entry)
+            elif exc or status == "missing":
+                del self.groups[jid]
+                for job in jobs_of(grp.items):
+                    self.cancel(job, "failed", exc or "the job vanished from the cluster's queue")
+        now = time.monotonic()
+        for job in list(self.active()):
+            if job.deadline and now > job.deadline:
+                self.cancel(job, "failed", f"timed out after {job.timeout:g} s")
+        while self.pending and len(self.groups) < max(self.cfg.inflight, self.CLUSTER_INFLIGHT):
+            chosen = self.take_group(now)
+            if not chosen:
+                break
+            items = [job.items[i] for job, i in chosen]
+            prefix = self.cfg.output_prefix
+            g = graph.group_graph(self.wf, self.m, items, prefix) if len(items) > 1 else \
+                graph.item_graph(self.wf, self.m, items[0], prefix)
+            extra = {"extra_pnginfo": {"workflow": graph.ui_for(self.ui, g)}} if self.ui and len(items) == 1 else {}
+            jid = f"sd35fp8-api-{uuid.uuid4()}"
+            try:
+                await loop.run_in_executor(None, self.cluster.submit, jid, g, extra, self.cfg.retries)
+            except RedisError as e:
+                self.pending.extendleft(reversed(chosen))
+                self.cluster_error = f"the cluster's queue at {self.cfg.queue} does not answer: {e}"
+                break
+            self.groups[jid] = Group(jid, chosen)
+        self.prune()
 
     def take_group(self, now: float) -> list:
         """The oldest waiting image and, where the workflow allows, compatible ones (same size, steps, cfg,
@@ -387,7 +508,10 @@ class Service:
             if not any(j is job for j, _ in grp.items):
                 continue
             others = [(j, i) for j, i in grp.items if j is not job and j.status not in TERMINAL]
-            if q.delete_queue_item(lambda item, pid=pid: item[1] == pid):
+            if self.cluster:  # off the cluster's queue, or stopped on its worker
+                del self.groups[pid]
+                asyncio.get_running_loop().run_in_executor(None, self.cluster.cancel, pid)
+            elif q.delete_queue_item(lambda item, pid=pid: item[1] == pid):
                 del self.groups[pid]
             else:
                 with q.mutex:
@@ -481,7 +605,10 @@ class Service:
     # -- readiness ------------------------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, list[str]]:
         reasons = self.problems()
-        if not reasons:
+        if self.cluster:  # a gateway: ready when its queue answers (the workers have their own readiness)
+            if not reasons and self.cluster_depth is None:
+                reasons.append("the cluster's queue has not answered yet")
+        elif not reasons:
             if self.ready_job is not None and self.ready_job.status != "succeeded":
                 reasons.append(f"warm-up {self.ready_job.status}" + (f": {self.ready_job.error}"
                                                                      if self.ready_job.error else
@@ -551,7 +678,7 @@ def register(prompt_server) -> Service | None:
         log.info("sd35fp8 service: off (SD35FP8_API_ENABLED=0)")
         return None
     routes = prompt_server.routes
-    metrics.add_gauges(svc.queue_state, svc.state_counts)
+    metrics.add_gauges(svc.queue_state, svc.state_counts, lambda: svc.cluster_depth)
     samplers, schedulers = list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
 
     def route(method: str, path: str, a1111: bool = False, auth: bool = True, serving: bool = False):
@@ -736,6 +863,17 @@ def register(prompt_server) -> Service | None:
     async def ready(request):
         ok, reasons = svc.readiness()
         return _json({"ready": ok, "reasons": reasons, "waiting_images": svc.waiting_images()}, 200 if ok else 503)
+
+    @route("GET", "/v1/cluster", auth=False)
+    async def cluster_depth(request):
+        """A gateway's cluster: jobs waiting, running and dead-lettered, their total (what KEDA scales on) and the
+        workers on the queue."""
+        if not svc.cluster:
+            raise HTTPProblem(404, "this server is not a cluster gateway (set SD35FP8_API_QUEUE=redis://...)")
+        if svc.cluster_error or svc.cluster_depth is None:
+            raise HTTPProblem(503, svc.cluster_error or "the queue has not answered yet")
+        d = dict(svc.cluster_depth)
+        return _json(dict(d, total=d["waiting"] + d["running"], queue=svc.cfg.queue.split("@")[-1]))
 
     @route("GET", "/v1/openapi.json", auth=False)
     async def openapi(request):

@@ -52,7 +52,7 @@ if REPO not in sys.path:
 from service.graph import (  # noqa: E402
     MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
     inline_settings, map_workflow, model_problems, saved_images, settings_of, ui_for)
-from service.cluster import job_id  # noqa: E402
+from service.cluster import JOB_TIMEOUT, job_id  # noqa: E402
 from service.config import BUNDLED, bundled_ui_path  # noqa: E402
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -910,8 +910,8 @@ def main(argv=None) -> int:
     ap.add_argument("--server", help="a running ComfyUI, e.g. http://127.0.0.1:8188 (default: start one)")
     ap.add_argument("--queue", help="a cluster's queue instead of one ComfyUI: redis://host:6379/0 (workers: "
                                     "python -m service.worker; docs/scale-out.md)")
-    ap.add_argument("--job-timeout", type=int, default=3600,
-                    help="with --queue: seconds a job may run before its worker stops it (default 3600)")
+    ap.add_argument("--job-timeout", type=int, default=JOB_TIMEOUT,
+                    help="with --queue: seconds a job may run before its worker stops it (default 600)")
     ap.add_argument("--ckpt", help="without --server: an SD3.5 .safetensors for the started ComfyUI")
     ap.add_argument("--text-encoders", help="without --server: the folder with clip_l/clip_g/t5xxl")
     ap.add_argument("--gpu", action="store_true", help="without --server: let the started ComfyUI use the GPU")

@@ -32,9 +32,10 @@ QUEUE = "sd35fp8"
 PREFIX = "sd35fp8:"
 IMAGE_TTL = 24 * 3600  # images wait this long in Redis for their client
 RESULT_TTL = 7 * 24 * 3600  # a job's result (or error) stays this long: a resumed client finds it
-JOB_TIMEOUT = 3600  # RQ kills a job running longer (keep above the longest job; the grace period exceeds it)
+JOB_TIMEOUT = 600  # RQ stops a job running longer; deploy/ gives a stopping worker more (900 s)
 COMFY_ENV = "SD35FP8_WORKER_COMFY"  # the worker's ComfyUI, for the job function (set by service/worker.py)
 WORKER_ENV = "SD35FP8_WORKER_NAME"
+JOB_FUNCTION = "service.cluster.run_graph"
 LIVE = ("queued", "started", "deferred", "scheduled")
 
 
@@ -93,7 +94,9 @@ class Cluster:
                 return old
             old.delete()
         self.conn.delete(deliveries_key(jid))
-        return self.queue.enqueue(run_graph, graph, extra, job_id=jid, job_timeout=timeout, result_ttl=RESULT_TTL,
+        # by name: the workers import the pack's folder as the top level (a gateway's ComfyUI imports it under
+        # the folder's own name)
+        return self.queue.enqueue(JOB_FUNCTION, graph, extra, job_id=jid, job_timeout=timeout, result_ttl=RESULT_TTL,
                                   failure_ttl=RESULT_TTL, retry=Retry(max=retries) if retries > 0 else None,
                                   description=f"sd35fp8 graph {jid}")
 
@@ -109,6 +112,22 @@ class Cluster:
         keys = [image_key(jid, img) for out in (entry or {}).get("outputs", {}).values()
                 for img in out.get("images", [])]
         self.conn.delete(deliveries_key(jid), *keys)
+
+    def cancel(self, jid: str) -> None:
+        """Take a waiting job off the queue, or stop a running one on its worker (RQ stops the work horse; the
+        prompt may still finish on that worker's ComfyUI, unread)."""
+        from redis.exceptions import RedisError
+        from rq.command import send_stop_job_command
+        try:
+            rj = self.job(jid)
+            if rj is None:
+                return
+            if rj.get_status() == "started":
+                send_stop_job_command(self.conn, jid)
+            else:
+                rj.cancel()
+        except (RedisError, ValueError):
+            pass
 
     def depth(self) -> dict:
         """Jobs waiting, running (leased) and dead-lettered: what an autoscaler and an operator look at."""

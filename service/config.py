@@ -58,6 +58,8 @@ class Config:
     webhook_backoff: float = 1.0   # seconds, doubled per retry
     webhook_timeout: float = 10.0
     output_prefix: str = "sd35fp8-api"  # images are saved under ComfyUI's output/<prefix>/
+    queue: str = ""                # redis://...: a gateway: jobs go to the cluster's workers (docs/scale-out.md)
+    retries: int = 2               # with queue: deliveries of a failing job beyond the first, then dead-lettered
     source: str = "defaults"
 
     def limits(self):

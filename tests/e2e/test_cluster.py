@@ -271,3 +271,53 @@ def test_a_job_failing_on_every_delivery_goes_to_the_dead_letter_registry(cluste
     assert int(cluster.conn.get(f"sd35fp8:deliveries:{jid}")) == 3
     # the next run of the same batch queues it afresh (the file fixed: here, still damaged -> failed again)
     os.remove(bad)
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, tmp_path_factory):
+    """A ComfyUI with the pack as the cluster's front door: no models, the service routes on the queue."""
+    env = dict(LIMITS, SD35FP8_API_WORKFLOW=cluster.wf_path, SD35FP8_API_QUEUE=cluster.redis.url,
+               SD35FP8_API_UI_WORKFLOW=bundled_ui_path("large"))
+    gw = ComfyServer(str(tmp_path_factory.mktemp("no-models")), workdir=str(tmp_path_factory.mktemp("gw")), env=env)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def test_gateway_routes_run_on_the_cluster(cluster, gateway):
+    """The service routes of a gateway put their prompts on the queue: the same answers as on one server (PNG with
+    its seed, jobs with images, A1111's shape), the cluster's depth for the autoscaler and Prometheus."""
+    import requests
+    ensure_workers(cluster)
+    wait_for(lambda: requests.get(gateway.base + "/v1/health/ready").status_code == 200, 120, "gateway ready")
+    r = requests.post(gateway.base + "/v1/txt2img", json={"prompt": "a red circle", "seed": 5}, timeout=600)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/png" and r.headers["X-Seed"] == "5", r.text
+    from PIL import Image
+    import io
+    img = Image.open(io.BytesIO(r.content))
+    assert img.size == (128, 128) and "workflow" in img.info and "prompt" in img.info
+    j = requests.post(gateway.base + "/v1/jobs", json={"prompt": "a blue square", "count": 3, "seed": 10})
+    assert j.status_code == 202
+    jid = j.json()["id"]
+    wait_for(lambda: requests.get(f"{gateway.base}/v1/jobs/{jid}").json()["status"] in ("succeeded", "failed"), 600,
+             "the job done")
+    rec = requests.get(f"{gateway.base}/v1/jobs/{jid}").json()
+    assert rec["status"] == "succeeded" and rec["seeds"] == [10, 11, 12] and len(rec["images"]) == 3, rec
+    pngs = [requests.get(gateway.base + im["url"]).content for im in rec["images"]]
+    assert len(set(pngs)) == 3 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    a = requests.post(gateway.base + "/sdapi/v1/txt2img", timeout=600,
+                      json={"prompt": "x", "seed": 3, "steps": 3, "width": 128, "height": 128})
+    assert a.status_code == 200 and len(a.json()["images"]) == 1, a.text
+    d = requests.get(gateway.base + "/v1/cluster").json()
+    assert d["waiting"] == d["running"] == 0 and d["total"] == 0 and d["workers"] >= 2, d
+    m = requests.get(gateway.base + "/metrics").text
+    assert 'sd35fp8_cluster_jobs{state="waiting"} 0.0' in m and "sd35fp8_cluster_workers" in m
+    # the queue gone: readiness says so, and a request gets 503 naming it
+    cluster.redis.stop()
+    try:
+        wait_for(lambda: requests.get(gateway.base + "/v1/health/ready").status_code == 503, 60, "gateway not ready")
+        why = requests.get(gateway.base + "/v1/health/ready").json()["reasons"][0]
+        assert "queue" in why and str(cluster.redis.port) in why
+    finally:
+        cluster.redis.start()
+    wait_for(lambda: requests.get(gateway.base + "/v1/health/ready").status_code == 200, 60, "gateway ready again")
