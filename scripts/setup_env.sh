@@ -41,17 +41,19 @@ if [ ! -f "$stamp" ]; then
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-req.txt"
   echo "[setup] installing ComfyUI requirements (torch pinned)"
   PIP_FIND_LINKS="$empty" PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check \
-      -c "$cons" -r "$VENV/comfy-req.txt" -r "$here/requirements.txt" -r "$here/requirements-dev.txt"
+      -c "$cons" -r "$VENV/comfy-req.txt" -r "$here/requirements.txt" -r "$here/requirements-dev.txt" \
+      -r "$here/requirements-cluster.txt"
   rm -rf "$empty"
   touch "$stamp"
 fi
 # requirements added after an environment was built (e.g. prometheus-client, the test tools): install them when
 # requirements.txt or requirements-dev.txt changed since the last install
-reqs_sum="$(cat "$here/requirements.txt" "$here/requirements-dev.txt" | sha256sum | cut -c1-16)"
+reqs_sum="$(cat "$here/requirements.txt" "$here/requirements-dev.txt" "$here/requirements-cluster.txt" | sha256sum \
+  | cut -c1-16)"
 if [ "$(cat "$VENV/.sd35fp8-reqs" 2>/dev/null)" != "$reqs_sum" ]; then
   echo "[setup] installing requirements.txt and requirements-dev.txt (changed since the environment was built)"
   PIP_CONFIG_FILE=/dev/null vpip install -q --disable-pip-version-check -c "$VENV/constraints.txt" \
-      -r "$here/requirements.txt" -r "$here/requirements-dev.txt"
+      -r "$here/requirements.txt" -r "$here/requirements-dev.txt" -r "$here/requirements-cluster.txt"
   echo "$reqs_sum" > "$VENV/.sd35fp8-reqs"
 fi
 if [ "${1:-}" = "--browser" ]; then
@@ -60,6 +62,12 @@ if [ "${1:-}" = "--browser" ]; then
     echo "[setup] installing Debian's chromium (frontend test)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "[setup] chromium could not be installed: the frontend test will be skipped"
+  fi
+  # the cluster tests (tests/e2e/test_cluster.py) start a real queue server
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "[setup] installing Debian's redis-server (cluster tests)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+      || echo "[setup] redis-server could not be installed: the cluster tests will be skipped"
   fi
   if command -v npm >/dev/null 2>&1 && [ ! -d "$here/.cache/node/node_modules/playwright-core" ]; then
     mkdir -p "$here/.cache/node"

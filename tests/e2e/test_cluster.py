@@ -321,3 +321,54 @@ def test_gateway_routes_run_on_the_cluster(cluster, gateway):
     finally:
         cluster.redis.start()
     wait_for(lambda: requests.get(gateway.base + "/v1/health/ready").status_code == 200, 60, "gateway ready again")
+
+
+def test_container_entrypoint_finishes_the_job_on_sigterm_then_stops_comfyui(cluster, tmp_path):
+    """deploy/entrypoint.sh as the container runs it (here on the host's ComfyUI): ComfyUI + worker; SIGTERM (docker
+    stop, a pod ending) while the worker runs a job: the job finishes on it, the worker exits, then ComfyUI stops;
+    the entry point exits 0."""
+    from comfy_harness import comfy_dir, comfy_python
+    import urllib.request
+    ensure_workers(cluster)
+    work = tmp_path / "ep"
+    nodes = work / "custom_nodes"
+    for d in (nodes, work / "output", work / "user"):
+        d.mkdir(parents=True)
+    os.symlink(REPO, nodes / "sd35-fp8")
+    yaml_path = work / "extra_model_paths.yaml"
+    yaml_path.write_text(f"t:\n    base_path: {cluster.models}\n    checkpoints: checkpoints\n"
+                         f"    text_encoders: text_encoders\n    custom_nodes: {nodes}\n")
+    port = free_port()
+    args = (f"--cpu --extra-model-paths-config {yaml_path} --output-directory {work}/output --user-directory "
+            f"{work}/user --database-url sqlite:///{work}/db.sqlite --disable-auto-launch")
+    env = dict(os.environ, COMFYUI_DIR=comfy_dir(), PYTHON=comfy_python(), COMFY_PORT=str(port), COMFY_ARGS=args,
+               SD35FP8_QUEUE_URL=cluster.redis.url, SD35FP8_WORKER_LEASE="2", SD35FP8_WORKER_NAME="ep",
+               SD35FP8_API_WORKFLOW=cluster.wf_path, **LIMITS)
+    log = open(tmp_path / "ep.log", "w")
+    ep = subprocess.Popen(["bash", os.path.join(REPO, "deploy", "entrypoint.sh"), "worker"], env=env,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def registered():
+            assert ep.poll() is None, open(tmp_path / "ep.log").read()[-3000:]
+            return any(w.name == "ep" for w in Worker.all(connection=cluster.conn))
+        wait_for(registered, 300, "ep registered")
+        cl = Cluster(cluster.redis.url)
+        wf = json.load(open(cluster.wf_path))
+        for v in wf.values():
+            if v["class_type"] == "KSampler":
+                v["inputs"]["steps"] = 40
+        jobs = [cl.submit(f"t-ep-{i}-{time.time_ns()}", wf, {}, retries=1) for i in range(4)]
+        wait_for(lambda: busy_job(cluster, "ep") in {j.id for j in jobs}, 300, "ep runs a job")
+        mine = busy_job(cluster, "ep")
+        ep.send_signal(signal.SIGTERM)  # to the entry point only, as docker stop does to PID 1
+        assert ep.wait(300) == 0, open(tmp_path / "ep.log").read()[-3000:]
+        res = cl.job(mine).return_value()
+        assert res["status"] == "ok" and res["worker"] == "ep" and res["delivery"] == 1
+        with pytest.raises(OSError):  # ComfyUI stopped after the worker
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health/live", timeout=3)
+        text = open(tmp_path / "ep.log").read()
+        assert "SIGTERM: the worker finishes its job" in text and "warm shut down" in text
+        wait_for(lambda: all(j.get_status() == "finished" for j in jobs), 300, "the other jobs done elsewhere")
+    finally:
+        if ep.poll() is None:
+            os.killpg(ep.pid, signal.SIGKILL)

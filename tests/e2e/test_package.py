@@ -16,7 +16,8 @@ pytestmark = pytest.mark.comfy
 RUNTIME = ("__init__.py", "nodes/schemas.py", "nodes/routes.py", "sd35fp8/__init__.py", "service/api.py",
            "workflows/api/sd35_large_fp8_api.json", "workflows/SD3.5 Large FP8 (28 steps, 1024px, batch of 4).json",
            "workflows/SD3.5 Large FP8 (28 steps, 1024px, batch of 4).jpg",
-           "web/docs/SD35FP8Calibrate.md", "requirements.txt",
+           "web/docs/SD35FP8Calibrate.md", "requirements.txt", "requirements-cluster.txt", "service/cluster.py",
+           "service/worker.py", "deploy/entrypoint.sh",
            "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md", "docs/openapi.json",
            "nodes/calibration_prompts.txt", "scripts/batch.sh", "scripts/sd35_batch.py", "scripts/comfy_harness.py")
 
