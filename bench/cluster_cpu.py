@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--items", type=int, default=24)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", default="default,1",
+                    help="torch threads per ComfyUI, one run each: 'default' (all cores each) and/or a number")
     ap.add_argument("--out")
     a = ap.parse_args()
     redis_bin = shutil.which("redis-server")
@@ -60,10 +62,21 @@ def main():
     items = os.path.join(tmp, "items.txt")
     with open(items, "w") as f:
         f.write("\n".join(f"a red circle on a blue background, variant {i}" for i in range(a.items)) + "\n")
+    rows = []
+    for threads in a.threads.split(","):
+        rows += [(threads, *r) for r in run(a, redis_bin, tmp, models, wf_path, items, threads)]
+    write(a, rows, redis_bin)
+
+
+def run(a, redis_bin, tmp, models, wf_path, items, threads):
+    tmp = os.path.join(tmp, f"t{threads}")
+    os.makedirs(tmp)
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     redis = subprocess.Popen([redis_bin, "--port", str(port), "--dir", tmp, "--save", ""], stdout=subprocess.DEVNULL)
     env = {"SD35FP8_API_WORKFLOW": wf_path, "SD35FP8_API_WARMUP": "1"}
+    if threads != "default":
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     comfys = [ComfyServer(models, workdir=os.path.join(tmp, f"comfy{i}"), env=env) for i in range(2)]
     workers, rows = [], []
     try:
@@ -94,12 +107,16 @@ def main():
         for c in comfys:
             c.stop()
         redis.terminate()
+    return rows
+
+
+def write(a, rows, redis_bin):
     import torch
     sys.path.insert(0, HERE)
     import common
     with open(os.path.join(comfy_dir(), "comfyui_version.py")) as f:
         version = f.read().split('"')[1]
-    base = rows[0][1]
+    base = {t: v for t, n, v in rows if n.startswith("one")}
     lines = [f"- machine: CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), no GPU; "
              f"torch {torch.__version__}; ComfyUI {version}; redis-server "
              f"{subprocess.run([redis_bin, '--version'], capture_output=True, text=True).stdout.split()[2]}; "
@@ -108,8 +125,8 @@ def main():
              f"- the tiny embedded SD3.5 model (2 joint blocks, random weights), {a.items} prompts, {a.size}², "
              f"{a.steps} steps; two ComfyUIs warmed up (loaded, calibrated) before the runs; images/s from the batch "
              "client's summary (queueing, sampling, VAE decode, PNG transfer through Redis, files and manifest)", "",
-             "| route | images/s | vs one ComfyUI |", "|---|---|---|"]
-    lines += [f"| {n} | {v:.2f} | {v / base:.2f}x |" for n, v in rows]
+             "| torch threads per ComfyUI | route | images/s | vs one ComfyUI |", "|---|---|---|---|"]
+    lines += [f"| {t} | {n} | {v:.2f} | {v / base[t]:.2f}x |" for t, n, v in rows]
     text = "# The cluster's queue on the CPU (tiny model): 1 vs 2 workers\n\n" + "\n".join(lines) + "\n"
     print(text)
     if a.out:
