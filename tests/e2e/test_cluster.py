@@ -372,3 +372,23 @@ def test_container_entrypoint_finishes_the_job_on_sigterm_then_stops_comfyui(clu
     finally:
         if ep.poll() is None:
             os.killpg(ep.pid, signal.SIGKILL)
+
+
+def test_interrupted_client_resumes_without_rendering_twice(cluster, tmp_path):
+    """Ctrl-C on the client leaves its jobs on the queue (they finish); the same command again collects them: every
+    item once in the manifest, every job delivered once."""
+    ensure_workers(cluster)
+    out = tmp_path / "out"
+    items = items_file(tmp_path / "items.txt", 12, "yellow")
+    p = client(cluster, items, out)
+    wait_for(lambda: len(manifest(out)) >= 2, 600, "2 items done")
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "run the same command again" in stderr
+    first = len(manifest(out))
+    p = client(cluster, items, out)
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    recs = manifest(out)
+    assert len(recs) == 12 == len({r["name"] for r in recs}) and f"{first} already done" in stderr
+    assert all(r["attempts"] == 1 for r in recs)  # no job ran twice
