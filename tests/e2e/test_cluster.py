@@ -227,11 +227,18 @@ def test_sigterm_finishes_the_running_job_then_exits(cluster, tmp_path):
     wf = json.load(open(cluster.wf_path))
     ks = next(k for k, v in wf.items() if v["class_type"] == "KSampler")
     slow = json.loads(json.dumps(wf))
-    slow[ks]["inputs"]["steps"] = 40  # several seconds on the CPU
+    slow[ks]["inputs"]["steps"] = 80  # several seconds on the CPU
     jobs = [cl.submit(f"t-sigterm-{i}-{time.time_ns()}", slow, {}, retries=1) for i in range(2)]
     w1 = cluster.workers[0]
     wait_for(lambda: busy_job(cluster, "w1") in {j.id for j in jobs}, 300, "w1 runs a slow job")
     mine = busy_job(cluster, "w1")
+
+    def lease_end():  # the running job's entry in RQ's StartedJobRegistry: its score is when the lease ends
+        return max(score for member, score in cluster.conn.zrange(f"rq:wip:{QUEUE}", 0, -1, withscores=True)
+                   if member.decode().startswith(mine))
+    first = lease_end()
+    time.sleep(LEASE + 1.5)
+    assert lease_end() > first  # renewed while the job runs: not handed to another worker
     os.kill(w1.proc.pid, signal.SIGTERM)
     late = cl.submit(f"t-late-{time.time_ns()}", wf, {}, retries=1)
     assert w1.proc.wait(300) == 0
@@ -392,3 +399,25 @@ def test_interrupted_client_resumes_without_rendering_twice(cluster, tmp_path):
     recs = manifest(out)
     assert len(recs) == 12 == len({r["name"] for r in recs}) and f"{first} already done" in stderr
     assert all(r["attempts"] == 1 for r in recs)  # no job ran twice
+
+
+def test_a_worker_takes_no_job_while_its_comfyui_is_not_ready(cluster, tmp_path):
+    """The other workers stopped (SIGTERM while idle): a worker whose ComfyUI does not answer registers, says why it
+    waits, and leaves the job queued; a worker with a ready ComfyUI then takes it."""
+    ensure_workers(cluster)
+    for w in cluster.workers:
+        os.kill(w.proc.pid, signal.SIGTERM)
+        assert w.proc.wait(60) == 0
+    lonely = WorkerProc("w-unready", type("C", (), {"base": f"http://127.0.0.1:{free_port()}"})(), cluster.redis.url,
+                        tmp_path).start()
+    try:
+        wait_for(lambda: any(w.name == "w-unready" for w in Worker.all(connection=cluster.conn)), 60, "registered")
+        cl = Cluster(cluster.redis.url)
+        job = cl.submit(f"t-unready-{time.time_ns()}", json.load(open(cluster.wf_path)), {}, retries=1)
+        time.sleep(6)
+        assert job.get_status() == "queued" and "is not ready" in lonely.text()
+        ensure_workers(cluster)
+        wait_for(lambda: job.get_status() == "finished", 300, "taken by a ready worker")
+        assert job.return_value()["worker"] in ("w1", "w2")
+    finally:
+        lonely.stop()
