@@ -13,10 +13,11 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, fp8_layers, inspect_checkpoint,
-                     quantize_pos_embed, weight_bytes)
+from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, fp8_layers, quantize_pos_embed,
+                     weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
 from sd35fp8.core.quant import PerChannelWeightsError
+from sd35fp8.io.diffusers_files import DiffusersShards, open_checkpoint
 from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_fingerprint, file_input_amax,
                               file_metadata, file_origin, hybrid_state_dict, write_safetensors)
 
@@ -85,8 +86,9 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     SD35FP8Calibrate). An FP8 file (ours, or a stock scaled-FP8 one) is loaded as stored; when it
     holds calibrated input scales the MODEL comes back calibrated and ready for the static runtime."""
     name = os.path.basename(path)
-    info = inspect_checkpoint(path)  # header only: wrong family / truncated files fail here, fast
-    src = MappedSafetensors(path)
+    # header only: wrong family / truncated files fail here, fast; a diffusers transformer (its file or a shard)
+    # is read through its shards in the single-file layout
+    src, info = open_checkpoint(path)
     src.stored_fp8 = bool(info.fp8_tensors)
     granularity = weight_format(granularity)
     policy = (QuantPolicy(granularity="per_tensor", adaln_int8=True, mlp_int8=granularity == INT8_MLP)
@@ -158,7 +160,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
                  f"{weight_bytes(dm, 2) / 2**20:.1f} MiB with FP8; {fp8_params / max(n_params, 1):.1%} of parameters "
                  "in FP8")
     text = "\n".join(lines)
-    source = {"file": name, "fingerprint": file_fingerprint(path), "weight_scaling": granularity}
+    fingerprint = src.fingerprint() if isinstance(src, DiffusersShards) else file_fingerprint(path)
+    source = {"file": name, "fingerprint": fingerprint, "weight_scaling": granularity}
     st.put(model, st.FP8State(variant=info.variant, policy=policy.to_dict(), load_info=text, source=source))
     # weight-only until calibrated/autocast; the wrapper also guards every sampling run
     with_wrapper(model)

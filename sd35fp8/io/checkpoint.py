@@ -94,7 +94,7 @@ _OTHER_FAMILIES = [
     (r"(^|\.)input_blocks\.\d+\.\d+\.transformer_blocks", "a Stable Diffusion 1.x/2.x/SDXL UNet"),
     (r"(^|\.)input_blocks\.\d+\.\d+\.", "a UNet diffusion model (SD1.x/SD2.x/SDXL family)"),
     (r"(^|\.)transformer_blocks\.\d+\.attn\.to_q",
-     "a diffusers-format transformer (convert it to the single-file layout)"),
+     "a diffusers-format transformer (Load SD3.5 Checkpoint (FP8) reads it; in code: sd35fp8.io.diffusers_files)"),
     (r"(^|\.)blocks\.\d+\.self_attn\.", "a video/transformer model (e.g. Wan/HunyuanVideo)"),
 ]
 

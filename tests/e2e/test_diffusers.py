@@ -71,3 +71,46 @@ def test_an_unknown_tensor_is_named_not_dropped():
     sd["transformer_blocks.0.attn.to_gate.weight"] = torch.zeros(4, 4)
     with pytest.raises(ValueError, match="to_gate"):
         plan(sd)
+
+
+@pytest.mark.parametrize("shard", [True, False])
+def test_the_loader_takes_a_diffusers_transformer_as_its_single_file_twin(comfy, tmp_path, shard):
+    """Load SD3.5 Checkpoint (FP8) given a diffusers transformer (any of its shards, or its one file) builds the same
+    FP8 model, bit for bit, as from the same weights in the single-file layout."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from sd35fp8 import fp8_layers
+    from tests.support.adapter import import_adapter as again
+    adapter = again(comfy_dir(), cpu=True)
+    tm = tiny_transformer("large", seed=3).to(torch.bfloat16)
+    tm.save_pretrained(tmp_path / "transformer", max_shard_size="300KB" if shard else "10GB", safe_serialization=True)
+    files = sorted(f for f in os.listdir(tmp_path / "transformer") if f.endswith(".safetensors"))
+    assert (len(files) > 1) == shard
+    sd = tm.state_dict()
+    single = tmp_path / "single.safetensors"
+    save_file({k: v.contiguous() for k, v in convert(sd, sd.__getitem__)}, str(single))
+    a = adapter.checkpoints.load_sd35_fp8(str(tmp_path / "transformer" / files[-1]))
+    b = adapter.checkpoints.load_sd35_fp8(str(single))
+    assert "SD3.5 Large" in a[3] or "MMDiT" in a[3]
+    da, db = a[0].model.diffusion_model, b[0].model.diffusion_model
+    assert len(fp8_layers(da)) == len(fp8_layers(db)) > 0
+    ta = dict(da.state_dict())
+    tb = dict(db.state_dict())
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k].float(), tb[k].float()), k
+
+
+def test_a_missing_shard_is_named(comfy, tmp_path):
+    import os
+
+    from sd35fp8 import CheckpointError
+    from sd35fp8.io.diffusers_files import open_checkpoint
+    tm = tiny_transformer("large", seed=4).to(torch.bfloat16)
+    tm.save_pretrained(tmp_path / "t", max_shard_size="300KB", safe_serialization=True)
+    files = sorted(f for f in os.listdir(tmp_path / "t") if f.endswith(".safetensors"))
+    os.remove(tmp_path / "t" / files[0])
+    with pytest.raises(CheckpointError, match=f"shard {files[0]} of {len(files)}"):
+        open_checkpoint(str(tmp_path / "t" / files[-1]))
