@@ -2,7 +2,8 @@
 
 Layers, each importing only those below it (a test enforces it):
 
-    runtime (static, mlp, joint, graphs, te)   io (checkpoint, files)
+                 integrations (diffusers)
+    runtime (static, mlp, joint, graphs, te)   io (checkpoint, files, diffusers layout)
                       model, linear
                         kernels
                           core

@@ -114,3 +114,86 @@ def test_a_missing_shard_is_named(comfy, tmp_path):
     os.remove(tmp_path / "t" / files[0])
     with pytest.raises(CheckpointError, match=f"shard {files[0]} of {len(files)}"):
         open_checkpoint(str(tmp_path / "t" / files[-1]))
+
+
+# -- FP8 on diffusers' side (sd35fp8.integrations.diffusers) ----------------------------------------------------------
+def tiny_pipeline(tm):
+    """diffusers' own StableDiffusion3Pipeline around the tiny transformer; prompts come as embeddings (the text
+    encoders and the VAE are not needed for latents)."""
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=tm, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def pipe_call(pipe, seed, steps=3):
+    g = torch.Generator().manual_seed(seed)
+    pe, npe = torch.randn(1, 12, 4096, generator=g), torch.randn(1, 12, 4096, generator=g)
+    pp, npp = torch.randn(1, 2048, generator=g), torch.randn(1, 2048, generator=g)
+    return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pp,
+                negative_pooled_prompt_embeds=npp, height=64, width=64, num_inference_steps=steps, guidance_scale=4.5,
+                output_type="latent", generator=torch.Generator().manual_seed(seed + 100)).images
+
+
+def test_quantize_and_calibrate_a_diffusers_pipeline():
+    """The policy on diffusers' names (embedders, norm_out, proj_out kept), q/k/v sharing one weight scale,
+    calibration through the pipeline's own calls (every step, both CFG halves), static scales installed, and the
+    FP8 pipeline's latents close to the BF16 one's."""
+    from sd35fp8 import fp8_autocast, fp8_layers
+    from sd35fp8.integrations import diffusers as fp8d
+    tm = tiny_transformer("medium", seed=5)
+    pipe = tiny_pipeline(tm)
+    ref = pipe_call(pipe, 7)
+    pol = fp8d.quantize(tm)
+    layers = fp8_layers(tm)
+    linears = {n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(layers) == {d.name for d in pol.decisions if d.fp8}
+    assert len(layers) == len(linears) - 7  # context_embedder, norm_out, proj_out, time_text_embed's four
+    assert not any(n.startswith(("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out"))
+                   for n in layers)
+    for n in ("attn", "attn2"):
+        s = [layers[f"transformer_blocks.0.{n}.to_{x}"].weight_scale for x in "qkv"]
+        assert torch.equal(s[0], s[1]) and torch.equal(s[1], s[2])
+    calls = []
+    tm.register_forward_hook(lambda m, a, k: calls.append(1), with_kwargs=False)
+    amax = fp8d.calibrate(tm, lambda: [pipe_call(pipe, s) for s in (1, 2)])
+    assert len(calls) == 2 * 3  # 2 prompts x 3 steps, cond and uncond batched in each call
+    assert set(amax) == set(layers) and all(layers[n].input_scale is not None for n in layers)
+    assert amax["transformer_blocks.1.attn.to_q"] == amax["transformer_blocks.1.attn.to_v"]
+    with fp8_autocast():
+        out = pipe_call(pipe, 7)
+    rel = float((out - ref).norm() / ref.norm())
+    # E4M3 weights on a random tiny model (the CPU runs FP8 weight-only) drift a few percent over 3 steps; a wrong
+    # scale or layout would be off by order 1
+    assert torch.isfinite(out).all() and 0 < rel < 0.1, rel
+
+
+def test_diffusers_fp8_and_comfyui_fp8_agree_with_the_same_scales(comfy):
+    """The same weights quantized on both sides give identical FP8 tensors, and with the diffusers calibration's
+    scales on ComfyUI's model (comfy_amax) both denoisers give the same output."""
+    from sd35fp8 import QuantPolicy, apply_input_scales, fp8_autocast, fp8_layers, quantize_model
+    from sd35fp8.integrations import diffusers as fp8d
+    tm = tiny_transformer("large", seed=6)
+    sd = {k: v.clone() for k, v in tm.state_dict().items()}
+    fp8d.quantize(tm)
+    amax = fp8d.calibrate(tm, lambda: pipe_call(tiny_pipeline(tm), 3))
+    p = comfy.load_diffusion_model_state_dict(dict(convert(sd, sd.__getitem__)),
+                                              model_options={"dtype": torch.float32})
+    dm = p.model.diffusion_model.float()
+    quantize_model(dm, QuantPolicy())
+    ca = fp8d.comfy_amax(amax)
+    assert set(ca) == set(fp8_layers(dm))
+    apply_input_scales(dm, ca)
+    dl, cl = fp8_layers(tm), fp8_layers(dm)
+    qkv = torch.cat([dl[f"transformer_blocks.0.attn.to_{x}"].weight for x in "qkv"]).view(torch.uint8)
+    assert torch.equal(qkv, cl["joint_blocks.0.x_block.attn.qkv"].weight.view(torch.uint8))
+    assert torch.equal(dl["transformer_blocks.0.attn.to_q"].weight_scale,
+                       cl["joint_blocks.0.x_block.attn.qkv"].weight_scale)
+    g = torch.Generator().manual_seed(9)
+    x, ctx, y = torch.randn(2, 16, 32, 32, generator=g), torch.randn(2, 12, 4096, generator=g), torch.randn(2, 2048,
+                                                                                                         generator=g)
+    t = torch.tensor([700.0, 50.0])
+    with torch.no_grad(), fp8_autocast():
+        a = tm(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+        b = dm(x, t, context=ctx, y=y)
+    rel = float((a - b).norm() / a.norm())
+    assert rel < 1e-4, rel

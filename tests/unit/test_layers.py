@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIB = "sd35fp8"
 # layer of each part of the library (a module imports from its own layer or lower ones)
-LAYERS = {"core": 0, "kernels": 1, "linear": 2, "model": 2, "runtime": 3, "io": 3}
+LAYERS = {"core": 0, "kernels": 1, "linear": 2, "model": 2, "runtime": 3, "io": 3, "integrations": 4}
 COMFY = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server", "execution",
          "latent_preview", "node_helpers"}
 REPO_TOOLS = {"bench", "tests", "scripts", "common", "tiny_sd35", "comfy_harness", "run_batch"}

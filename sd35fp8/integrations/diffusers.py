@@ -1,0 +1,114 @@
+"""Calibrated FP8 for diffusers' ``StableDiffusion3Pipeline`` (``SD3Transformer2DModel``): the same layer policy,
+weight formats, calibration and static scales as the ComfyUI nodes, on diffusers' module names.
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from sd35fp8 import fp8_autocast
+    from sd35fp8.integrations import diffusers as sd35fp8_diffusers
+
+    pipe = StableDiffusion3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-large",
+                                                    torch_dtype=torch.bfloat16).to("cuda")
+    sd35fp8_diffusers.quantize(pipe.transformer)               # FP8 weights (embedders, norm_out, proj_out kept)
+    sd35fp8_diffusers.calibrate(pipe.transformer, lambda: [    # your own calls: every step, both CFG halves
+        pipe(p, num_inference_steps=28, guidance_scale=4.5) for p in ["a red fox in snow", "a product photo"]])
+    with fp8_autocast():                                        # FP8 activations with the calibrated static scales
+        image = pipe("a lighthouse at dusk", num_inference_steps=28, guidance_scale=4.5).images[0]
+
+``torch.compile(pipe.transformer)`` works as for any module. The joint attention's q, k and v share one weight scale
+(per tensor) as the single-file layout's ``qkv`` does, so :func:`comfy_amax` maps a calibration onto a ComfyUI model
+loaded from the same weights (tests/e2e/test_diffusers.py checks that both give the same output). diffusers is not
+imported by this module: it works on the transformer you pass.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+from ..core.autocast import CalibrationSession, fp8_autocast
+from ..core.policy import QuantPolicy
+from ..core.quant import quantize_weight
+from ..linear import FP8LinearMixin
+from ..model import apply_input_scales, calibrated_amax, fp8_layers, quantize_model
+from ..io.diffusers_keys import _BLOCK, _QKV
+
+_ATTN = r"(attn|attn2)\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)"
+INCLUDE = (rf"^transformer_blocks\.\d+\.{_ATTN}$", r"^transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)$",
+           r"^transformer_blocks\.\d+\.(norm1|norm1_context)\.linear$")
+# embedders, the output norm and projection stay in high precision (as in the single-file policy)
+EXCLUDE = (r"^(pos_embed|time_text_embed|context_embedder|norm_out|proj_out)\b",)
+
+
+def policy(granularity: str = "per_tensor") -> QuantPolicy:
+    """The layer policy of the ComfyUI nodes, on diffusers' module names."""
+    return QuantPolicy(include=INCLUDE, exclude=EXCLUDE, granularity=granularity)
+
+
+def _qkv_groups(transformer: torch.nn.Module) -> list[list[str]]:
+    names = dict(transformer.named_modules())
+    groups = []
+    for n in sorted({int(m.group(1)) for k in names if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}):
+        for parts in _QKV.values():
+            g = [f"transformer_blocks.{n}.{p}" for p in parts]
+            if all(x in names for x in g):
+                groups.append(g)
+    return groups
+
+
+@torch.no_grad()
+def quantize(transformer: torch.nn.Module, granularity: str = "per_tensor") -> QuantPolicy:
+    """Swap the policy's Linear layers of ``transformer`` for FP8 ones (in place); q, k and v of each attention share
+    one weight scale. Returns the policy with its per-layer decisions."""
+    joint = {}
+    for g in _qkv_groups(transformer):
+        mods = [transformer.get_submodule(x) for x in g]
+        if any(isinstance(m, FP8LinearMixin) and m.fp8_quantized for m in mods):
+            continue
+        w8, scale = quantize_weight(torch.cat([m.weight for m in mods], 0), granularity)
+        rows = [m.out_features for m in mods]
+        for name, part, s in zip(g, w8.split(rows, 0), scale.split(rows, 0) if scale.numel() > 1 else [scale] * 3):
+            joint[name] = (part.contiguous(), s.contiguous())
+    pol = quantize_model(transformer, policy(granularity))
+    for name, (w8, s) in joint.items():
+        m = transformer.get_submodule(name)
+        if isinstance(m, FP8LinearMixin) and m.fp8_quantized:
+            m.fp8_set_weight(w8.to(m.weight.device), s.to(m.weight.device), name)
+    return pol
+
+
+def calibrate(transformer: torch.nn.Module, run: Callable[[], object], method: str = "max",
+              percentile: float = 99.99) -> dict[str, float]:
+    """Record every FP8 layer's input range while ``run()`` makes your pipeline calls, then install the static input
+    scales (q, k and v of one attention see the same input: one range). Returns {layer: amax}."""
+    session = CalibrationSession(method=method, percentile=percentile)
+    with fp8_autocast(calibrating=session):
+        run()
+    amax = calibrated_amax(session, transformer)
+    for g in _qkv_groups(transformer):
+        if all(x in amax for x in g):
+            top = max(amax[x] for x in g)
+            for x in g:
+                amax[x] = top
+    apply_input_scales(transformer, amax)
+    return amax
+
+
+def comfy_amax(amax: dict[str, float]) -> dict[str, float]:
+    """A diffusers calibration's ranges under the single-file (ComfyUI) layer names: q/k/v become ``qkv``."""
+    out = {}
+    for name, a in amax.items():
+        m = re.match(r"transformer_blocks\.(\d+)\.(.+)$", name)
+        if not m:
+            continue
+        n, sub = m.groups()
+        dst = next((k for k, v in _BLOCK.items() if v == sub), None)
+        if dst is None:
+            dst = next((k for k, parts in _QKV.items() if sub in parts), None)
+        if dst is not None:
+            key = f"joint_blocks.{n}.{dst}"
+            out[key] = max(out.get(key, 0.0), a)
+    return out
+
+
+__all__ = ["INCLUDE", "EXCLUDE", "policy", "quantize", "calibrate", "comfy_amax", "fp8_layers"]
