@@ -127,8 +127,9 @@ def tiny_pipeline(tm):
 
 def pipe_call(pipe, seed, steps=3):
     g = torch.Generator().manual_seed(seed)
-    pe, npe = torch.randn(1, 12, 4096, generator=g), torch.randn(1, 12, 4096, generator=g)
-    pp, npp = torch.randn(1, 2048, generator=g), torch.randn(1, 2048, generator=g)
+    dt = pipe.transformer.dtype
+    pe, npe = torch.randn(1, 12, 4096, generator=g).to(dt), torch.randn(1, 12, 4096, generator=g).to(dt)
+    pp, npp = torch.randn(1, 2048, generator=g).to(dt), torch.randn(1, 2048, generator=g).to(dt)
     return pipe(prompt_embeds=pe, negative_prompt_embeds=npe, pooled_prompt_embeds=pp,
                 negative_pooled_prompt_embeds=npp, height=64, width=64, num_inference_steps=steps, guidance_scale=4.5,
                 output_type="latent", generator=torch.Generator().manual_seed(seed + 100)).images
@@ -197,3 +198,40 @@ def test_diffusers_fp8_and_comfyui_fp8_agree_with_the_same_scales(comfy):
         b = dm(x, t, context=ctx, y=y)
     rel = float((a - b).norm() / a.norm())
     assert rel < 1e-4, rel
+
+
+def test_saved_diffusers_fp8_file_loads_calibrated_in_comfyui_and_back_in_diffusers(comfy, tmp_path):
+    """save(): the single-file FP8 format of the nodes. ComfyUI's loader (the pack's) gets the same FP8 weights and
+    static scales, ready without calibration; load() puts the file into a fresh diffusers transformer, which then
+    gives the saved one's output bit for bit."""
+    from sd35fp8 import fp8_autocast, fp8_layers
+    from sd35fp8.integrations import diffusers as fp8d
+    adapter = import_adapter(comfy_dir(), cpu=True)
+    tm = tiny_transformer("large", seed=8).to(torch.bfloat16)
+    fp8d.quantize(tm)
+    amax = fp8d.calibrate(tm, lambda: pipe_call(tiny_pipeline(tm), 4))
+    path = str(tmp_path / "tiny_diffusers_fp8.safetensors")
+    assert fp8d.save(tm, amax, path, calibration={"method": "max", "prompts": 1, "steps": 3}) > 0
+    with pytest.raises(FileExistsError):
+        fp8d.save(tm, amax, path)
+    model, _, _, text = adapter.checkpoints.load_sd35_fp8(path)
+    assert "calibrated" in text.lower()
+    cl, dl = fp8_layers(model.model.diffusion_model), fp8_layers(tm)
+    qkv = cl["joint_blocks.1.x_block.attn.qkv"]
+    assert torch.equal(qkv.weight.view(torch.uint8), torch.cat(
+        [dl[f"transformer_blocks.1.attn.to_{x}"].weight.view(torch.uint8) for x in "qkv"]))
+    loaded = adapter.state.get(model).input_amax  # the static ranges the loaded MODEL samples with
+    want = fp8d.comfy_amax(amax)
+    assert loaded.keys() == want.keys() and all(abs(float(loaded[k]) - want[k]) <= 1e-5 * want[k] for k in want)
+    assert comfy.load_diffusion_model(path) is not None  # stock ComfyUI's UNETLoader path reads it too
+    fresh = tiny_transformer("large", seed=99).to(torch.bfloat16)
+    back = fp8d.load(fresh, path)
+    assert back.keys() == amax.keys() and all(abs(back[k] - amax[k]) <= 1e-6 * amax[k] for k in amax)
+    g = torch.Generator().manual_seed(10)
+    x, ctx, y = (torch.randn(1, 16, 32, 32, generator=g).bfloat16(), torch.randn(1, 12, 4096, generator=g).bfloat16(),
+                 torch.randn(1, 2048, generator=g).bfloat16())
+    t = torch.tensor([300.0])
+    with torch.no_grad(), fp8_autocast():
+        a = tm(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+        b = fresh(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+    assert torch.equal(a, b)
