@@ -17,7 +17,7 @@ from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, f
                      weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
 from sd35fp8.core.quant import PerChannelWeightsError
-from sd35fp8.io.diffusers_files import DiffusersShards, open_checkpoint
+from sd35fp8.io.diffusers_files import DiffusersShards, open_checkpoint, sibling_components
 from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_fingerprint, file_input_amax,
                               file_metadata, file_origin, hybrid_state_dict, write_safetensors)
 
@@ -150,6 +150,9 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
     n_params = sum(p.numel() for p in dm.parameters())
     fp8_params = sum(m.weight.numel() for m in layers.values())
     lines = [info.describe()]
+    if isinstance(src, DiffusersShards):
+        clip, vae, note = diffusers_siblings(path)
+        lines.append(f"diffusers transformer ({len(src.files)} file(s)); {note}")
     if src.stored_fp8:
         lines.append(f"FP8 file ({file_origin(metadata, PACK_NAME)}): {len(layers)} FP8 layers loaded as stored"
                      + (f" (weight_scaling={granularity} does not apply)" if granularity != "per_tensor" else ""))
@@ -171,6 +174,33 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         model = set_autocast(model, True, None, input_amax=amax, calibration=file_calibration(metadata))
     log.info("sd35fp8: loaded %s\n%s", name, text)
     return model, clip, vae, text
+
+
+def diffusers_siblings(path: str):
+    """(clip, vae, what was found) from the diffusers repository a transformer file sits in (``vae/``,
+    ``text_encoder*/`` beside ``transformer/``); ComfyUI converts their key layouts itself."""
+    comp = sibling_components(path)
+
+    def merged(files):
+        return {k: v for f in files for k, v in comfy.utils.load_torch_file(f, safe_load=True).items()}
+    clip = vae = None
+    found = []
+    try:
+        if comp["vae"]:
+            vae = comfy.sd.VAE(sd=merged(comp["vae"]))
+            found.append("VAE from vae/")
+        if comp["text_encoders"]:
+            clip = comfy.sd.load_text_encoder_state_dicts(
+                state_dicts=[merged(fs) for fs in comp["text_encoders"]], clip_type=comfy.sd.CLIPType.SD3,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+            found.append(f"text encoders from {len(comp['text_encoders'])} text_encoder*/ folder(s)")
+    except Exception as e:  # noqa: BLE001 - a broken sibling folder is named, the transformer is not at fault
+        raise CheckpointError(f"{os.path.basename(path)}: the diffusers folder beside transformer/ does not load "
+                              f"({type(e).__name__}: {str(e)[:300]}): fix or remove it, or use ComfyUI's "
+                              "loaders") from e
+    if not found:
+        return None, None, "no vae/ or text_encoder*/ beside transformer/: take them with ComfyUI's loaders"
+    return clip, vae, "; ".join(found)
 
 
 def check_complete(src: MappedSafetensors, info) -> None:

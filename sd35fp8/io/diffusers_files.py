@@ -120,3 +120,25 @@ def open_checkpoint(path: str):
         return MappedSafetensors(path), inspect_checkpoint(path)
     src = DiffusersShards(path)
     return src, detect_sd3({k: v["shape"] for k, v in src.header.items()}, {}, path)
+
+
+# a diffusers SD3 repository: the transformer's siblings the ComfyUI loader takes when they are there
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5-XXL
+
+
+def _weights(folder: str) -> list[str]:
+    """A component folder's safetensors files (all shards), or [] when it has none."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def sibling_components(path: str) -> dict[str, list]:
+    """For a transformer file in ``<repo>/transformer/``: ``{"vae": [files], "text_encoders": [[files], ...]}`` of
+    ``<repo>/vae/`` and ``<repo>/text_encoder*/`` (each component's shards together); empty where absent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) != "transformer":
+        return {"vae": [], "text_encoders": []}
+    repo = os.path.dirname(folder)
+    tes = [w for w in (_weights(os.path.join(repo, t)) for t in TEXT_ENCODER_FOLDERS) if w]
+    return {"vae": _weights(os.path.join(repo, "vae")), "text_encoders": tes}

@@ -235,3 +235,37 @@ def test_saved_diffusers_fp8_file_loads_calibrated_in_comfyui_and_back_in_diffus
         a = tm(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
         b = fresh(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
     assert torch.equal(a, b)
+
+
+def test_a_diffusers_repository_gives_model_vae_and_text_encoder(comfy, tmp_path):
+    """Picking the transformer of a diffusers repository (transformer/, vae/, text_encoder/) gives the FP8 MODEL and
+    also the VAE and the text encoder from their folders."""
+    import os
+
+    from safetensors.torch import save_file
+    adapter = import_adapter(comfy_dir(), cpu=True)
+    repo = tmp_path / "stable-diffusion-3.5-tiny"
+    tiny_transformer("large", seed=11).to(torch.bfloat16).save_pretrained(repo / "transformer",
+                                                                          safe_serialization=True)
+    torch.manual_seed(0)
+    # SD3's VAE configuration (ComfyUI builds that one), random weights, half precision on disk (~170 MB)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                            latent_channels=16, layers_per_block=2, norm_num_groups=32, use_quant_conv=False,
+                            use_post_quant_conv=False).half().save_pretrained(repo / "vae", safe_serialization=True)
+    (repo / "text_encoder").mkdir()
+    save_file(tiny_sd35.clip_l_state_dict(), str(repo / "text_encoder" / "model.safetensors"))
+    f = next(x for x in os.listdir(repo / "transformer") if x.endswith(".safetensors"))
+    model, clip, vae, text = adapter.checkpoints.load_sd35_fp8(str(repo / "transformer" / f))
+    assert model is not None and clip is not None and vae is not None, text
+    assert "VAE from vae/" in text and "text encoders from 1 text_encoder*/ folder(s)" in text
+    img = vae.decode(torch.randn(1, 16, 8, 8))
+    assert img.shape[-1] == 3 and img.shape[1:3] == (64, 64) and torch.isfinite(img).all()
+    cond = clip.encode_from_tokens(clip.tokenize("a red fox"))
+    assert torch.isfinite(cond).all()
+    # without the sibling folders: the MODEL alone, and the report says where the others come from
+    import shutil
+    shutil.rmtree(repo / "vae")
+    shutil.rmtree(repo / "text_encoder")
+    _, clip, vae, text = adapter.checkpoints.load_sd35_fp8(str(repo / "transformer" / f))
+    assert clip is None and vae is None and "take them with ComfyUI's loaders" in text
