@@ -25,7 +25,10 @@ INDEX_SUFFIX = ".safetensors.index.json"
 
 def looks_like_diffusers(header: dict) -> bool:
     """Whether one file's header (maybe one shard of several) holds diffusers SD3 transformer tensors."""
-    rx = re.compile(r"(^|\.)(transformer_blocks\.\d+\.|time_text_embed\.|pos_embed\.proj\.|norm_out\.linear\.)")
+    # at the top of the names (diffusers saves the transformer alone; some exports prefix "transformer."): UNets have
+    # transformer_blocks deep inside (input_blocks.4.1.transformer_blocks.0...), never at the top
+    rx = re.compile(r"^(transformer\.)?(transformer_blocks\.\d+\.|time_text_embed\.|pos_embed\.proj\."
+                    r"|norm_out\.linear\.)")
     return not any("joint_blocks." in k for k in header) and any(rx.search(k) for k in header)
 
 
