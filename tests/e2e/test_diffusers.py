@@ -269,3 +269,22 @@ def test_a_diffusers_repository_gives_model_vae_and_text_encoder(comfy, tmp_path
     shutil.rmtree(repo / "text_encoder")
     _, clip, vae, text = adapter.checkpoints.load_sd35_fp8(str(repo / "transformer" / f))
     assert clip is None and vae is None and "take them with ComfyUI's loaders" in text
+
+
+def test_the_calibrated_diffusers_transformer_runs_under_torch_compile():
+    """torch.compile(pipe.transformer) after quantize + calibrate: the compiled FP8 transformer gives the eager one's
+    output (Inductor on the CPU here; on a GPU the same call compiles the FP8 GEMMs)."""
+    from sd35fp8 import fp8_autocast
+    from sd35fp8.integrations import diffusers as fp8d
+    tm = tiny_transformer("large", seed=12)
+    fp8d.quantize(tm)
+    fp8d.calibrate(tm, lambda: pipe_call(tiny_pipeline(tm), 1))
+    g = torch.Generator().manual_seed(1)
+    x, ctx, y = torch.randn(1, 16, 32, 32, generator=g), torch.randn(1, 12, 4096, generator=g), torch.randn(1, 2048,
+                                                                                                         generator=g)
+    t = torch.tensor([300.0])
+    with torch.no_grad(), fp8_autocast():
+        eager = tm(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t).sample
+        compiled = torch.compile(tm)(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y,
+                                     timestep=t).sample
+    assert float((compiled - eager).norm() / eager.norm()) < 1e-4
