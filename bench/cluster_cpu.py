@@ -8,12 +8,8 @@ ComfyUI (``--server``) for the queue's overhead. A CPU figure (2 cores shared by
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -25,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, REPO)
-from comfy_harness import ComfyServer, comfy_dir, free_port  # noqa: E402
+from comfy_harness import ComfyServer, free_port  # noqa: E402
 import run_batch  # noqa: E402
 
 
@@ -51,17 +47,7 @@ def main():
     if not redis_bin:
         raise SystemExit("needs redis-server (Debian: apt-get install redis-server)")
     tmp = tempfile.mkdtemp(prefix="cluster-bench-")
-    models = os.path.join(REPO, ".cache", "models")
-    run_batch.make_tiny_models(models)
-    wf = run_batch.adapt(run_batch.load_workflow(os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json")),
-                         ckpt_name=run_batch.TINY_CKPT, tiny_clip=run_batch.TINY_CLIP, width=a.size, height=a.size,
-                         batch=1, steps=a.steps, calib_prompts=2)
-    wf_path = os.path.join(tmp, "wf.json")
-    with open(wf_path, "w") as f:
-        json.dump(wf, f)
-    items = os.path.join(tmp, "items.txt")
-    with open(items, "w") as f:
-        f.write("\n".join(f"a red circle on a blue background, variant {i}" for i in range(a.items)) + "\n")
+    models, wf_path, items = run_batch.tiny_batch(tmp, a.items, a.size, a.steps)
     rows = []
     for threads in a.threads.split(","):
         rows += [(threads, *r) for r in run(a, redis_bin, tmp, models, wf_path, items, threads)]
@@ -111,28 +97,18 @@ def run(a, redis_bin, tmp, models, wf_path, items, threads):
 
 
 def write(a, rows, redis_bin):
-    import torch
     sys.path.insert(0, HERE)
     import common
-    with open(os.path.join(comfy_dir(), "comfyui_version.py")) as f:
-        version = f.read().split('"')[1]
     base = {t: v for t, n, v in rows if n.startswith("one")}
-    lines = [f"- machine: CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), no GPU; "
-             f"torch {torch.__version__}; ComfyUI {version}; redis-server "
-             f"{subprocess.run([redis_bin, '--version'], capture_output=True, text=True).stdout.split()[2]}; "
-             f"date {datetime.date.today()}; commit {common.commit()}",
-             f"- command: `python3 bench/cluster_cpu.py {' '.join(shlex.quote(x) for x in sys.argv[1:])}`",
-             f"- the tiny embedded SD3.5 model (2 joint blocks, random weights), {a.items} prompts, {a.size}², "
-             f"{a.steps} steps; two ComfyUIs warmed up (loaded, calibrated) before the runs; images/s from the batch "
-             "client's summary (queueing, sampling, VAE decode, PNG transfer through Redis, files and manifest)", "",
-             "| torch threads per ComfyUI | route | images/s | vs one ComfyUI |", "|---|---|---|---|"]
-    lines += [f"| {t} | {n} | {v:.2f} | {v / base[t]:.2f}x |" for t, n, v in rows]
-    text = "# The cluster's queue on the CPU (tiny model): 1 vs 2 workers\n\n" + "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-
+    redis_v = subprocess.run([redis_bin, "--version"], capture_output=True, text=True).stdout.split()[2]
+    common.write_cpu_record(
+        "The cluster's queue on the CPU (tiny model): 1 vs 2 workers", "bench/cluster_cpu.py",
+        f"; redis-server {redis_v}",
+        f"the tiny embedded SD3.5 model (2 joint blocks, random weights), {a.items} prompts, {a.size}², {a.steps} "
+        "steps; two ComfyUIs warmed up (loaded, calibrated) before the runs; images/s from the batch client's summary "
+        "(queueing, sampling, VAE decode, PNG transfer through Redis, files and manifest)",
+        ["| torch threads per ComfyUI | route | images/s | vs one ComfyUI |", "|---|---|---|---|"]
+        + [f"| {t} | {n} | {v:.2f} | {v / base[t]:.2f}x |" for t, n, v in rows], a.out)
 
 if __name__ == "__main__":
     main()

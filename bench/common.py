@@ -143,3 +143,26 @@ def write_rows_report(header: list[str], rows: list[dict], out: str | None) -> s
         with open(out, "w") as f:
             f.write(text)
     return text
+
+
+def write_cpu_record(title: str, script: str, versions: str, setup: str, table: list[str], out: str | None,
+                     notes: str = "") -> str:
+    """A CPU benchmark record (bench/results/): the machine, torch, ComfyUI and ``versions`` of other tools, the date,
+    commit and command line, the ``setup`` sentence, the ``table`` lines; printed, and written to ``out``."""
+    import datetime
+    import platform
+    import shlex
+    import torch
+    from comfy_harness import comfy_dir
+    with open(os.path.join(comfy_dir(), "comfyui_version.py")) as f:
+        version = f.read().split('"')[1]
+    lines = [f"- machine: CPU only ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), no GPU; "
+             f"torch {torch.__version__}; ComfyUI {version}{versions}; date {datetime.date.today()}; commit {commit()}",
+             f"- command: `python3 {script} {' '.join(shlex.quote(x) for x in sys.argv[1:])}`", f"- {setup}", "",
+             *table]
+    text = f"# {title}\n\n" + "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

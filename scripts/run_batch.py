@@ -77,6 +77,21 @@ def make_tiny_models(models_dir: str) -> None:
     tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
 
 
+def tiny_batch(tmp: str, n_items: int, size: int, steps: int) -> tuple[str, str, str]:
+    """(models folder, API workflow file, prompt list file) for a batch on the tiny model at ``size``² and ``steps``
+    (the benchmarks' CPU setup)."""
+    models = os.path.join(REPO, ".cache", "models")
+    make_tiny_models(models)
+    wf = adapt(load_workflow(os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json")), ckpt_name=TINY_CKPT,
+               tiny_clip=TINY_CLIP, width=size, height=size, batch=1, steps=steps, calib_prompts=2)
+    wf_path, items = os.path.join(tmp, "wf.json"), os.path.join(tmp, "items.txt")
+    with open(wf_path, "w") as f:
+        json.dump(wf, f)
+    with open(items, "w") as f:
+        f.write("\n".join(f"a red circle on a blue background, variant {i}" for i in range(n_items)) + "\n")
+    return models, wf_path, items
+
+
 def link_models(models_dir: str, ckpt: str, text_encoders: str | None) -> None:
     """Make a user's checkpoint (and text-encoder folder) visible to the started ComfyUI through links."""
     if not os.path.isfile(ckpt):
