@@ -128,6 +128,7 @@ class Service:
         self.cluster = None  # a gateway (``queue`` set): jobs go to the cluster's workers instead of ComfyUI's queue
         self.cluster_depth: dict | None = None
         self.cluster_error: str | None = None
+        self._polled = float("-inf")  # when cluster_tick last looked at the queue
         self.configure()
 
     # -- configuration --------------------------------------------------------------------------------------------
@@ -192,9 +193,8 @@ class Service:
     def per_call(self) -> int:
         if self.cfg.max_per_call:
             return self.cfg.max_per_call
-        if self.cluster:  # the workers are GPUs
-            return 4
-        return 4 if comfy.model_management.get_torch_device().type == "cuda" else 1
+        # a gateway's workers are GPUs
+        return 4 if self.cluster or comfy.model_management.get_torch_device().type == "cuda" else 1
 
     # -- start ----------------------------------------------------------------------------------------------------
     async def start(self, app=None) -> None:
@@ -315,32 +315,20 @@ class Service:
     # -- a gateway: the cluster's queue instead of ComfyUI's ---------------------------------------------------------
     CLUSTER_INFLIGHT = 64  # the gateway's jobs on the cluster's queue at a time (the workers pull them)
 
-    def cluster_poll(self, jids: list[str]) -> dict:
-        """(in a thread) Each job's state and result, and the queue's depth; raises RedisError when it is away."""
-        states = {}
-        for jid in jids:
-            rj = self.cluster.job(jid)
-            if rj is None:
-                states[jid] = ("missing", None, None)
-                continue
-            status = rj.get_status()
-            res = rj.return_value() if status == "finished" else None
-            exc = None
-            if status in ("failed", "stopped", "canceled"):
-                last = rj.latest_result()
-                exc = str(last.exc_string if last and last.exc_string else status).strip().splitlines()[-1]
-                n = int(self.cluster.conn.get(cluster.deliveries_key(jid)) or 0)
-                exc = f"failed on the cluster after {n} deliveries: {exc}"
-            states[jid] = (status, res, exc)
-        depth = self.cluster.depth()
+    CLUSTER_POLL = 0.5  # seconds between looks at the queue (the dispatcher ticks every 0.1 s)
+
+    def cluster_poll(self, jids: list[str]) -> tuple[dict, dict]:
+        """(in a thread) Each job's state (:meth:`Cluster.poll`, one round trip) and the queue's depth; raises
+        RedisError when the queue is away."""
         from rq import Worker
+        depth = self.cluster.depth()
         depth["workers"] = Worker.count(connection=self.cluster.conn, queue=self.cluster.queue)
-        return states, depth
+        return self.cluster.poll(jids), depth
 
     def cluster_fetch(self, jid: str, entry: dict) -> dict:
         """(in a thread) The job's images into this server's output folder (``<prefix>/cluster/<job>/``: the
         workers' own file names may repeat), each written whole; the entry, pointing at them."""
-        entry = json.loads(json.dumps(entry))
+        stored, entry = entry, json.loads(json.dumps(entry))
         base = folder_paths.get_output_directory()
         sub = os.path.join(self.cfg.output_prefix, "cluster", jid)
         os.makedirs(os.path.join(base, sub), exist_ok=True)
@@ -352,58 +340,38 @@ class Service:
                     f.write(data)
                 os.replace(path + ".partial", path)
                 img.update(subfolder=sub, type="output")
-        self.cluster.forget(jid, None)
+        self.cluster.forget(jid, stored)  # the images' copies in the queue's store, by the names the worker gave
         return entry
 
     async def cluster_tick(self) -> None:
+        """Every CLUSTER_POLL seconds: the jobs' states (finished ones' images fetched, failed ones reported); every
+        tick: waiting images to the queue while there is room (a lone one after its batch window)."""
         from redis.exceptions import RedisError
         loop = asyncio.get_running_loop()
-        try:
-            states, self.cluster_depth = await loop.run_in_executor(None, self.cluster_poll, list(self.groups))
+        now = time.monotonic()
+        if now - self._polled >= self.CLUSTER_POLL:
+            self._polled = now
+            try:
+                states, self.cluster_depth = await loop.run_in_executor(None, self.cluster_poll, list(self.groups))
+            except RedisError as e:
+                if not self.cluster_error:
+                    log.error("sd35fp8 gateway: the queue at %s does not answer: %s", self.cfg.queue, e)
+                self.cluster_error = f"the cluster's queue at {self.cfg.queue} does not answer: {e}"
+                return
             if self.cluster_error:
                 log.info("sd35fp8 gateway: the queue at %s is back", self.cfg.queue)
             self.cluster_error = None
-        except RedisError as e:
-            if not self.cluster_error:
-                log.error("sd35fp8 gateway: the queue at %s does not answer: %s", self.cfg.queue, e)
-            self.cluster_error = f"the cluster's queue at {self.cfg.queue} does not answer: {e}"
-            return
-        for jid, (status, res, exc) in states.items():
-            grp = self.groups.get(jid)
-            if grp is None:
-                continue
-            if status == "started" and not grp.running:
-                self.mark_running(grp)
-            elif status == "finished":
-                del self.groups[jid]
-                if res.get("status") != "ok":
-                    for job in jobs_of(grp.items):
-                        self.cancel(job, "failed", f"{res.get('status')}: {res.get('error')}")
-                    continue
-                try:
-                    entry = await loop.run_in_executor(None, self.cluster_fetch, jid, res["entry"])
-                except (RuntimeError, OSError, RedisError) as e:
-                    for job in jobs_of(grp.items):
-                        self.cancel(job, "failed", f"could not fetch the images from the queue: {e}")
-                    continue
-                self.finish_group(grp, entry)
-            elif exc or status == "missing":
-                del self.groups[jid]
-                for job in jobs_of(grp.items):
-                    self.cancel(job, "failed", exc or "the job vanished from the cluster's queue")
-        now = time.monotonic()
-        for job in list(self.active()):
-            if job.deadline and now > job.deadline:
-                self.cancel(job, "failed", f"timed out after {job.timeout:g} s")
-        while self.pending and len(self.groups) < max(self.cfg.inflight, self.CLUSTER_INFLIGHT):
+            await self.cluster_results(states)
+            for job in list(self.active()):
+                if job.deadline and now > job.deadline:
+                    self.cancel(job, "failed", f"timed out after {job.timeout:g} s")
+        while self.cluster_error is None and self.pending and \
+                len(self.groups) < max(self.cfg.inflight, self.CLUSTER_INFLIGHT):
             chosen = self.take_group(now)
             if not chosen:
                 break
-            items = [job.items[i] for job, i in chosen]
-            prefix = self.cfg.output_prefix
-            g = graph.group_graph(self.wf, self.m, items, prefix) if len(items) > 1 else \
-                graph.item_graph(self.wf, self.m, items[0], prefix)
-            extra = {"extra_pnginfo": {"workflow": graph.ui_for(self.ui, g)}} if self.ui and len(items) == 1 else {}
+            g, pnginfo = self.prompt_for(chosen)
+            extra = {"extra_pnginfo": pnginfo} if pnginfo else {}
             jid = f"sd35fp8-api-{uuid.uuid4()}"
             try:
                 await loop.run_in_executor(None, self.cluster.submit, jid, g, extra, self.cfg.retries)
@@ -413,6 +381,34 @@ class Service:
                 break
             self.groups[jid] = Group(jid, chosen)
         self.prune()
+
+    async def cluster_results(self, states: dict) -> None:
+        from redis.exceptions import RedisError
+        for jid, state in states.items():
+            grp = self.groups.get(jid)
+            if grp is None:
+                continue
+            res = state.result
+            if state.status == "started" and not grp.running:
+                self.mark_running(grp)
+            elif state.status == "finished":
+                del self.groups[jid]
+                if res.get("status") != "ok":
+                    for job in jobs_of(grp.items):
+                        self.cancel(job, "failed", f"{res.get('status')}: {res.get('error')}")
+                    continue
+                try:
+                    entry = await asyncio.get_running_loop().run_in_executor(None, self.cluster_fetch, jid,
+                                                                             res["entry"])
+                except (RuntimeError, OSError, RedisError) as e:
+                    for job in jobs_of(grp.items):
+                        self.cancel(job, "failed", f"could not fetch the images from the queue: {e}")
+                    continue
+                self.finish_group(grp, entry)
+            elif state.error:
+                del self.groups[jid]
+                for job in jobs_of(grp.items):
+                    self.cancel(job, "failed", state.error)
 
     def take_group(self, now: float) -> list:
         """The oldest waiting image and, where the workflow allows, compatible ones (same size, steps, cfg,
@@ -431,11 +427,17 @@ class Service:
             self.pending.remove(x)
         return chosen
 
-    async def enqueue(self, chosen: list) -> None:
+    def prompt_for(self, chosen: list) -> tuple[dict, dict]:
+        """(graph, PNG metadata) of the chosen images: one item's graph, or several in one sampler call. A lone
+        item's PNG opens in the editor as its own workflow (a shared call's PNGs get theirs when served)."""
         items = [job.items[i] for job, i in chosen]
         prefix = self.cfg.output_prefix
         g = graph.group_graph(self.wf, self.m, items, prefix) if len(items) > 1 else \
             graph.item_graph(self.wf, self.m, items[0], prefix)
+        return g, ({"workflow": graph.ui_for(self.ui, g)} if self.ui and len(items) == 1 else {})
+
+    async def enqueue(self, chosen: list) -> None:
+        g, pnginfo = self.prompt_for(chosen)
         pid = str(uuid.uuid4())
         data = self.ps.trigger_on_prompt({"prompt": g, "client_id": CLIENT_ID})
         prompt = data.get("prompt", g)
@@ -450,8 +452,8 @@ class Service:
         number = self.ps.number
         self.ps.number += 1
         extra = {"client_id": CLIENT_ID, "create_time": int(time.time() * 1000)}
-        if self.ui and len(items) == 1:  # the PNG opens in the editor as this item's workflow
-            extra["extra_pnginfo"] = {"workflow": graph.ui_for(self.ui, g)}
+        if pnginfo:
+            extra["extra_pnginfo"] = pnginfo
         self.groups[pid] = Group(pid, chosen)
         self.ps.prompt_queue.put((number, pid, prompt, extra, valid[2], {}))
 

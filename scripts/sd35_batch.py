@@ -52,7 +52,7 @@ if REPO not in sys.path:
 from service.graph import (  # noqa: E402
     MODELS_HINT, InputError, batch_key, can_group, combo_options, error_of, group_graph, groupable, item_graph,
     inline_settings, map_workflow, model_problems, saved_images, settings_of, ui_for)
-from service.cluster import JOB_TIMEOUT, job_id  # noqa: E402
+from service.cluster import JOB_TIMEOUT, LIVE, job_id  # noqa: E402
 from service.config import BUNDLED, bundled_ui_path  # noqa: E402
 FIELDS = ("prompt", "negative", "seed", "width", "height", "steps", "cfg", "count", "name")
 INT_FIELDS = {"seed": (0, 2**64 - 1), "width": (64, 16384), "height": (64, 16384), "steps": (1, 10000),
@@ -604,10 +604,7 @@ def run_items(a, srv, wf, m, ui, todo, items, manifest, out) -> int:
                             psnrs.append(rec["reference"]["psnr"])
                             if a.min_psnr is not None and rec["reference"]["psnr"] < a.min_psnr:
                                 rec["flags"].append("below_min_psnr")
-                    for f in rec["flags"]:
-                        summary_flags[f] = summary_flags.get(f, 0) + 1
-                    if set(rec["flags"]) & gate:
-                        quality_failed += 1
+                    quality_failed += count_flags(rec, summary_flags, gate)
                     manifest.write(rec)
                     graphs.pop(it["name"], None)
                     prog.done += 1
@@ -649,8 +646,12 @@ def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
     summary_flags: dict[str, int] = {}
     gate = set(a.fail_on)
 
-    def graph_of(it):
-        return item_graph(wf, m, it, prefix)
+    graphs: dict[str, dict] = {}
+
+    def graph_of(it):  # the item's own graph: its job's prompt (alone), its manifest line and its PNG's metadata
+        if it["name"] not in graphs:
+            graphs[it["name"]] = item_graph(wf, m, it, prefix)
+        return graphs[it["name"]]
 
     def item_png(it):
         png = {"workflow": ui_for(ui, graph_of(it))} if ui else {}
@@ -661,6 +662,7 @@ def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
         nonlocal failed
         for it in job:
             manifest.write(record(it, graph_of(it), m, [], 0.0, "failed", attempts, why[:2000], flags))
+            graphs.pop(it["name"], None)
             failed += 1
             prog.failed += 1
             prog.done += 1
@@ -680,22 +682,13 @@ def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
     try:
         while pending:
             try:
-                for jid in list(pending):
-                    rj = cl.job(jid)
-                    status = rj.get_status() if rj else None
-                    if status in ("queued", "started", "deferred", "scheduled"):
+                for jid, state in cl.poll(list(pending)).items():
+                    if state.status in LIVE:
                         continue
                     job = pending.pop(jid)
-                    if rj is None:
-                        fail(job, "the job vanished from the queue (the queue server lost its data?): run the batch "
-                             "again", [], 0)
-                        continue
-                    res = rj.return_value() if status == "finished" else None
-                    n = (res or {}).get("delivery") or int(cl.conn.get(f"sd35fp8:deliveries:{jid}") or 0)
-                    if status != "finished":
-                        exc = rj.latest_result().exc_string if rj.latest_result() else status
-                        fail(job, f"failed on the cluster after {n} deliveries: {str(exc).strip().splitlines()[-1]}",
-                             [], n)
+                    res, n = state.result, state.deliveries
+                    if state.error:
+                        fail(job, state.error + ("; run the batch again" if state.status == "missing" else ""), [], n)
                         continue
                     if res.get("status") != "ok":
                         fail(job, f"{res.get('status')}: {res.get('error')}", res.get("flags", []), n)
@@ -714,11 +707,9 @@ def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
                         rec["worker"] = res.get("worker")
                         if len(job) > 1:
                             rec["batched_with"] = len(job)
-                        for f in rec["flags"]:
-                            summary_flags[f] = summary_flags.get(f, 0) + 1
-                        if set(rec["flags"]) & gate:
-                            quality_failed += 1
+                        quality_failed += count_flags(rec, summary_flags, gate)
                         manifest.write(rec)
+                        graphs.pop(it["name"], None)
                         prog.done += 1
                         prog.images += len(files)
                     cl.forget(jid, entry)
@@ -739,6 +730,13 @@ def run_cluster(a, wf, m, ui, todo, items, manifest, out) -> int:
         return 130
     prog.show(force=True)
     return finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, [])
+
+
+def count_flags(rec: dict, summary_flags: dict, gate: set) -> int:
+    """Add an item's quality flags to the run's summary; 1 when one of them fails the quality gate, else 0."""
+    for f in rec["flags"]:
+        summary_flags[f] = summary_flags.get(f, 0) + 1
+    return int(bool(set(rec["flags"]) & gate))
 
 
 def finish(a, items, manifest, out, prog, failed, quality_failed, summary_flags, psnrs) -> int:

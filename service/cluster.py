@@ -19,6 +19,7 @@ Pure Python besides ``redis`` and ``rq`` (imported here only): no ComfyUI, no to
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -61,6 +62,14 @@ def deliveries_key(jid: str) -> str:
     return f"{PREFIX}deliveries:{jid}"
 
 
+@dataclasses.dataclass
+class JobState:
+    status: str            # RQ's (queued, started, finished, failed, ...) or "missing"
+    result: dict | None    # a finished job's return value (:func:`run_graph`)
+    error: str | None      # why it ended without a result
+    deliveries: int        # how often a worker took it (0 while unknown)
+
+
 class Cluster:
     """The client's side: submit jobs, read their state and results, clean up what was written."""
 
@@ -90,7 +99,7 @@ class Cluster:
         from rq import Retry
         old = self.job(jid)
         if old is not None:
-            if old.get_status() in LIVE or old.get_status() == "finished":
+            if old.get_status(refresh=False) in LIVE + ("finished",):
                 return old
             old.delete()
         self.conn.delete(deliveries_key(jid))
@@ -99,6 +108,29 @@ class Cluster:
         return self.queue.enqueue(JOB_FUNCTION, graph, extra, job_id=jid, job_timeout=timeout, result_ttl=RESULT_TTL,
                                   failure_ttl=RESULT_TTL, retry=Retry(max=retries) if retries > 0 else None,
                                   description=f"sd35fp8 graph {jid}")
+
+    def poll(self, jids: list[str]) -> dict[str, JobState]:
+        """The state of each job in ``jids``, fetched in one round trip (results and errors only for the ended
+        ones). A job the queue no longer knows is ``missing``."""
+        from rq.job import Job
+        out = {}
+        for jid, rj in zip(jids, Job.fetch_many(jids, connection=self.conn) if jids else []):
+            if rj is None:
+                out[jid] = JobState("missing", None, "the job vanished from the queue (did the queue server lose its "
+                                    "data?)", 0)
+                continue
+            status = rj.get_status(refresh=False)
+            if status == "finished":
+                res = rj.return_value()
+                out[jid] = JobState(status, res, None, (res or {}).get("delivery", 0))
+            elif status in LIVE:
+                out[jid] = JobState(status, None, None, 0)
+            else:  # failed (deliveries spent), stopped, canceled
+                last = rj.latest_result()
+                why = str(last.exc_string if last and last.exc_string else status).strip().splitlines()[-1]
+                n = int(self.conn.get(deliveries_key(jid)) or 0)
+                out[jid] = JobState(status, None, f"failed on the cluster after {n} deliveries: {why}", n)
+        return out
 
     def image(self, jid: str, img: dict) -> bytes:
         data = self.conn.get(image_key(jid, img))

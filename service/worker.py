@@ -53,7 +53,7 @@ def make_worker_class():
         ready_path = "/v1/health/ready"
         idle_poll = 5
 
-        def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        def wait_until_ready(self) -> None:
             said = None
             while True:
                 ok, why = comfy_ready(self.comfy, self.ready_path)
@@ -69,15 +69,15 @@ def make_worker_class():
                 time.sleep(1)
             if said:
                 self.log.info("Worker %s: ComfyUI at %s is ready: taking jobs", self.name, self.comfy)
+
+        def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
             # short waits: readiness is looked at again every few seconds while the queue is empty
             t = self.idle_poll if timeout is None else min(timeout, self.idle_poll)
-            result = super().dequeue_job_and_maintain_ttl(t, max_idle_time)
-            while result is None and not max_idle_time:
-                ok, _ = comfy_ready(self.comfy, self.ready_path)
-                if not ok:
-                    return self.dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            while True:
+                self.wait_until_ready()
                 result = super().dequeue_job_and_maintain_ttl(t, max_idle_time)
-            return result
+                if result is not None or max_idle_time:
+                    return result
     return ComfyWorker
 
 

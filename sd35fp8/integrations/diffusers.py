@@ -30,7 +30,7 @@ import torch
 from ..core.autocast import CalibrationSession, fp8_autocast
 from ..core.policy import QuantPolicy
 from ..core.quant import quantize_weight
-from ..linear import FP8LinearMixin
+from ..linear import FP8Linear, FP8LinearMixin
 from ..model import apply_input_scales, calibrated_amax, fp8_layers, quantize_model
 from ..io.diffusers_keys import _BLOCK, _QKV, plan
 from ..io.files import MARKER, file_metadata, hybrid_state_dict, write_safetensors
@@ -62,20 +62,22 @@ def _qkv_groups(transformer: torch.nn.Module) -> list[list[str]]:
 def quantize(transformer: torch.nn.Module, granularity: str = "per_tensor") -> QuantPolicy:
     """Swap the policy's Linear layers of ``transformer`` for FP8 ones (in place); q, k and v of each attention share
     one weight scale. Returns the policy with its per-layer decisions."""
-    joint = {}
-    for g in _qkv_groups(transformer):
+    pol = policy(granularity)
+    for g in _qkv_groups(transformer):  # q, k, v quantized together (once), then the other layers one by one
         mods = [transformer.get_submodule(x) for x in g]
-        if any(isinstance(m, FP8LinearMixin) and m.fp8_quantized for m in mods):
+        if any(isinstance(m, FP8LinearMixin) for m in mods) or not all(
+                [pol.decide(x, m.out_features, m.in_features) for x, m in zip(g, mods)]):
             continue
         w8, scale = quantize_weight(torch.cat([m.weight for m in mods], 0), granularity)
         rows = [m.out_features for m in mods]
-        for name, part, s in zip(g, w8.split(rows, 0), scale.split(rows, 0) if scale.numel() > 1 else [scale] * 3):
-            joint[name] = (part.contiguous(), s.contiguous())
-    pol = quantize_model(transformer, policy(granularity))
-    for name, (w8, s) in joint.items():
-        m = transformer.get_submodule(name)
-        if isinstance(m, FP8LinearMixin) and m.fp8_quantized:
-            m.fp8_set_weight(w8.to(m.weight.device), s.to(m.weight.device), name)
+        scales = scale.split(rows, 0) if scale.numel() > 1 else [scale] * len(mods)
+        for name, m, part, s in zip(g, mods, w8.split(rows, 0), scales):
+            q = FP8Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
+            q.bias = None if m.bias is None else torch.nn.Parameter(m.bias.detach(), requires_grad=False)
+            q.fp8_set_weight(part.contiguous(), s.contiguous(), name)
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent), child, q)
+    quantize_model(transformer, pol)  # the rest; the FP8 q/k/v are skipped, their decisions kept
     return pol
 
 
@@ -163,8 +165,7 @@ def load(transformer: torch.nn.Module, path: str) -> dict[str, float]:
     f = load_file(path)
     quantize(transformer)  # the FP8 layer structure; every value below comes from the file
     sd = transformer.state_dict()
-    recipes = plan({k for k in sd if k.endswith((".weight", ".bias")) or k.endswith("pos_embed")
-                    if not k.endswith(FP8_EXTRAS)})
+    recipes = plan({k for k in sd if k.endswith((".weight", ".bias", "pos_embed"))})  # not the FP8 scales
     layers = fp8_layers(transformer)
     amax = {}
     for dst, (op, srcs) in recipes.items():

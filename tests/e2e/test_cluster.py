@@ -315,6 +315,8 @@ def test_gateway_routes_run_on_the_cluster(cluster, gateway):
     a = requests.post(gateway.base + "/sdapi/v1/txt2img", timeout=600,
                       json={"prompt": "x", "seed": 3, "steps": 3, "width": 128, "height": 128})
     assert a.status_code == 200 and len(a.json()["images"]) == 1, a.text
+    # the gateway fetched its jobs' images into its output folder and deleted them from the queue's store
+    wait_for(lambda: not list(cluster.conn.scan_iter("sd35fp8:img:sd35fp8-api-*")), 10, "the images deleted")
     d = requests.get(gateway.base + "/v1/cluster").json()
     assert d["waiting"] == d["running"] == 0 and d["total"] == 0 and d["workers"] >= 2, d
     m = requests.get(gateway.base + "/metrics").text
