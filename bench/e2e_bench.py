@@ -43,7 +43,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, HERE)
 from comfy_harness import ComfyServer  # noqa: E402
-from sd35_batch import psnr  # noqa: E402
+from sd35_batch import image_metrics  # noqa: E402
 import e2e_models  # noqa: E402
 
 WORKFLOW = {"large": "sd35_large_fp8_api.json", "medium": "sd35_medium_fp8_api.json"}
@@ -266,7 +266,7 @@ def main():
                 row["finite, not flat"] = all(np.isfinite(x).all() and x.std() > 0 for x in imgs)
                 if mode == "stock_bf16":
                     ref_images = imgs
-                row["PSNR vs stock BF16 dB"] = (min(psnr(x, y) for x, y in zip(imgs, ref_images))
+                row["PSNR vs stock BF16 dB"] = (min(image_metrics(zip(imgs, ref_images))[0])
                                                if ref_images and mode != "stock_bf16" else float("nan"))
                 if mode == "ours":
                     cal = one(g["ours"], "SD35FP8Calibrate")

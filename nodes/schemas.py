@@ -349,7 +349,47 @@ class SD35FP8PromptBatch(io.ComfyNode):
         return io.NodeOutput(pos, neg, latent, noise, report)
 
 
-NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint, SD35FP8PromptBatch]
+class SD35FP8CompareImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SD35FP8CompareImages",
+            display_name="Compare Images (A/B fidelity)",
+            category="advanced/model_merging/sd35 fp8",
+            description="What FP8 changes, on your own model: two IMAGE batches of the same prompts and seeds (e.g. "
+                        "stock BF16 and the pack) in; PSNR, SSIM and the largest difference per image and their mean, "
+                        "and a difference heat map (black: equal, white: the largest difference) out.",
+            inputs=[
+                io.Image.Input("image_a", tooltip="the reference images (e.g. stock ComfyUI in BF16)"),
+                io.Image.Input("image_b", tooltip="the images to compare (e.g. the pack in FP8), same size"),
+                io.Float.Input("heatmap_scale", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="the difference shown white (0-1); 0: the largest one found"),
+            ],
+            outputs=[io.Image.Output(display_name="heatmap", tooltip="where the images differ, per pair"),
+                     io.String.Output(display_name="report", tooltip="PSNR, SSIM and max difference per image")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, heatmap_scale=None):
+        return check_widgets(cls, dict(heatmap_scale=heatmap_scale))
+
+    @classmethod
+    def execute(cls, image_a, image_b, heatmap_scale=0.0) -> io.NodeOutput:
+        from sd35fp8.core import fidelity
+        try:
+            res = fidelity.compare(image_a, image_b, ("image_a", "image_b"))
+            heat, top = fidelity.heatmap(image_a, image_b, heatmap_scale or None)
+        except ValueError as e:
+            raise ValueError(f"SD35FP8CompareImages: {e}") from None
+        text = "\n".join(res["lines"] + [f"heat map: white = a difference of {top * 255:.1f}/255"])
+        log.info("SD35FP8CompareImages: %s", res["lines"][-1])
+        preview = getattr(ui, "PreviewText", None)
+        return io.NodeOutput(heat, text, ui=preview(text) if preview else {"text": (text,)})
+
+
+NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint, SD35FP8PromptBatch,
+         SD35FP8CompareImages]
 
 
 class SD35FP8Extension(ComfyExtension):

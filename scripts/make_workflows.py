@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(REPO, "workflows")
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-from service.config import TEMPLATES  # noqa: E402  (the UI workflows' file names: the template browser's titles)
+from service.config import TEMPLATES, TOOLS  # noqa: E402  (the UI workflows' file names: the template browser's titles)
 
 NEGATIVE = ""
 POSITIVE = ("a professional photograph of a red fox sitting in a snowy birch forest at golden hour, "
@@ -36,10 +36,12 @@ OUTPUTS = {
     "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveImage": [],
     "PreviewAny": [],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "SD35FP8CompareImages": [("heatmap", "IMAGE"), ("report", "STRING")],
 }
 LINK_INPUT_TYPES = {"model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
                     "negative": "CONDITIONING", "latent_image": "LATENT", "samples": "LATENT",
-                    "images": "IMAGE", "source": "*"}
+                    "images": "IMAGE", "source": "*", "image_a": "IMAGE", "image_b": "IMAGE"}
 # widgets fed by a link (Calibrate's settings outputs): one set of values for calibration and sampling
 WIDGET_INPUT_TYPES = {"steps": "INT", "cfg": "FLOAT", "sampler_name": "COMBO", "scheduler": "COMBO", "width": "INT",
                       "height": "INT"}
@@ -62,7 +64,7 @@ REPOS = {"sd3.5_large.safetensors": "stable-diffusion-3.5-large",
 
 
 def model_links(cls: str, inputs: dict) -> list[dict]:
-    if cls == "SD35FP8CheckpointLoader":
+    if cls in ("SD35FP8CheckpointLoader", "CheckpointLoaderSimple"):
         name = inputs["ckpt_name"]
         return [{"name": name, "url": f"{HF}/{REPOS[name]}/resolve/main/{name}", "directory": "checkpoints"}]
     if cls == "TripleCLIPLoader":
@@ -106,6 +108,31 @@ def spec(variant: str, width: int = 1024, height: int = 1024, batch: int = 4, se
     return nodes, title
 
 
+SAVE_WIDGETS = ["filename_prefix"]
+
+
+def compare_spec(variant: str = "sd35_large", size: int = 1024, seed: int = 42):
+    """One seed through stock ComfyUI in BF16 (CheckpointLoaderSimple of the same file) and through the pack, and
+    the A/B compare node on the two images: what FP8 changes, on the user's own model."""
+    nodes, title = spec(variant, size, size, batch=1, seed=seed)
+    nodes = [n for n in nodes if n[0] != 10]
+    ckpt = VARIANTS[variant][0]
+    sampler = next(n for n in nodes if n[0] == 8)
+    stock_inputs = dict(sampler[2], model=(11, 0))
+    nodes += [
+        (11, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, ["ckpt_name"], 0),
+        (12, "KSampler", stock_inputs, sampler[3], 3),
+        (13, "VAEDecode", {"samples": (12, 0), "vae": (1, 2)}, [], 4),
+        (14, "SD35FP8CompareImages", {"image_a": (13, 0), "image_b": (9, 0), "heatmap_scale": 0.0},
+         ["heatmap_scale"], 4),
+        (15, "SaveImage", {"images": (13, 0), "filename_prefix": "sd35_fp8/compare/stock_bf16"}, SAVE_WIDGETS, 5),
+        (16, "SaveImage", {"images": (9, 0), "filename_prefix": "sd35_fp8/compare/fp8"}, SAVE_WIDGETS, 5),
+        (17, "SaveImage", {"images": (14, 0), "filename_prefix": "sd35_fp8/compare/difference"}, SAVE_WIDGETS, 6),
+        (18, "PreviewAny", {"source": (14, 1)}, [], 6),
+    ]
+    return nodes, f"{title}: stock BF16 vs FP8 (calibrated), one seed at {size}x{size}"
+
+
 def default_prompts() -> str:
     # the node's default calibration prompt set (the same file the node reads)
     with open(os.path.join(REPO, "nodes", "calibration_prompts.txt"), encoding="utf-8") as f:
@@ -126,7 +153,7 @@ def to_api(nodes) -> dict:
 
 
 MULTILINE = {("SD35FP8Calibrate", "prompts"), ("CLIPTextEncode", "text")}
-COLUMN_X = (40, 470, 960, 1390, 1820)
+COLUMN_X = (40, 470, 960, 1390, 1820, 2250, 2740)
 WIDE = {"SD35FP8Calibrate": 440, "CLIPTextEncode": 440, "SaveImage": 440, "KSampler": 380}
 TITLE, GAP = 30, 40  # the frontend draws the title bar above a node's pos
 
@@ -199,7 +226,7 @@ def to_ui(nodes, title: str) -> dict:
                          "widgets_values": wv})
     return {"last_node_id": max(n[0] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {},
-            "extra": {"sd35fp8": {"title": f"{title} FP8 (calibrated), 1024x1024 batch 4"}}, "version": 0.4}
+            "extra": {"sd35fp8": {"title": title}}, "version": 0.4}
 
 
 def render() -> dict[str, str]:
@@ -208,7 +235,11 @@ def render() -> dict[str, str]:
         nodes, title = spec(variant)
         # API format in a subfolder: ComfyUI offers */workflows/*.json (not recursive) as UI templates
         files[f"api/{variant}_fp8_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
-        files[TEMPLATES[variant.removeprefix("sd35_")] + ".json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
+        ui = to_ui(nodes, f"{title} FP8 (calibrated), 1024x1024 batch 4")
+        files[TEMPLATES[variant.removeprefix("sd35_")] + ".json"] = json.dumps(ui, indent=2) + "\n"
+    nodes, title = compare_spec()
+    files[f"api/{TOOLS['compare']}_api.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
+    files[TEMPLATES["compare"] + ".json"] = json.dumps(to_ui(nodes, title), indent=2) + "\n"
     return files
 
 

@@ -2,13 +2,15 @@
 """The main job: start a real ComfyUI with this pack and generate a batch through a bundled workflow
 via ``POST /prompt``.
 
-    scripts/run_batch.py                                   # tiny embedded SD3.5 model, CPU is fine
+    scripts/run_batch.py                                   # the embedded demo model, CPU is fine
     scripts/run_batch.py --ckpt /models/sd3.5_large.safetensors --text-encoders /models/text_encoders
 
-Without ``--ckpt`` it builds the tiny random-weight SD3.5 model (official layout, 2 joint blocks) and,
-as full-size text encoders cannot be embedded, swaps the workflow's TripleCLIPLoader for a CLIPLoader
-on a random CLIP-L (type sd3). Everything else in the graph runs as bundled: loader -> calibrate ->
-autocast -> KSampler -> VAEDecode -> SaveImage. Prints where the images are.
+Without ``--ckpt`` it runs the embedded demo model (``demo/sd3.5_demo.safetensors``: an SD3.5 Large-layout MMDiT
+and a TAESD-layout VAE trained by ``scripts/train_demo.py`` to draw simple scenes such as "a red circle top left,
+white background" at 128x128) and, as full-size text encoders cannot be embedded, swaps the workflow's
+TripleCLIPLoader for a CLIPLoader on the random CLIP-L the demo model was trained with (type sd3). Everything else
+in the graph runs as bundled: loader -> calibrate -> autocast -> KSampler -> VAEDecode -> SaveImage. Prints where
+the images are.
 """
 from __future__ import annotations
 
@@ -25,6 +27,17 @@ from comfy_harness import REPO, ComfyServer  # noqa: E402
 
 TINY_CKPT = "tiny_sd3.5_large.safetensors"
 TINY_CLIP = "tiny_clip_l.safetensors"
+DEMO_CKPT = "sd3.5_demo.safetensors"  # the embedded default: a small SD3.5-layout model trained by the project
+DEMO_PATH = os.path.join(REPO, "demo", DEMO_CKPT)
+DEMO_PROMPT = "a red circle top left, white background"
+DEMO_SIZE, DEMO_STEPS = 128, 20
+
+
+def demo_calibration_prompts(n: int = 6) -> list[str]:
+    """Calibration prompts for the demo model: some of its training scenes (never the held-out ones)."""
+    import demo_scenes
+    train, _ = demo_scenes.split()
+    return [demo_scenes.prompt_of(*s) for s in train[::len(train) // n][:n]]
 
 
 def load_workflow(path: str) -> dict:
@@ -40,12 +53,22 @@ def nodes_of(wf: dict, cls: str) -> list[str]:
 
 
 def adapt(wf: dict, ckpt_name: str | None = None, tiny_clip: str | None = None, width=None, height=None,
-          batch=None, steps=None, calib_prompts: int | None = None, seed=None, prefix=None) -> dict:
-    """Return a copy of an API workflow with model files and sizes replaced."""
+          batch=None, steps=None, calib_prompts: int | None = None, seed=None, prefix=None, prompt=None,
+          calib_text: list[str] | None = None) -> dict:
+    """Return a copy of an API workflow with model files, sizes and (``prompt``: the KSamplers' positive text,
+    ``calib_text``: Calibrate's prompts) texts replaced."""
     wf = copy.deepcopy(wf)
-    for k in nodes_of(wf, "SD35FP8CheckpointLoader"):
+    for k in nodes_of(wf, "SD35FP8CheckpointLoader") + nodes_of(wf, "CheckpointLoaderSimple"):
         if ckpt_name:
             wf[k]["inputs"]["ckpt_name"] = ckpt_name
+    if prompt is not None:
+        for k in nodes_of(wf, "KSampler"):
+            src = wf[k]["inputs"]["positive"][0]
+            if wf[src]["class_type"] == "CLIPTextEncode":
+                wf[src]["inputs"]["text"] = prompt
+    if calib_text:
+        for k in nodes_of(wf, "SD35FP8Calibrate"):
+            wf[k]["inputs"]["prompts"] = "\n".join(calib_text)
     if tiny_clip:
         for k in nodes_of(wf, "TripleCLIPLoader"):
             wf[k] = {"class_type": "CLIPLoader", "inputs": {"clip_name": tiny_clip, "type": "sd3"}}
@@ -75,6 +98,33 @@ def make_tiny_models(models_dir: str) -> None:
     if not os.path.exists(ck):
         tiny_sd35.write_checkpoint(ck, depth=2, variant="large")
     tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
+
+
+def make_demo_models(models_dir: str) -> str:
+    """The embedded demo model (``demo/``, trained by ``scripts/train_demo.py``) and the random CLIP-L it was
+    trained with, linked into ``models_dir``; the CLIP-L this torch generates must be the training one (its sha256
+    is in the checkpoint), else the prompts would be noise to the model. Returns the checkpoint's path."""
+    import tiny_sd35
+    from safetensors import safe_open
+    from train_demo import sha256
+    if not os.path.isfile(DEMO_PATH):
+        raise SystemExit(f"{DEMO_PATH} is missing: check out the repository with its demo/ folder, or train it "
+                         "with scripts/train_demo.py")
+    ck = os.path.join(models_dir, "checkpoints", DEMO_CKPT)
+    os.makedirs(os.path.dirname(ck), exist_ok=True)
+    if os.path.realpath(ck) != os.path.realpath(DEMO_PATH):
+        if os.path.lexists(ck):
+            os.remove(ck)
+        os.symlink(DEMO_PATH, ck)
+    clip = tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
+    with safe_open(DEMO_PATH, "pt") as f:
+        want = (f.metadata() or {}).get("sd35fp8.demo.clip_l_sha256")
+    got = sha256(clip)
+    if want and got != want:
+        raise SystemExit(f"{clip}: this CLIP-L (sha256 {got[:16]}) is not the one the demo model was trained with "
+                         f"({want[:16]}): delete it to have it written again; if it comes out the same, this torch "
+                         "draws different random numbers: retrain with scripts/train_demo.py")
+    return ck
 
 
 def tiny_batch(tmp: str, n_items: int, size: int, steps: int) -> tuple[str, str, str]:
@@ -120,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--calib-prompts", type=int, help="use only the first N calibration prompts")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--prompt", help="the positive prompt (default: the workflow's; on the demo model "
+                                     f"{DEMO_PROMPT!r}: shapes, colours, positions as in scripts/demo_scenes.py)")
     ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu unless CUDA)")
     ap.add_argument("--port", type=int, help="the port of the started ComfyUI (default: a free one)")
     a = ap.parse_args(argv)
@@ -134,22 +186,17 @@ def main(argv=None) -> int:
                       steps=a.steps, calib_prompts=a.calib_prompts, seed=a.seed)
         what = os.path.basename(a.ckpt)
     else:
-        print("[run] no --ckpt: building the tiny random-weight SD3.5 model (TripleCLIPLoader -> random CLIP-L)")
-        make_tiny_models(models)
-        graph = adapt(wf, ckpt_name=TINY_CKPT, tiny_clip=TINY_CLIP, width=a.width, height=a.height,
-                      batch=a.batch, steps=a.steps, calib_prompts=a.calib_prompts, seed=a.seed)
-        what = "tiny SD3.5 model (random weights: the images are noise patterns, not pictures)"
+        print("[run] no --ckpt: the embedded demo model (trained by this project on simple shapes, 128x128; "
+              "TripleCLIPLoader -> its random CLIP-L)")
+        make_demo_models(models)
+        graph = adapt(wf, ckpt_name=DEMO_CKPT, tiny_clip=TINY_CLIP, width=a.width or DEMO_SIZE,
+                      height=a.height or DEMO_SIZE, batch=a.batch, steps=a.steps or DEMO_STEPS,
+                      calib_prompts=a.calib_prompts, seed=a.seed, prompt=a.prompt or DEMO_PROMPT,
+                      calib_text=demo_calibration_prompts())
+        what = f"the demo model, prompt {a.prompt or DEMO_PROMPT!r}"
     import torch
     on_gpu = a.gpu or torch.cuda.is_available()
     dev = [] if on_gpu else ["--cpu"]
-    if not a.ckpt and not on_gpu:
-        # 1024x1024 x 28 steps x 8 calibration prompts is ~15 min on a 2-core CPU even for the tiny
-        # MMDiT; keep the graph but shrink the work unless the user asked for sizes explicitly.
-        small = dict(width=a.width or 256, height=a.height or 256, steps=a.steps or 8,
-                     calib_prompts=a.calib_prompts or 2)
-        graph = adapt(graph, **small)
-        print("[run] CPU + tiny model: {width}x{height}, {steps} steps, {calib_prompts} calibration prompts "
-              "(pass --width/--height/--steps/--calib-prompts to change)".format(**small))
     t0 = time.time()
     with ComfyServer(models, workdir=work, device_args=dev, port=a.port) as srv:
         print(f"[run] ComfyUI up at {srv.base} (log: {srv.log_path}); queueing {os.path.basename(a.workflow)} "

@@ -334,29 +334,19 @@ def quality_flags(img) -> dict:
     return {"flags": flags, "mean": round(mean, 2), "std": round(std, 2), "clipped": round(clipped, 4)}
 
 
-def psnr(a, b) -> float:
+def image_metrics(pairs) -> tuple[list[float], list[float]]:
+    """(PSNR, SSIM) of each (PIL image, PIL image) pair, by the library's metrics (torch: reference runs only)."""
     import numpy as np
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    import torch
+    from sd35fp8.core import fidelity
 
-
-def ssim(a, b, win: int = 7) -> float:
-    """Mean SSIM of two uint8 RGB images (grey, uniform 7x7 window, the usual constants)."""
-    import numpy as np
-
-    def grey(x):
-        x = np.asarray(x, np.float64)
-        return x @ np.array([0.299, 0.587, 0.114]) if x.ndim == 3 else x
-
-    def box(x):
-        c = np.pad(x, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        return (c[win:, win:] - c[:-win, win:] - c[win:, :-win] + c[:-win, :-win]) / win ** 2
-    x, y = grey(a), grey(b)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = box(x), box(y)
-    vx, vy, cxy = box(x * x) - mx * mx, box(y * y) - my * my, box(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
+    def t(img):
+        return torch.from_numpy(np.asarray(img, np.float32) / 255.0)
+    ps, ss = [], []
+    for x, y in pairs:
+        ps += fidelity.psnr(t(x), t(y))
+        ss += fidelity.ssim(t(x), t(y))
+    return ps, ss
 
 
 def reference_graph(g: dict, m: dict) -> dict | None:
@@ -435,7 +425,7 @@ class Progress:
 
 
 def start_server(a):
-    """A ComfyUI with the pack, as scripts/run.sh starts one (the tiny model unless --ckpt)."""
+    """A ComfyUI with the pack, as scripts/run.sh starts one (the embedded demo model unless --ckpt)."""
     from comfy_harness import ComfyServer
     import run_batch
     models = os.path.join(REPO, ".cache", "models")
@@ -443,7 +433,7 @@ def start_server(a):
     os.makedirs(work, exist_ok=True)
     tiny = not a.ckpt
     if tiny:
-        run_batch.make_tiny_models(models)
+        run_batch.make_demo_models(models)
     else:
         run_batch.link_models(models, a.ckpt, a.text_encoders)
     import torch
@@ -456,9 +446,10 @@ def start_server(a):
 
 def tiny_workflow(wf: dict, m: dict, cpu: bool) -> dict:
     import run_batch
-    g = run_batch.adapt(wf, ckpt_name=run_batch.TINY_CKPT, tiny_clip=run_batch.TINY_CLIP)
+    g = run_batch.adapt(wf, ckpt_name=run_batch.DEMO_CKPT, tiny_clip=run_batch.TINY_CLIP, width=run_batch.DEMO_SIZE,
+                        height=run_batch.DEMO_SIZE, steps=run_batch.DEMO_STEPS,
+                        calib_text=run_batch.demo_calibration_prompts())
     if cpu:
-        g = run_batch.adapt(g, width=256, height=256, steps=8, calib_prompts=2)
         g[m["latent"]]["inputs"]["batch_size"] = 1
     return g
 
@@ -880,12 +871,9 @@ def reference_check(srv: Server, g: dict, m: dict, it: dict, files: list[str], o
         return {"error": f"reference refused: {e.details()}"}
     if entry.get("status", {}).get("status_str") != "success":
         return {"error": f"the BF16 reference render failed: {error_of(entry)}"}
-    ps, ss = [], []
-    for img, f in zip(saved_images(entry, m), files):
-        a = Image.open(io.BytesIO(srv.image(img))).convert("RGB")
-        b = Image.open(os.path.join(out, f)).convert("RGB")
-        ps.append(psnr(a, b))
-        ss.append(ssim(a, b))
+    ps, ss = image_metrics([(Image.open(io.BytesIO(srv.image(img))).convert("RGB"),
+                             Image.open(os.path.join(out, f)).convert("RGB"))
+                            for img, f in zip(saved_images(entry, m), files)])
     return {"psnr": round(min(ps), 2), "ssim": round(min(ss), 4)} if ps else {"error": "no reference image"}
 
 

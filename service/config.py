@@ -16,7 +16,10 @@ BUNDLED = {"large": "sd35_large_fp8", "large_turbo": "sd35_large_turbo_fp8", "me
 # description), so the name says what the workflow does
 TEMPLATES = {"large": "SD3.5 Large FP8 (28 steps, 1024px, batch of 4)",
              "large_turbo": "SD3.5 Large Turbo FP8 (4 steps, 1024px, batch of 4)",
-             "medium": "SD3.5 Medium FP8 (40 steps, 1024px, batch of 4)"}
+             "medium": "SD3.5 Medium FP8 (40 steps, 1024px, batch of 4)",
+             "compare": "SD3.5 Large - stock BF16 vs FP8, one seed (A-B compare)"}
+# bundled workflows that are tools, not production graphs (not offered to the batch client and the service)
+TOOLS = {"compare": "sd35_large_compare"}
 
 
 def bundled_ui_path(name: str) -> str:

@@ -361,13 +361,25 @@ def test_container_entrypoint_finishes_the_job_on_sigterm_then_stops_comfyui(clu
             assert ep.poll() is None, open(tmp_path / "ep.log").read()[-3000:]
             return any(w.name == "ep" for w in Worker.all(connection=cluster.conn))
         wait_for(registered, 300, "ep registered")
+        # registered is not ready: the worker takes jobs once its ComfyUI has loaded and warmed up
+        wait_for(lambda: registered() and "is ready: taking jobs" in open(tmp_path / "ep.log").read(), 300,
+                 "ep's ComfyUI ready")
         cl = Cluster(cluster.redis.url)
         wf = json.load(open(cluster.wf_path))
         for v in wf.values():
             if v["class_type"] == "KSampler":
                 v["inputs"]["steps"] = 40
-        jobs = [cl.submit(f"t-ep-{i}-{time.time_ns()}", wf, {}, retries=1) for i in range(4)]
-        wait_for(lambda: busy_job(cluster, "ep") in {j.id for j in jobs}, 300, "ep runs a job")
+        jobs, last = [], [0.0]
+
+        def ep_busy():
+            # the other workers take jobs too: one more job every 2 s until ep runs one of them
+            if busy_job(cluster, "ep") in {j.id for j in jobs}:
+                return True
+            if len(jobs) < 12 and time.time() - last[0] > 2:
+                last[0] = time.time()
+                jobs.append(cl.submit(f"t-ep-{len(jobs)}-{time.time_ns()}", wf, {}, retries=1))
+            return False
+        wait_for(ep_busy, 300, "ep runs a job")
         mine = busy_job(cluster, "ep")
         ep.send_signal(signal.SIGTERM)  # to the entry point only, as docker stop does to PID 1
         assert ep.wait(300) == 0, open(tmp_path / "ep.log").read()[-3000:]

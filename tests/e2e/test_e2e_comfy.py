@@ -145,17 +145,20 @@ def test_object_info_lists_the_nodes_with_stable_inputs(object_info):
 
 def test_bundled_workflows_validate_against_object_info(object_info):
     files = sorted(glob.glob(os.path.join(WF_DIR, "*.json")) + glob.glob(os.path.join(WF_DIR, "api", "*.json")))
-    assert len(files) == 6
+    assert len(files) == 8
     for f in files:
         wf = json.load(open(f))
         errs = validate_api(wf, object_info) if f.endswith("_api.json") else validate_ui(wf, object_info)
         assert errs == [], f"{os.path.basename(f)}: {errs}"
+        compare = "compare" in os.path.basename(f)
         if not f.endswith("_api.json"):
             assert {n["type"] for n in wf["nodes"]} >= {"SD35FP8CheckpointLoader", "SD35FP8Calibrate",
                                                          "SD35FP8Autocast", "TripleCLIPLoader", "SaveImage"}
+            if compare:
+                assert {n["type"] for n in wf["nodes"]} >= {"CheckpointLoaderSimple", "SD35FP8CompareImages"}
         else:
             lat = next(v for v in inline_settings(wf).values() if v["class_type"] == "EmptySD3LatentImage")["inputs"]
-            assert (lat["width"], lat["height"], lat["batch_size"]) == (1024, 1024, 4)
+            assert (lat["width"], lat["height"], lat["batch_size"]) == (1024, 1024, 1 if compare else 4)
 
 
 def test_only_ui_workflows_are_offered_as_templates(server):

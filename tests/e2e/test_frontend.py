@@ -15,7 +15,7 @@ import pytest
 import tiny_sd35
 from comfy_harness import REPO, ComfyServer
 
-from service.config import BUNDLED, TEMPLATES, bundled_ui_path
+from service.config import BUNDLED, TEMPLATES, TOOLS, bundled_ui_path
 
 PW = os.path.join(REPO, ".cache", "node", "node_modules", "playwright-core")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.skipif(
     not (shutil.which("node") and os.path.isdir(PW) and os.path.exists(CHROMIUM)),
     reason="needs node, chromium and playwright-core (run scripts/setup_env.sh --browser)")]
 
-WORKFLOWS = list(BUNDLED)  # large, large_turbo, medium
+WORKFLOWS = list(BUNDLED) + list(TOOLS)  # large, large_turbo, medium; compare
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,11 @@ def test_ui_workflow_loads_in_the_real_frontend(server, name, tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["errors"] == [] and r["missing"] == []
     ui = json.load(open(bundled_ui_path(name)))
-    assert len(r["nodes"]) == len(ui["nodes"]) == 10 and not any(n["has_errors"] for n in r["nodes"])
+    assert len(r["nodes"]) == len(ui["nodes"]) == (10 if name in BUNDLED else 17)
+    assert not any(n["has_errors"] for n in r["nodes"])
     cal = next(n for n in r["nodes"] if n["type"] == "SD35FP8Calibrate")
     assert "control_after_generate" not in cal["widgets"]  # calibration seed is never randomized
-    api = json.load(open(os.path.join(REPO, "workflows", "api", f"{BUNDLED[name]}_api.json")))
+    api = json.load(open(os.path.join(REPO, "workflows", "api", f"{({**BUNDLED, **TOOLS})[name]}_api.json")))
     got = r["prompt"]
     assert set(got) == set(api)
     for nid, node in api.items():

@@ -10,7 +10,7 @@ from comfy_harness import PACK_NAME, ComfyServer
 
 pytestmark = pytest.mark.comfy
 NODES = ("SD35FP8CheckpointLoader", "SD35FP8Calibrate", "SD35FP8Autocast", "SD35FP8SaveCheckpoint",
-         "SD35FP8PromptBatch")
+         "SD35FP8PromptBatch", "SD35FP8CompareImages")
 
 
 @pytest.fixture(scope="module")
