@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", help="comma separated attention choices (default: auto; auto,fp8 with --gpu)")
     ap.add_argument("--gpu", action="store_true", help="run ComfyUI on the GPU (default: --cpu)")
     ap.add_argument("--out", default=os.path.join(REPO, "output", "fidelity"))
+    ap.add_argument("--record", help="also write a bench/results record (machine, torch, ComfyUI, date, commit, "
+                                     "command) with the table to this path")
     a = ap.parse_args(argv)
 
     models = os.path.join(REPO, ".cache", "models")
@@ -310,6 +312,18 @@ def write_reports(a, table, verdicts, results, prompts, seeds, lp_note, demo) ->
             results["stock BF16"]["runs"][i]["prompt"] for i in rows) + "\n")
     print("\n".join(lines))
     print(f"[fidelity] wrote {a.out}/report.md, report.json, grid.png")
+    if a.record:
+        sys.path.insert(0, os.path.join(REPO, "bench"))
+        from common import write_cpu_record
+        setup = (f"{'the demo model' if demo else a.ckpt_name}, {len(prompts)} prompts x seeds "
+                 f"{','.join(map(str, seeds))}, {a.size}x{a.size}, {a.steps} steps, cfg {a.cfg}; {lp_note}")
+        body = lines[lines.index(next(x for x in lines if x.startswith("| configuration"))):]
+        if a.gpu:
+            import torch
+            body = [f"- GPU: {torch.cuda.get_device_name(0)} (the table's runs; the header's machine line is the "
+                    "host's)", ""] + body
+        write_cpu_record("Fidelity protocol: stock ComfyUI BF16 vs stock FP8 vs the pack", "scripts/fidelity.py",
+                         "", setup, body, a.record)
 
 
 if __name__ == "__main__":

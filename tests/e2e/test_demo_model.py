@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import demo_scenes
 import tiny_sd35
-from comfy_harness import REPO, ComfyServer, comfy_python
+from comfy_harness import REPO, ComfyError, ComfyServer, comfy_python
 from run_batch import (DEMO_CKPT, DEMO_PATH, DEMO_PROMPT, DEMO_SIZE, DEMO_STEPS, TINY_CLIP, adapt,
                        demo_calibration_prompts, load_workflow, make_demo_models)
 from train_demo import sha256
@@ -89,10 +89,9 @@ def test_compare_node_names_a_size_mismatch(server):
     ks = next(k for k, v in g.items() if v["class_type"] == "KSampler" and v["inputs"]["model"][0] != "4")
     g["99"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     g[ks]["inputs"]["latent_image"] = ["99", 0]
-    entry = server.wait(server.queue(g))
-    assert entry["status"]["status_str"] == "error"
-    err = json.dumps(entry["status"]["messages"])
-    assert "SD35FP8CompareImages: the images differ in size: (64, 64) vs (128, 128)" in err
+    with pytest.raises(ComfyError, match=r"SD35FP8CompareImages: the images differ in size: \(64, 64\) vs "
+                                         r"\(128, 128\) \(compare images rendered at the same width and height\)"):
+        server.wait(server.queue(g))
     assert server.get("/system_stats")  # the server keeps serving
 
 
