@@ -102,11 +102,11 @@ def make_tiny_models(models_dir: str) -> None:
 
 def make_demo_models(models_dir: str) -> str:
     """The embedded demo model (``demo/``, trained by ``scripts/train_demo.py``) and the random CLIP-L it was
-    trained with, linked into ``models_dir``; the CLIP-L this torch generates must be the training one (its sha256
-    is in the checkpoint), else the prompts would be noise to the model. Returns the checkpoint's path."""
+    trained with, linked into ``models_dir``; the CLIP-L this torch generates must be the training one (a hash of its
+    tensors is in the checkpoint), else the prompts would be noise to the model. Returns the checkpoint's path."""
     import tiny_sd35
     from safetensors import safe_open
-    from train_demo import sha256
+    from train_demo import tensors_sha256
     if not os.path.isfile(DEMO_PATH):
         raise SystemExit(f"{DEMO_PATH} is missing: check out the repository with its demo/ folder, or train it "
                          "with scripts/train_demo.py")
@@ -116,10 +116,17 @@ def make_demo_models(models_dir: str) -> str:
         if os.path.lexists(ck):
             os.remove(ck)
         os.symlink(DEMO_PATH, ck)
-    clip = tiny_sd35.write_clip_l(os.path.join(models_dir, "text_encoders", TINY_CLIP))
+    # the CLIP-L is 250 MB: written once per checkout, linked into other model folders (the tests')
+    clip = tiny_sd35.write_clip_l(os.path.join(REPO, ".cache", "models", "text_encoders", TINY_CLIP))
+    link = os.path.join(models_dir, "text_encoders", TINY_CLIP)
+    if os.path.realpath(link) != os.path.realpath(clip):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(clip, link)
     with safe_open(DEMO_PATH, "pt") as f:
-        want = (f.metadata() or {}).get("sd35fp8.demo.clip_l_sha256")
-    got = sha256(clip)
+        want = (f.metadata() or {}).get("sd35fp8.demo.clip_l_tensors_sha256")
+    got = tensors_sha256(clip)
     if want and got != want:
         raise SystemExit(f"{clip}: this CLIP-L (sha256 {got[:16]}) is not the one the demo model was trained with "
                          f"({want[:16]}): delete it to have it written again; if it comes out the same, this torch "

@@ -7,13 +7,14 @@ draw the simple scenes of ``demo_scenes.py`` ("a red circle top left, white back
 
 Everything runs through ComfyUI's own code, so the model is what ComfyUI loads:
   1. the text conditioning comes from ComfyUI's SD3 text path (CLIPLoader type sd3) on the random CLIP-L of
-     ``tiny_sd35.clip_l_state_dict`` (its file's sha256 is written into the checkpoint: a torch whose random
+     ``tiny_sd35.clip_l_state_dict`` (a hash of its tensors is written into the checkpoint: a torch whose random
      generator drew a different CLIP-L is caught, not silently used);
   2. the VAE is ComfyUI's TAESD module (encoder + decoder trained on 64x64 crops of rendered scenes);
   3. the MMDiT is ComfyUI's ``OpenAISignatureMMDITWrapper`` with the config ComfyUI detects from the SD3.5 Large
      key layout (3 joint blocks, hidden 192, qk RMSNorm), trained with the rectified-flow objective ComfyUI's
      SD3 sampling assumes (x_t = (1-s) x0 + s n, the model predicts n - x0, timestep = 1000 s, shift 3).
-Deterministic: fixed seeds, 2 threads, deterministic algorithms; the same machine gives the same bytes.
+Deterministic: fixed seeds, 2 threads, deterministic algorithms; the same machine gives the same tensors and metadata
+(the file's bytes may differ: safetensors writes the header's metadata in no fixed order).
 """
 from __future__ import annotations
 
@@ -49,11 +50,17 @@ def comfy_import(comfy_dir: str):
     sys.argv = saved
 
 
-def sha256(path: str) -> str:
+def tensors_sha256(path: str) -> str:
+    """A hash of a safetensors file's tensors (names, dtypes, shapes, bytes in name order), not of its bytes: the same
+    weights written by another safetensors version hash the same."""
+    import torch
+    from safetensors import safe_open
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
+    with safe_open(path, "pt") as f:
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k).contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -301,14 +308,14 @@ def main(argv=None) -> int:
     meta = {"modelspec.title": "SD3.5-layout demo model (simple shapes, 128x128), trained by sd35-fp8",
             "modelspec.description": "a coloured shape at a position on a plain background: "
                                      + demo_scenes.prompt_of("red", "circle", "top left", "white"),
-            "sd35fp8.demo": "1", "sd35fp8.demo.clip_l_sha256": sha256(a.clip),
+            "sd35fp8.demo": "1", "sd35fp8.demo.clip_l_tensors_sha256": tensors_sha256(a.clip),
             "sd35fp8.demo.train": f"vae_steps={a.vae_steps} images={a.images} steps={a.steps} batch={a.batch} "
                                   f"seed={a.seed} torch={torch.__version__}"}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     tmp = a.out + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, a.out)
-    log(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.1f} MB, sha256 {sha256(a.out)[:16]}) in "
+    log(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.1f} MB, tensors sha256 {tensors_sha256(a.out)[:16]}) in "
         f"{time.time() - t_start:.0f} s")
     return 0
 

@@ -401,13 +401,14 @@ def test_interrupted_client_resumes_without_rendering_twice(cluster, tmp_path):
     ensure_workers(cluster)
     out = tmp_path / "out"
     items = items_file(tmp_path / "items.txt", 12, "yellow")
-    p = client(cluster, items, out)
+    wf = slower(cluster, tmp_path, 16)  # seconds per job: the interrupt lands before the last items are done
+    p = client(cluster, items, out, workflow=wf)
     wait_for(lambda: len(manifest(out)) >= 2, 600, "2 items done")
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130 and "run the same command again" in stderr
+    assert p.returncode == 130 and "run the same command again" in stderr, stderr[-2000:]
     first = len(manifest(out))
-    p = client(cluster, items, out)
+    p = client(cluster, items, out, workflow=wf)
     _, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
     recs = manifest(out)

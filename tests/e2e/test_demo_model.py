@@ -14,7 +14,7 @@ import tiny_sd35
 from comfy_harness import REPO, ComfyError, ComfyServer, comfy_python
 from run_batch import (DEMO_CKPT, DEMO_PATH, DEMO_PROMPT, DEMO_SIZE, DEMO_STEPS, TINY_CLIP, adapt,
                        demo_calibration_prompts, load_workflow, make_demo_models)
-from train_demo import sha256
+from train_demo import tensors_sha256
 
 pytestmark = pytest.mark.comfy
 WF = os.path.join(REPO, "workflows", "api")
@@ -46,7 +46,7 @@ def test_the_committed_model_is_small_and_names_its_text_encoder():
     # the random CLIP-L this torch draws is the one the model was trained with
     clip = os.path.join(REPO, ".cache", "test-models", TINY_CLIP)
     tiny_sd35.write_clip_l(clip)
-    assert sha256(clip) == meta["sd35fp8.demo.clip_l_sha256"]
+    assert tensors_sha256(clip) == meta["sd35fp8.demo.clip_l_tensors_sha256"]
 
 
 def test_held_out_prompts_are_followed_through_the_bundled_workflow(server):
@@ -114,14 +114,30 @@ def test_fidelity_protocol_writes_its_report_and_grid(tmp_path):
 
 
 def test_training_is_deterministic(tmp_path):
-    """Two short runs of the training script give the same bytes (the committed model is one long run of it)."""
+    """Two short runs of the training script give the same weights and metadata (the committed model is one long run
+    of it). Not the same file bytes: safetensors writes its header's metadata in no fixed order."""
     outs = []
     for i in range(2):
         out = tmp_path / f"q{i}.safetensors"
         p = subprocess.run([comfy_python(), os.path.join(REPO, "scripts", "train_demo.py"),
                             "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
-        outs.append(sha256(str(out)))
+        with safe_open(str(out), "pt") as f:
+            outs.append((tensors_sha256(str(out)), f.metadata()))
     assert outs[0] == outs[1]
-    with safe_open(str(tmp_path / "q0.safetensors"), "pt") as f:
-        assert f.metadata()["sd35fp8.demo.train"].startswith("vae_steps=")
+    assert outs[0][1]["sd35fp8.demo.train"].startswith("vae_steps=")
+
+
+def test_the_main_job_draws_what_its_prompt_says(tmp_path):
+    """scripts/run_batch.py (what scripts/run.sh runs) with no model given: the demo model, the bundled workflow, a
+    batch of 4 through POST /prompt; every image shows the prompt's colour at the prompt's position."""
+    prompt = "a green triangle bottom right, black background"
+    out = tmp_path / "out"
+    p = subprocess.run([comfy_python(), os.path.join(REPO, "scripts", "run_batch.py"), "--prompt", prompt,
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 4, p.stdout[-2000:]
+    for f in files:
+        j = demo_scenes.judge(np.asarray(Image.open(f).convert("RGB")), prompt)
+        assert j["colour_ok"] and j["position_ok"], (f.name, j)
