@@ -1,4 +1,4 @@
-"""The batch client (scripts/sd35_batch.py) against a real ComfyUI server with the pack and the demo model: a
+"""The batch client (scripts/sd35_batch.py) against a real ComfyUI server with the pack and the tiny model: a
 20-item CSV, resume after the client is killed, bad input refused before anything is queued, quality flags on a
 planted black image, the PNG metadata read back."""
 import json
@@ -11,8 +11,9 @@ import time
 import pytest
 from PIL import Image
 
+import tiny_sd35
 from comfy_harness import REPO, ComfyServer
-from run_batch import DEMO_CKPT, TINY_CLIP, adapt, load_workflow, make_demo_models
+from run_batch import TINY_CKPT, TINY_CLIP, adapt, load_workflow
 
 from service.config import bundled_ui_path
 from sd35_batch import Server, auto_per_call, derive_seed
@@ -25,7 +26,11 @@ UI = bundled_ui_path("large")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("models"))
-    make_demo_models(d)  # the embedded demo model and its CLIP-L
+    tiny_sd35.write_checkpoint(os.path.join(d, "checkpoints", TINY_CKPT), variant="large", seed=0)
+    cache = os.path.join(REPO, ".cache", "test-models", TINY_CLIP)  # the random CLIP-L: once per machine
+    tiny_sd35.write_clip_l(cache)
+    os.makedirs(os.path.join(d, "text_encoders"), exist_ok=True)
+    os.symlink(cache, os.path.join(d, "text_encoders", TINY_CLIP))
     srv = ComfyServer(d, workdir=str(tmp_path_factory.mktemp("comfy")))
     srv.start()
     yield srv
@@ -34,8 +39,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory):
-    """The bundled Large workflow on the demo model (CLIPLoader on its random CLIP-L), small and fast."""
-    wf = adapt(load_workflow(os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json")), ckpt_name=DEMO_CKPT,
+    """The bundled Large workflow on the tiny model (CLIPLoader on the random CLIP-L), small and fast."""
+    wf = adapt(load_workflow(os.path.join(REPO, "workflows", "api", "sd35_large_fp8_api.json")), ckpt_name=TINY_CKPT,
                tiny_clip=TINY_CLIP, width=128, height=128, batch=1, steps=3, calib_prompts=2)
     p = str(tmp_path_factory.mktemp("wf") / "tiny_api.json")
     with open(p, "w") as f:
@@ -190,7 +195,7 @@ def test_pngs_carry_the_prompt_the_ui_workflow_and_the_fp8_information(server, w
         assert ui_nodes["KSampler"]["widgets_values"][0] == rec["seed"]
         assert rec["prompt"] in [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CLIPTextEncode"]
         assert "links" in ui and len(ui["nodes"]) == 10  # the graph as laid out, for the editor
-        assert info["model"] == DEMO_CKPT and info["weight_scaling"] == "fastest"
+        assert info["model"] == TINY_CKPT and info["weight_scaling"] == "fastest"
         assert info["calibration"]["prompts"] == 2 and len(info["calibration"]["id"]) == 16
     assert "blurry" in [v["inputs"]["text"] for v in json.loads(Image.open(out / "tri_1.png").info["prompt"]).values()
                         if v["class_type"] == "CLIPTextEncode"]
