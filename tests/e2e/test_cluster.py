@@ -150,7 +150,9 @@ def client(cl, items, out, *args, workflow=None):
     return subprocess.Popen([sys.executable, CLIENT, str(items), "--queue", cl.redis.url, "--workflow",
                              workflow or cl.wf_path,
                              "--ui-workflow", bundled_ui_path("large"), "--out", str(out), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C reaches it also when the tests run in a background job (which ignores SIGINT)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def manifest(out):
