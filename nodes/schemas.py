@@ -62,6 +62,12 @@ def advanced(inp):
     return inp
 
 
+def text_ui(text: str):
+    """The node's text shown on it in the editor (ComfyUI's PreviewText where it exists, the plain dict before)."""
+    preview = getattr(ui, "PreviewText", None)
+    return preview(text) if preview else {"text": (text,)}
+
+
 def prompt_lines(prompts: str | None) -> list[str]:
     """The calibration prompts: one per non-empty line."""
     return [p.strip() for p in (prompts or "").splitlines() if p.strip()]
@@ -184,9 +190,7 @@ class SD35FP8Calibrate(io.ComfyNode):
             conditioning_id=calibration.clip_fingerprint(clip))
         # the report shows on the node itself: no separate preview output that ComfyUI would queue (and calibrate
         # for) when the sampling half of a graph is invalid
-        preview = getattr(ui, "PreviewText", None)
-        return io.NodeOutput(out, text, steps, cfg, sampler_name, scheduler, width, height,
-                             ui=preview(text) if preview else {"text": (text,)})
+        return io.NodeOutput(out, text, steps, cfg, sampler_name, scheduler, width, height, ui=text_ui(text))
 
 
 class SD35FP8Autocast(io.ComfyNode):
@@ -294,8 +298,7 @@ class SD35FP8SaveCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, model, filename, overwrite=False, clip=None, vae=None) -> io.NodeOutput:
         _, text = checkpoints.save_fp8_checkpoint(model, filename, overwrite=overwrite, clip=clip, vae=vae)
-        preview = getattr(ui, "PreviewText", None)
-        return io.NodeOutput(text, ui=preview(text) if preview else {"text": (text,)})
+        return io.NodeOutput(text, ui=text_ui(text))
 
 
 class SD35FP8PromptBatch(io.ComfyNode):
@@ -384,8 +387,7 @@ class SD35FP8CompareImages(io.ComfyNode):
             raise ValueError(f"SD35FP8CompareImages: {e}") from None
         text = "\n".join(res["lines"] + [f"heat map: white = a difference of {top * 255:.1f}/255"])
         log.info("SD35FP8CompareImages: %s", res["lines"][-1])
-        preview = getattr(ui, "PreviewText", None)
-        return io.NodeOutput(heat, text, ui=preview(text) if preview else {"text": (text,)})
+        return io.NodeOutput(heat, text, ui=text_ui(text))
 
 
 NODES = [SD35FP8CheckpointLoader, SD35FP8Calibrate, SD35FP8Autocast, SD35FP8SaveCheckpoint, SD35FP8PromptBatch,

@@ -323,7 +323,7 @@ def write_reports(a, table, verdicts, results, prompts, seeds, lp_note, demo) ->
         from common import write_cpu_record
         setup = (f"{'the demo model' if demo else a.ckpt_name}, {len(prompts)} prompts x seeds "
                  f"{','.join(map(str, seeds))}, {a.size}x{a.size}, {a.steps} steps, cfg {a.cfg}; {lp_note}")
-        body = lines[lines.index(next(x for x in lines if x.startswith("| configuration"))):]
+        body = lines[next(i for i, x in enumerate(lines) if x.startswith("| configuration")):]
         if a.gpu:
             import torch
             body = [f"- GPU: {torch.cuda.get_device_name(0)} (the table's runs; the header's machine line is the "
