@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import torch
+from safetensors import safe_open
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -18,12 +19,14 @@ import comfy.sample
 
 from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, describe_outliers, fp8_autocast,
                      fp8_layers, outlier_channels, report, weight_bytes)
+from sd35fp8.core.centering import GAIN, choose_centers, describe_centers, weight_correction
 from sd35fp8.runtime.static import clear_static
 from sd35fp8.runtime.te import set_te
 
 from . import metrics
 from . import state as st
-from .sampling import AUTOCAST_KEY, apply_runtime_options, check_finite, require_fp8_model, set_autocast
+from .sampling import (AUTOCAST_KEY, apply_runtime_options, check_finite, hp_source, require_fp8_model,
+                       set_autocast)
 
 log = logging.getLogger("sd35fp8")
 CALIBRATE_KEY = "sd35fp8_calibrate"
@@ -59,12 +62,13 @@ def check_prompt_count(n: int) -> None:
 
 def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_name: str, scheduler: str,
               width: int, height: int, seed: int, method: str = "max", percentile: float = 99.99,
-              progress=None, encode=None):
+              progress=None, encode=None, center: bool = True):
     """Sample every positive conditioning with ComfyUI's own sampler (all steps; cond and uncond
     batched as ComfyUI does), observe every FP8 layer's input, and return ``(calibrated MODEL clone,
     report)``. The input MODEL is left uncalibrated. With ``encode``, ``positives`` are prompts, each encoded just
     before it is sampled (nothing held for the whole list); ``progress(done, total)`` counts an encoding as one
-    step, from the first."""
+    step, from the first. ``center``: quantize input channels far off zero around their calibrated center
+    (massive activations: sd35fp8.core.centering; False only to measure without it)."""
     dm = require_fp8_model(model)
     check_prompt_count(len(positives))
     session = CalibrationSession(method, percentile)
@@ -101,6 +105,9 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
               # massive activations: the layers with input channels far above the rest (kept with the calibration)
               "outliers": [[n, round(med, 6), [[c, round(t, 1)] for c, t in chs]]
                            for n, med, chs in outlier_channels(session.channel_amax())[:32]]}
+    if center:  # the layers whose centered input's range is at least 2x smaller than the method's amax
+        record["centers"] = {n: e for n, e in choose_centers(session.channel_ranges()).items()
+                             if e["amax"] * GAIN <= amax.get(n, 0.0)}
     passes = "cond+uncond" if cfg != 1.0 else "cond only: ComfyUI skips uncond at cfg 1"
     how = (f"calibrated with method={method}" + (f" ({percentile}th percentile)" if method == "percentile" else "")
            + f" over {len(positives)} prompt(s) x {steps} steps ({sampler_name}/{scheduler}, cfg {cfg}, "
@@ -113,17 +120,53 @@ def calibrate(model, positives: list, negative, steps: int, cfg: float, sampler_
 def calibrated(model, amax: dict, record: dict, how: str):
     """``(a clone of model with these calibrated scales, its report)``; ``how``: the report's first line."""
     dm = require_fp8_model(model)
-    out = set_autocast(model, True, None, input_amax=amax, calibration=record)
+    corrections, note = weight_corrections(model, record.get("centers"))
+    out = set_autocast(model, True, None, input_amax=amax, calibration=record, corrections=corrections)
     s = st.get(out)
     text = report(QuantPolicy.from_dict(s.policy), amax, bytes_before=bf16_bytes(dm), bytes_after=weight_bytes(dm, 2),
                   extra=[f"{s.variant}: {how}"])
     if "outliers" in record:  # calibrations recorded before 0.3 have no channel statistics
         text += "\n" + describe_outliers(record["outliers"], len(amax))
+    if "centers" in record:
+        text += "\n" + describe_centers(record["centers"], len(amax)) + note
     return out, text
 
 
+def weight_corrections(model, centers) -> tuple[dict | None, str]:
+    """``({layer: bias correction}, note)`` for the centered layers (sd35fp8.core.centering.weight_correction): their
+    centered channels' weight columns read again from the high-precision file the model was quantized from. None
+    where there is nothing to correct or no such file (an FP8 file: its stored biases already carry what the pack
+    saved); the note says why for a report."""
+    if not centers:
+        return None, ""
+    dm = require_fp8_model(model)
+    hp = hp_source(dm)
+    if hp is None:
+        return None, "; weights from an FP8 file: its biases are used as stored"
+    if model.patches:
+        return None, ("; the MODEL carries weight patches (a LoRA): the centered channels' weight rounding is not "
+                      "corrected")
+    path, prefix = hp
+    layers = fp8_layers(dm)
+    out = {}
+    with safe_open(path, "pt", device="cpu") as f:
+        for name, e in centers.items():
+            layer = layers.get(name)
+            if layer is None:
+                continue
+            idx = torch.tensor([int(c) for c in e["channels"]], dtype=torch.long)
+            hp_cols = f.get_tensor(f"{prefix}{name}.weight").float().index_select(1, idx)
+            ws = layer.weight_scale.float().cpu()
+            q_cols = layer.weight.index_select(1, idx.to(layer.weight.device)).float().cpu() * (
+                ws[:, None] if ws.dim() == 1 else ws)
+            out[name] = weight_correction(hp_cols, q_cols, torch.tensor([float(v) for v in e["centers"]]))
+    return out, (f"; the weight rounding at the centers corrected in {len(out)} layer biases (from "
+                 f"{os.path.basename(path)})")
+
+
 # -- the calibration cache ------------------------------------------------------------------------------------------
-CACHE_VERSION = 1  # bump when what calibration measures changes: entries of other versions are not used
+# bump when what calibration measures changes: entries of other versions are not used (2: input centers, 0.4)
+CACHE_VERSION = 2
 
 
 def clip_fingerprint(clip) -> str:

@@ -23,7 +23,7 @@ from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, fi
 
 from . import state as st
 from .ops import make_ops
-from .sampling import require_fp8_model, set_autocast, with_wrapper
+from .sampling import hp_source, require_fp8_model, set_autocast, with_wrapper
 
 log = logging.getLogger("sd35fp8")
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
@@ -137,6 +137,8 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         raise CheckpointError(f"{name}: {len(unloaded)} Linear layer(s) have no weight in the file (first: "
                               f"{unloaded[0]}): the checkpoint is incomplete")
     quantize_pos_embed(dm, pe_scale)
+    if not src.stored_fp8 and not isinstance(src, DiffusersShards):  # calibration reads centered columns from it
+        hp_source(dm, (os.path.abspath(path), info.prefix))
     if getattr(model, "size", 0):  # a size ComfyUI cached before the table became FP8 would overstate the model
         model.size = 0  # (its memory planning and the benchmark's weights column read model_size())
     layers = fp8_layers(dm)

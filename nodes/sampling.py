@@ -19,6 +19,7 @@ import torch
 import comfy.patcher_extension
 
 from sd35fp8 import DelayedScaling, fp8_autocast, fp8_layers
+from sd35fp8.core.centering import center_vector
 from sd35fp8.core.marks import marks
 from sd35fp8.core.quant import PerChannelWeightsError
 from sd35fp8.kernels.attention import attention, fp8_attention
@@ -35,6 +36,8 @@ TE_KEY = "sd35fp8_te"
 OVERRIDE = "optimized_attention_override"
 # keys of the adapter's entries in a diffusion model's marks record
 AMAX, COMPILED, GRAPHS, TE_GRAPHS, TE_ON = "amax", "compiled", "cuda_graphs", "te_graphs", "te_on"
+CENTERS, CORRECTIONS = "centers", "corrections"
+HP_FILE = "hp_file"  # (path, key prefix) of the high-precision file the FP8 weights were quantized from
 SEEN = "seen_shapes"  # the denoiser input shapes compiled so far (first_run)
 
 
@@ -51,15 +54,31 @@ def require_fp8_model(model) -> torch.nn.Module:
     return dm
 
 
-def install_scales(diffusion_model: torch.nn.Module, amax) -> None:
-    """Set every FP8 layer's static input scale from ``amax`` (None: uncalibrated). A no-op when this
-    very table is already installed (re-queues of the same MODEL), so no per-run rebuild of scales."""
+def install_scales(diffusion_model: torch.nn.Module, amax, centers: dict | None = None,
+                   corrections=None) -> None:
+    """Set every FP8 layer's static input scale from ``amax`` (None: uncalibrated) and its input center from
+    ``centers`` (a calibration record's ``centers``: sd35fp8.core.centering; None: none). A no-op when these very
+    tables are already installed (re-queues of the same MODEL), so no per-run rebuild of scales. ``corrections``:
+    {layer: bias correction} (the weight rounding at the centers)."""
     ad = _adapter(diffusion_model)
-    if amax is not None and ad.get(AMAX) is amax:
+    if amax is not None and ad.get(AMAX) is amax and ad.get(CENTERS) is centers \
+            and ad.get(CORRECTIONS) is corrections:
         return
     for name, layer in fp8_layers(diffusion_model).items():
         layer.fp8_set_input_amax(None if amax is None else amax.get(name))
-    ad[AMAX] = amax
+        entry = None if amax is None or not centers else centers.get(name)
+        layer.fp8_set_input_center(None if entry is None else center_vector(entry, layer.in_features),
+                                   None if entry is None else entry["amax"])
+        layer.fp8_set_bias_correction(None if amax is None or not corrections else corrections.get(name))
+    ad[AMAX], ad[CENTERS], ad[CORRECTIONS] = amax, centers, corrections
+
+
+def hp_source(dm: torch.nn.Module, source: tuple[str, str] | None = None):
+    """The (path, key prefix) of the high-precision file ``dm``'s FP8 weights were quantized from (the loader records
+    it with ``source``); None for weights loaded as FP8."""
+    if source is not None:
+        _adapter(dm)[HP_FILE] = source
+    return _adapter(dm).get(HP_FILE)
 
 
 def prepare_run(patcher) -> tuple[bool, DelayedScaling]:
@@ -70,7 +89,7 @@ def prepare_run(patcher) -> tuple[bool, DelayedScaling]:
     recipe, rt, enabled = s.sampling_recipe, s.runtime, s.enabled
     dm = patcher.model.diffusion_model
     ad = _adapter(dm)
-    install_scales(dm, s.input_amax)
+    install_scales(dm, s.input_amax, (s.calibration or {}).get("centers"), s.corrections)
     te = enabled and rt.backend == "transformer_engine"
     if ad.pop(TE_ON, False):  # a walk over every module: only where a run put TE on
         set_te(dm, None)

@@ -66,6 +66,8 @@ class FP8State:
     recipe: DelayedScaling | None = None
     runtime: Runtime = Runtime()
     source: Mapping | None = None
+    # bias corrections per FP8 layer (sd35fp8.core.centering.weight_correction: tensors, not saved in records)
+    corrections: Mapping | None = None
 
     def __post_init__(self):
         for f in ("policy", "input_amax", "calibration", "source"):

@@ -87,13 +87,32 @@ class FP8LinearMixin:
         else:
             self.input_scale = scale_from_amax(amax).to(self.weight.device)
 
+    def fp8_set_input_center(self, center: torch.Tensor | None, amax: float | None = None) -> None:
+        """Install a static per-channel input center (``sd35fp8.core.centering``: dense fp32 [in_features], zero off
+        the centered channels) and the amax of the centered input, or remove it (None). The static runtime then
+        quantizes ``x - center`` at the centered scale and adds ``W · center`` to the bias; ``input_scale`` (the
+        uncentered one: files, TransformerEngine, the autocast path) is unchanged."""
+        for n in ("input_center", "input_center_scale"):
+            if n not in self._buffers:
+                self.register_buffer(n, None, persistent=False)  # kept in calibration records, not in state dicts
+        if center is None:
+            self.input_center = self.input_center_scale = None
+            return
+        if tuple(center.shape) != (self.in_features,):
+            raise ValueError(f"input center of shape {tuple(center.shape)} does not fit {self.fp8_name or self} "
+                             f"({self.in_features} input channels)")
+        if amax is None:
+            raise ValueError("an input center needs the centered input's amax")
+        self.input_center = center.to(self.weight.device, torch.float32)
+        self.input_center_scale = scale_from_amax(amax).to(self.weight.device)
+
     def fp8_dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
     # -- compute -------------------------------------------------------------------------
     def _fp8_weight_only(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_weight_only_linear(x, _on(self.weight, x.device), _on(self.weight_scale, x.device),
-                                      _on(self.bias, x.device))
+                                      _on(self.fp8_bias(), x.device))
 
     def _fp8_input_scale(self, x2: torch.Tensor, recipe: DelayedScaling) -> torch.Tensor:
         s = self.input_scale
@@ -119,7 +138,7 @@ class FP8LinearMixin:
         s_in = self._fp8_input_scale(x2, recipe)
         xq = saturating_cast(x2, s_in)
         out = scaled_mm(xq, _on(self.weight, x.device), s_in, _on(self.weight_scale, x.device),
-                        _on(self.bias, x.device, out_dtype), out_dtype)
+                        _on(self.fp8_bias(), x.device, out_dtype), out_dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -155,13 +174,20 @@ class FP8LinearMixin:
         if mode in ("fp8", "int8_static") and self.input_scale is None:
             raise ValueError(f"FP8 layer {self.fp8_name or self} has no calibrated input scale; "
                              "the static FP8 runtime needs a calibrated model")
-        for n in ("fp8_in_scale", "fp8_in_inv"):
+        for n in ("fp8_in_scale", "fp8_in_inv", "fp8_in_center", "fp8_center_idx"):
             if n not in self._buffers:
                 self.register_buffer(n, None, persistent=False)
+        center = getattr(self, "input_center", None) if mode in ("fp8",) + INT8_MODES else None
+        if center is not None:  # quantize x - center; the GEMM adds W·center (fp8_static_bias)
+            self.fp8_in_center = center
+            self.fp8_center_idx = torch.nonzero(center).flatten()
+        else:
+            self.fp8_in_center = self.fp8_center_idx = None
         if mode in ("fp8", "int8_static"):
             # input_scale is amax / 448 (E4M3, the file format's convention): amax / 127 for INT8
             grid = E4M3_MAX / 127.0 if mode == "int8_static" else 1.0
-            s = (self.input_scale.float() * (grid * 2.0 ** margin)).reshape(()).clone()
+            base = self.input_scale if center is None else self.input_center_scale
+            s = (base.float() * (grid * 2.0 ** margin)).reshape(()).clone()
             cur = self.fp8_in_scale
             if cur is not None and cur.device == s.device:  # in place: compiled code / CUDA graphs keep their inputs
                 cur.copy_(s)
@@ -175,23 +201,61 @@ class FP8LinearMixin:
 
     def fp8_static_quantize(self, x2: torch.Tensor) -> torch.Tensor:
         """[M, K] activations → E4M3 with the static input scale (a pointwise op: compile fuses it into
-        the producer). Clamp before the cast (CUDA turns out-of-range into NaN); NaN stays NaN."""
-        return quantize_inv(x2, self.fp8_in_inv)
+        the producer), around the static center where one is set. Clamp before the cast (CUDA turns out-of-range
+        into NaN); NaN stays NaN."""
+        return quantize_inv(self.fp8_centered(x2), self.fp8_in_inv)
+
+    def fp8_centered(self, x: torch.Tensor) -> torch.Tensor:
+        """``x - center`` where this layer's static runtime centers its input (else ``x``)."""
+        c = getattr(self, "fp8_in_center", None)
+        return x if c is None else x.float() - c
+
+    def fp8_static_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The bias the static GEMM adds (in ``dtype``; None: the bias's own, fp32 without one): the layer's, plus
+        ``W · center`` for a centered input (from the weight as it is now: a LoRA merged into it is included). Only
+        the centered channels' weight columns are read."""
+        idx = getattr(self, "fp8_center_idx", None)
+        bias = self.fp8_bias()
+        if dtype is None:
+            dtype = torch.float32 if bias is None else bias.dtype
+        if idx is None:
+            return None if bias is None else bias.to(dtype)
+        w = self.weight.index_select(1, idx).float()
+        corr = (w @ self.fp8_in_center.index_select(0, idx)) * self.weight_scale.float()
+        return (corr if bias is None else bias.float() + corr).to(dtype)
+
+    def fp8_set_bias_correction(self, corr: torch.Tensor | None) -> None:
+        """Install (None: remove) a correction [out_features] added to the bias on every path: the rounding error of
+        the 8-bit weight columns that read massive input channels, times those channels' centers
+        (sd35fp8.core.centering.weight_correction); saved files fold it into the stored bias."""
+        if "bias_correction" not in self._buffers:
+            self.register_buffer("bias_correction", None, persistent=False)
+        if corr is not None and tuple(corr.shape) != (self.out_features,):
+            raise ValueError(f"bias correction of shape {tuple(corr.shape)} does not fit {self.fp8_name or self}")
+        self.bias_correction = None if corr is None else corr.to(self.weight.device, torch.float32)
+
+    def fp8_bias(self) -> torch.Tensor | None:
+        """The layer's bias with its correction (:meth:`fp8_set_bias_correction`) where one is set."""
+        c = getattr(self, "bias_correction", None)
+        if c is None:
+            return self.bias
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        return (c if self.bias is None else self.bias.float() + c.to(self.bias.device)).to(dtype)
 
     def fp8_static_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, K] activations → (quantized input, its scale) for this layer's static mode: E4M3 or INT8 with the
         static scale (0-d), or INT8 with one scale per row (``int8_token``)."""
         if self.fp8_static == "int8_token":
-            return int8_quantize_rows(x2)
+            return int8_quantize_rows(self.fp8_centered(x2))
         if self.fp8_static == "int8_static":
-            return quantize_inv_int8(x2, self.fp8_in_inv), self.fp8_in_scale
+            return quantize_inv_int8(self.fp8_centered(x2), self.fp8_in_inv), self.fp8_in_scale
         return self.fp8_static_quantize(x2), self.fp8_in_scale
 
     def fp8_static_matmul(self, xq: torch.Tensor, out_dtype: torch.dtype,
                           x_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Static FP8 (or INT8 W8A8) GEMM of already quantized [M, K] activations, bias in the epilogue;
         ``x_scale``: the input's scale where it is not the static one (INT8 per token)."""
-        bias = None if self.bias is None else self.bias.to(out_dtype)
+        bias = self.fp8_static_bias(out_dtype)
         x_scale = self.fp8_in_scale if x_scale is None else x_scale
         if xq.dtype == torch.int8:
             return int8_matmul(xq, self.weight, x_scale, self.weight_scale, bias, out_dtype)
@@ -199,7 +263,7 @@ class FP8LinearMixin:
 
     def _fp8_static_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_static == "weight_only":
-            return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+            return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.fp8_bias())
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         xq, sx = self.fp8_static_input(x.reshape(-1, self.in_features))
         out = self.fp8_static_matmul(xq, out_dtype, sx)

@@ -77,6 +77,11 @@ class CalibrationSession:
         """Each layer's per-input-channel amax (max |x| of every feature over all calls)."""
         return {n: o.channel_amax for n, o in self.observers.items() if o.channel_amax is not None}
 
+    def channel_ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's per-input-channel signed range ``(min, max)`` over all calls (for centering: see
+        :func:`sd35fp8.core.centering.choose_centers`)."""
+        return {n: (o.channel_min, o.channel_max) for n, o in self.observers.items() if o.channel_min is not None}
+
 
 @dataclasses.dataclass
 class _State:

@@ -21,6 +21,8 @@ class AmaxObserver:
     def __init__(self, keep_histogram: bool = False):
         self.amax: torch.Tensor | None = None  # fp32 scalar on the data's device
         self.channel_amax: torch.Tensor | None = None  # fp32 [in_features]: each input channel's max |x|
+        self.channel_min: torch.Tensor | None = None  # fp32 [in_features]: each input channel's signed range
+        self.channel_max: torch.Tensor | None = None
         self.hist: torch.Tensor | None = None
         self.calls = 0
         self.numel = 0
@@ -29,20 +31,26 @@ class AmaxObserver:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        a = x.detach().abs().float()
-        finite = torch.isfinite(a)
+        xf = x.detach().float()
+        finite = torch.isfinite(xf)
         bad = int((~finite).sum())
         if bad:
             self.nonfinite += bad
-            a = torch.where(finite, a, torch.zeros_like(a))
+            xf = torch.where(finite, xf, torch.zeros_like(xf))
+        a = xf.abs()
         m = a.amax() if a.numel() else torch.zeros((), device=a.device)
         self.amax = m if self.amax is None else torch.maximum(self.amax, m.to(self.amax.device))
         if a.dim() >= 1 and a.numel():
-            ch = a.reshape(-1, a.shape[-1]).amax(0)
+            x2 = xf.reshape(-1, xf.shape[-1])
+            lo, hi = x2.amin(0), x2.amax(0)
+            ch = torch.maximum(hi, -lo)
             if self.channel_amax is None:
-                self.channel_amax = ch
+                self.channel_amax, self.channel_min, self.channel_max = ch, lo, hi
             elif self.channel_amax.shape == ch.shape:  # a layer's inputs always share their last dimension
-                self.channel_amax = torch.maximum(self.channel_amax, ch.to(self.channel_amax.device))
+                dev = self.channel_amax.device
+                self.channel_amax = torch.maximum(self.channel_amax, ch.to(dev))
+                self.channel_min = torch.minimum(self.channel_min, lo.to(dev))
+                self.channel_max = torch.maximum(self.channel_max, hi.to(dev))
         if self.keep_histogram and a.numel():
             lg = torch.log2(a.flatten().clamp_min(2.0**_LO))
             h = torch.histc(lg, bins=_BINS, min=_LO, max=_HI).to(torch.float64).cpu()

@@ -144,16 +144,20 @@ if triton is not None:
         return g
 
     @triton.jit
-    def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                TANH: tl.constexpr, INT8: tl.constexpr = False, IMPL: tl.constexpr = 0):
+    def _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, shift_ptr, rn, N, PER_CHANNEL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, TANH: tl.constexpr, INT8: tl.constexpr = False, IMPL: tl.constexpr = 0,
+                HAS_SHIFT: tl.constexpr = False):
         """fc1's epilogue on (part of) a tile: dequantize, bias, GELU, scaled by fc2's static input scale and
         clamped (before the cast: out of range becomes NaN on CUDA); for INT8 clamped to ±127 and rounded to nearest
-        by kernels.common.round_int8, with per-row ``sa``. ``IMPL``: the tanh GELU's instructions (GELU_IMPL)."""
+        by kernels.common.round_int8, with per-row ``sa``. ``IMPL``: the tanh GELU's instructions (GELU_IMPL).
+        ``HAS_SHIFT``: fc2's input centered, ``center·inv`` per column subtracted (sd35fp8.core.centering)."""
         h = _dequant(acc, sa, sb_ptr, bias_ptr, rn, N, PER_CHANNEL, HAS_BIAS, INT8)
         if TANH:
             g = _gelu_tanh_scaled(h, inv, IMPL)
         else:  # exact GELU
             g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476)) * inv
+        if HAS_SHIFT:
+            g = g - tl.load(shift_ptr + rn, mask=rn < N, other=0.0)[None, :]
         if INT8:  # one return: Triton compiles both returns of an early-return and needs one type (int32 here)
             q = round_int8(g)
         else:
@@ -161,11 +165,11 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, M, N, K, NUM_SMS: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
+    def _fc1_gelu_q(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, inv_ptr, shift_ptr, M, N, K,
+                    NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
                     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, TANH: tl.constexpr,
                     WARP_SPEC: tl.constexpr = False, SUBTILE: tl.constexpr = False, INT8: tl.constexpr = False,
-                    IMPL: tl.constexpr = 0):
+                    IMPL: tl.constexpr = 0, HAS_SHIFT: tl.constexpr = False):
         npm, npn = tl.cdiv(M, BM), tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
         inv = tl.load(inv_ptr)
@@ -180,14 +184,16 @@ if triton is not None:
             if SUBTILE:  # c_desc's block is [BM, BN / 2]
                 a0, a1 = _halves(acc, BM, BN)
                 rn = pn * BN + tl.arange(0, BN // 2)
-                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL)
+                g0 = _gelu_q(a0, sa, sb_ptr, bias_ptr, inv, shift_ptr, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL,
+                             HAS_SHIFT)
                 c_desc.store([pm * BM, pn * BN], g0.to(c_desc.dtype))
-                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH, INT8,
-                             IMPL)
+                g1 = _gelu_q(a1, sa, sb_ptr, bias_ptr, inv, shift_ptr, rn + BN // 2, N, PER_CHANNEL, HAS_BIAS, TANH,
+                             INT8, IMPL, HAS_SHIFT)
                 c_desc.store([pm * BM, pn * BN + BN // 2], g1.to(c_desc.dtype))
             else:
                 rn = pn * BN + tl.arange(0, BN)
-                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL)
+                g = _gelu_q(acc, sa, sb_ptr, bias_ptr, inv, shift_ptr, rn, N, PER_CHANNEL, HAS_BIAS, TANH, INT8, IMPL,
+                            HAS_SHIFT)
                 c_desc.store([pm * BM, pn * BN], g.to(c_desc.dtype))
 
     @triton.jit
@@ -261,9 +267,10 @@ def _int8(xq, w8) -> bool:
     return xq.dtype == torch.int8
 
 
-def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None, gelu_impl=None):
+def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=None, gelu_impl=None, out_shift=None):
     """fc1's kernel. E4M3 operands: ``x_scale`` 0-d, E4M3 output. INT8 operands (W8A8): ``x_scale`` one scale per
-    row of ``xq`` (per token) and the output is INT8 (``out_inv`` the static inverse scale of fc2's INT8 input)."""
+    row of ``xq`` (per token) and the output is INT8 (``out_inv`` the static inverse scale of fc2's INT8 input).
+    ``out_shift``: fp32 [N] subtracted from the scaled GELU (fc2's centered input: center·inv)."""
     M, K = xq.shape
     N = w8.shape[0]
     int8 = _int8(xq, w8)
@@ -273,10 +280,12 @@ def _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str, config=No
     out = torch.empty((M, N), device=xq.device, dtype=torch.int8 if int8 else E4M3)
     grid, sms, a_desc, b_desc, ws = _operands(xq, w8, w_scale, config)
     _fc1_gelu_q[grid](a_desc, b_desc, TensorDescriptor.from_tensor(out, [bm, bn // 2 if sub else bn]),
-                      x_scale.to(torch.float32), ws, bias if bias is not None else ws, out_inv.to(torch.float32), M, N,
+                      x_scale.to(torch.float32), ws, bias if bias is not None else ws, out_inv.to(torch.float32),
+                      ws if out_shift is None else out_shift.to(torch.float32).contiguous(), M, N,
                       K, NUM_SMS=sms, BM=bm, BN=bn, BK=bk, G=grp, PER_CHANNEL=ws.dim() == 1,
                       HAS_BIAS=bias is not None, TANH=approximate == "tanh", WARP_SPEC=wspec, SUBTILE=sub,
-                      INT8=int8, IMPL=_gelu_impl(xq, gelu_impl), num_warps=warps, num_stages=stages)
+                      INT8=int8, IMPL=_gelu_impl(xq, gelu_impl), HAS_SHIFT=out_shift is not None, num_warps=warps,
+                      num_stages=stages)
     return out
 
 
@@ -300,13 +309,17 @@ def _dequant_input(xq, x_scale) -> torch.Tensor:
     return xq.float() * (s[:, None] if s.dim() == 1 else s)
 
 
-def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh") -> torch.Tensor:
+def reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate: str = "tanh", out_shift=None) -> torch.Tensor:
     """The unfused computation in fp32 (dequantized GEMM, bias, GELU, clamp, cast to E4M3, or to INT8 for INT8
-    operands with per-row ``x_scale``): what the kernel must equal up to accumulation order."""
+    operands with per-row ``x_scale``; ``out_shift`` [N] subtracted after scaling): what the kernel must equal up to
+    accumulation order."""
     h = F.linear(_dequant_input(xq, x_scale), dequantize_weight(w8, w_scale, torch.float32),
                  None if bias is None else bias.float())
-    g = F.gelu(h, approximate=approximate)
-    return quantize_inv_int8(g, out_inv) if _int8(xq, w8) else quantize_inv(g, out_inv)
+    g = F.gelu(h, approximate=approximate) * out_inv.float()
+    if out_shift is not None:
+        g = g - out_shift.float()
+    one = torch.ones((), device=g.device)
+    return quantize_inv_int8(g, one) if _int8(xq, w8) else quantize_inv(g, one)
 
 
 def _launch_residual(xq, w8, x_scale, w_scale, bias, res, gate, precise: bool = False, config=None):
@@ -369,34 +382,39 @@ def fp8_linear_residual(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tenso
     return _fp8_linear_residual(xq, w8, x_scale, w_scale, bias, res, gate, bool(precise))
 
 
-def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate):
+def _fake(xq, w8, x_scale, w_scale, bias, out_inv, approximate, out_shift):
     return xq.new_empty((xq.shape[0], w8.shape[0]), dtype=xq.dtype)  # E4M3 in, E4M3 out; INT8 in, INT8 out
 
 
 @custom_op("sd35fp8::fp8_linear_gelu", _fake)
 def _fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                     bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str) -> torch.Tensor:
+                     bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str,
+                     out_shift: torch.Tensor | None) -> torch.Tensor:
     if xq.is_cuda and fused_supported(w8, xq.device) and xq.is_contiguous() and w8.is_contiguous():
         CALLS["fc1_kernel"] += 1
-        return _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+        return _launch(xq, w8, x_scale, w_scale, bias, out_inv, approximate, out_shift=out_shift)
     if xq.is_cuda:
         CALLS["fc1_unfused_on_cuda"] += 1
-    return reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+    return reference(xq, w8, x_scale, w_scale, bias, out_inv, approximate, out_shift)
 
 
 
 
 def fp8_linear_gelu(xq: torch.Tensor, w8: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """E4M3 ``clamp(gelu((xq·x_scale) @ (w8·w_scale)ᵀ + bias) · out_inv)``: an MLP's first layer, its
+                    bias: torch.Tensor | None, out_inv: torch.Tensor, approximate: str = "tanh",
+                    out_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """E4M3 ``clamp(gelu((xq·x_scale) @ (w8·w_scale)ᵀ + bias) · out_inv - out_shift)``: an MLP's first layer, its
     activation and the quantization of the second layer's input in one kernel where
     :func:`fused_supported`. xq [M, K] E4M3; w8 [N, K] E4M3; x_scale 0-d; w_scale 0-d or [N]. INT8 operands
-    (W8A8): x_scale one per row [M], w_scale [N], and the output is INT8 (rounded, ±127)."""
+    (W8A8): x_scale one per row [M], w_scale [N], and the output is INT8 (rounded, ±127). ``out_shift`` (fp32 [N],
+    optional): the second layer's static input center times ``out_inv`` (sd35fp8.core.centering)."""
     if approximate not in GELU_MODES:
         raise ValueError(f"approximate must be one of {GELU_MODES}, got {approximate!r}")
     _check_operands(xq, w8)
     _check_fc1_scale(xq, x_scale)
-    return _fp8_linear_gelu(xq, w8, x_scale, w_scale, bias, out_inv, approximate)
+    if out_shift is not None and tuple(out_shift.shape) != (w8.shape[0],):
+        raise ValueError(f"out_shift must be [{w8.shape[0]}], got {tuple(out_shift.shape)}")
+    return _fp8_linear_gelu(xq, w8, x_scale, w_scale, bias, out_inv, approximate, out_shift)
 
 
 def _check_operands(xq: torch.Tensor, w8: torch.Tensor) -> None:

@@ -67,6 +67,14 @@ def _static_fp8(layer, x) -> bool:
     return getattr(layer, "fp8_static", None) == "fp8" and layer.fp8_static_ready(x)
 
 
+def _centered_shift(shift: torch.Tensor, layer) -> torch.Tensor:
+    """The modulation shift [B, C] that the fused LayerNorm kernels add before quantizing ``layer``'s input, less
+    the layer's static input center where it has one (sd35fp8.core.centering): the kernel then writes ``x - center``
+    and the GEMM adds ``W · center``."""
+    c = layer.fp8_in_center
+    return shift if c is None else (shift.float() - c).to(shift.dtype)
+
+
 def _pre(d, x, c, fuse_norm: bool):
     """A DismantledBlock's pre-attention up to the qkv projection: (qkv, what post_attention takes). With
     ``fuse_norm`` and a static FP8 qkv layer: LayerNorm + modulation + quantization in one kernel
@@ -74,7 +82,7 @@ def _pre(d, x, c, fuse_norm: bool):
     mods = d.adaLN_modulation(c).chunk(2 if d.pre_only else 6, dim=1)
     eps, qkv_layer = _plain_ln(d.norm1), d.attn.qkv
     if fuse_norm and eps is not None and _static_fp8(qkv_layer, x):
-        h8 = ln_modulate_quant(x, mods[0], mods[1], qkv_layer.fp8_in_inv, eps)
+        h8 = ln_modulate_quant(x, _centered_shift(mods[0], qkv_layer), mods[1], qkv_layer.fp8_in_inv, eps)
         qkv = qkv_layer.fp8_static_matmul(h8, _gemm_dtype(x)).view(x.shape[0], x.shape[1], -1).to(x.dtype)
     else:
         qkv = qkv_layer(_modulate(d.norm1(x), mods[0], mods[1]))
@@ -95,9 +103,11 @@ def _post(d, attn, x, gate_msa, shift_mlp, scale_mlp, gate_mlp, fuse_norm: bool,
     y = a.post_attention(attn)
     if fused and fuse_norm and eps is not None:
         if int8_mlp:
-            x, h8, hs = residual_ln_modulate_quant_int8(x, y, gate_msa, shift_mlp, scale_mlp, eps)
+            x, h8, hs = residual_ln_modulate_quant_int8(x, y, gate_msa, _centered_shift(shift_mlp, mlp.fc1),
+                                                        scale_mlp, eps)
             return fused_mlp_residual(mlp, h8, x, gate_mlp, hs)
-        x, h8 = residual_ln_modulate_quant(x, y, gate_msa, shift_mlp, scale_mlp, mlp.fc1.fp8_in_inv, eps)
+        x, h8 = residual_ln_modulate_quant(x, y, gate_msa, _centered_shift(shift_mlp, mlp.fc1), scale_mlp,
+                                           mlp.fc1.fp8_in_inv, eps)
         return fused_mlp_residual(mlp, h8, x, gate_mlp)
     x = x + gate_msa.unsqueeze(1) * y  # post_attention from here
     h = _modulate(d.norm2(x), shift_mlp, scale_mlp)

@@ -107,7 +107,7 @@ def build_te_linear(layer, dtype: torch.dtype, rec, input_amax: float | None, ma
     f8._scale_inv = ws.clone().reshape(f8._scale_inv.shape)  # exactly our scale (not 1/(1/s))
     lin.weight = torch.nn.Parameter(f8, requires_grad=False)
     if layer.bias is not None:
-        lin.bias = torch.nn.Parameter(layer.bias.detach().to(dev, dtype), requires_grad=False)
+        lin.bias = torch.nn.Parameter(layer.fp8_bias().detach().to(dev, dtype), requires_grad=False)
     seed_input_amax(lin, input_amax, margin)
     lin.eval()
     marks(lin).te_weight_ptr = layer.weight.data_ptr()
