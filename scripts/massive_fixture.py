@@ -8,8 +8,9 @@ has none, so this plants them, ``factor`` times the median channel range of the 
 model by a calibration: ``channel_amax``), in every joint block with an MLP:
 
 - **residual channels** (``channels`` of them, the same for both inputs of a block): the adaLN shift of ``norm1``
-  (→ qkv) and of ``norm2`` (→ fc1) gets ``+B`` on them, with a conditioning-dependent part of about ±10% (a random
-  row added to the modulation weights, about ``variation`` times the median range: the timestep moves real ones); the consumer's bias gets ``-W[:, c]·B``;
+  (→ qkv) and of ``norm2`` (→ fc1) gets ``+B`` on them, plus a conditioning-dependent part of about ``variation``
+  times the median range (a random row added to the modulation weights: the timestep moves real ones); the
+  consumer's bias gets ``-W[:, c]·B``;
 - **MLP hidden channels** (``channels`` of them): fc1's bias gets ``+B`` (GELU is the identity that far out), fc2's
   bias ``-W[:, h]·B``.
 
