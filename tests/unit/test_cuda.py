@@ -220,6 +220,49 @@ def test_fc1_epilogue_gelu_variants_match_the_unfused_computation(fmt, impl):
 
 
 @hopper
+@pytest.mark.parametrize("fmt", ["e4m3", "int8"])
+def test_fc1_epilogue_subtracts_fc2s_input_center(fmt):
+    """fc2's centered input (sd35fp8.core.centering): the fc1 kernel writes ``GELU·inv - center·inv`` per column,
+    as the unfused computation does; a few columns made massive (a constant far above the rest) come out near zero
+    after the shift instead of saturating, and the others keep their values."""
+    from sd35fp8.core.quant import quantize_weight
+    from sd35fp8.kernels.mlp import _launch, reference
+    from sd35fp8.linear import int8_quantize_rows
+    g = torch.Generator(device="cuda").manual_seed(5)
+    m, k, n = 1000, 768, 3072
+    x = torch.randn(m, k, device="cuda", generator=g)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    b = torch.randn(n, device="cuda", generator=g) * 0.1
+    big = torch.tensor([7, 1000, 3071], device="cuda")
+    b[big] = 300.0  # massive hidden channels: GELU(h + 300) = h + 300
+    b = b.bfloat16()
+    center = torch.zeros(n, device="cuda")
+    center[big] = 300.0
+    if fmt == "int8":
+        (xq, sx), (w8, ws) = int8_quantize_rows(x), quantize_weight(w, "int8_per_channel")
+        inv = torch.tensor(127 / 2.0, device="cuda")
+    else:
+        sx = (x.abs().amax() / 448).reshape(())
+        xq, (w8, ws) = (x / sx).clamp(-448, 448).to(torch.float8_e4m3fn), quantize_weight(w)
+        inv = torch.tensor(448 / 2.0, device="cuda")
+    shift = center * inv
+    out = _launch(xq, w8, sx, ws, b, inv, "tanh", out_shift=shift).float()
+    ref = reference(xq, w8, sx, ws, b, inv, "tanh", shift).float()
+    plain = _launch(xq, w8, sx, ws, b, inv, "tanh").float()
+    if fmt == "int8":
+        d = (out - ref).abs()
+        assert float(d.max()) <= 1 and float((d > 0).float().mean()) < 1e-2
+    else:
+        assert rel(out, ref) < 1e-2
+    top = 127.0 if fmt == "int8" else 448.0
+    assert float(plain[:, big].abs().min()) == top  # unshifted: the massive columns saturate
+    assert float(out[:, big].abs().max()) < top / 4  # shifted: near zero
+    rest = torch.ones(n, dtype=torch.bool, device="cuda")
+    rest[big] = False
+    assert torch.equal(out[:, rest], plain[:, rest])
+
+
+@hopper
 @pytest.mark.parametrize("gran,bias,m,precise", [("per_tensor", True, 308, False), ("per_channel", True, 8192, False),
                                                  ("per_tensor", False, 1000, True)])
 def test_fused_fc2_residual_kernel_equals_the_unfused_computation(gran, bias, m, precise):
