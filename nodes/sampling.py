@@ -24,7 +24,7 @@ from sd35fp8.core.marks import marks
 from sd35fp8.core.quant import PerChannelWeightsError
 from sd35fp8.kernels.attention import attention, fp8_attention
 from sd35fp8.runtime.graphs import GraphedModule, quick_version
-from sd35fp8.runtime.static import RuntimeConfig, clear_static, set_static, static_key
+from sd35fp8.runtime.static import RuntimeConfig, clear_static, refresh_center_biases, set_static, static_key
 from sd35fp8.runtime.te import set_te, te_autocast, te_recipe, te_step
 
 from . import state as st
@@ -208,10 +208,24 @@ def check_finite(t, what: str) -> None:
                 "autocast margin, or disable FP8 in SD35FP8Autocast to compare.")
 
 
+def sampler_sample_wrapper(executor, *args, **kwargs):
+    """SAMPLER_SAMPLE wrapper (after ComfyUI has loaded and patched the weights, before the first step): centered
+    layers recompute their static bias ``bias + W·center`` from the weights as patched (a LoRA, or none after one),
+    once per sampling run (sd35fp8.runtime.static.refresh_center_biases)."""
+    guider = args[0] if args else None  # inner_sample passes the guider first
+    dm = getattr(getattr(getattr(guider, "model_patcher", None), "model", None), "diffusion_model", None)
+    if isinstance(dm, torch.nn.Module) and _adapter(dm).get(CENTERS):
+        refresh_center_biases(dm)
+    return executor(*args, **kwargs)
+
+
 def with_wrapper(model):
-    """Add the OUTER_SAMPLE wrapper to ``model`` (a clone the caller owns), replacing ours if present."""
-    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, AUTOCAST_KEY, outer_sample_wrapper)
+    """Add the OUTER_SAMPLE and SAMPLER_SAMPLE wrappers to ``model`` (a clone the caller owns), replacing ours if
+    present."""
+    for kind, fn in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
+                     (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, sampler_sample_wrapper)):
+        model.remove_wrappers_with_key(kind, AUTOCAST_KEY)
+        model.add_wrapper_with_key(kind, AUTOCAST_KEY, fn)
 
 
 def set_autocast(model, enabled: bool, recipe: DelayedScaling | None, runtime: st.Runtime | None = None, **changes):

@@ -178,11 +178,14 @@ class FP8LinearMixin:
             if n not in self._buffers:
                 self.register_buffer(n, None, persistent=False)
         center = getattr(self, "input_center", None) if mode in ("fp8",) + INT8_MODES else None
+        if "fp8_center_bias" not in self._buffers:
+            self.register_buffer("fp8_center_bias", None, persistent=False)
         if center is not None:  # quantize x - center; the GEMM adds W·center (fp8_static_bias)
             self.fp8_in_center = center
             self.fp8_center_idx = torch.nonzero(center).flatten()
+            self.fp8_refresh_center_bias()
         else:
-            self.fp8_in_center = self.fp8_center_idx = None
+            self.fp8_in_center = self.fp8_center_idx = self.fp8_center_bias = None
         if mode in ("fp8", "int8_static"):
             # input_scale is amax / 448 (E4M3, the file format's convention): amax / 127 for INT8
             grid = E4M3_MAX / 127.0 if mode == "int8_static" else 1.0
@@ -212,17 +215,31 @@ class FP8LinearMixin:
 
     def fp8_static_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The bias the static GEMM adds (in ``dtype``; None: the bias's own, fp32 without one): the layer's, plus
-        ``W · center`` for a centered input (from the weight as it is now: a LoRA merged into it is included). Only
-        the centered channels' weight columns are read."""
-        idx = getattr(self, "fp8_center_idx", None)
-        bias = self.fp8_bias()
+        ``W · center`` for a centered input, precomputed (:meth:`fp8_refresh_center_bias`): nothing per call."""
+        bias = self.fp8_bias() if getattr(self, "fp8_center_bias", None) is None else self.fp8_center_bias
         if dtype is None:
             dtype = torch.float32 if bias is None else bias.dtype
+        return None if bias is None else bias.to(dtype)
+
+    @torch.no_grad()
+    def fp8_refresh_center_bias(self) -> None:
+        """Recompute the centered input's bias ``bias + W · center`` from the weight as it is now (a LoRA merged into
+        it included), in place where it exists (CUDA graphs and compiled code keep reading the same buffer). The
+        static runtime calls it when it sets the layer up, and the ComfyUI adapter once per sampling run after
+        ComfyUI has patched the weights. Only the centered channels' weight columns are read."""
+        idx = getattr(self, "fp8_center_idx", None)
         if idx is None:
-            return None if bias is None else bias.to(dtype)
-        w = self.weight.index_select(1, idx).float()
-        corr = (w @ self.fp8_in_center.index_select(0, idx)) * self.weight_scale.float()
-        return (corr if bias is None else bias.float() + corr).to(dtype)
+            return
+        bias = self.fp8_bias()
+        w = self.weight.index_select(1, idx.to(self.weight.device)).float()
+        corr = (w @ self.fp8_in_center.index_select(0, idx).to(w.device)) * self.weight_scale.float().to(w.device)
+        new = (corr if bias is None else bias.float().to(w.device) + corr).to(
+            torch.float32 if bias is None else bias.dtype)
+        cur = self.fp8_center_bias
+        if cur is not None and cur.shape == new.shape and cur.dtype == new.dtype and cur.device == new.device:
+            cur.copy_(new)
+        else:
+            self.fp8_center_bias = new
 
     def fp8_set_bias_correction(self, corr: torch.Tensor | None) -> None:
         """Install (None: remove) a correction [out_features] added to the bias on every path: the rounding error of

@@ -90,6 +90,17 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     return len(layers)
 
 
+def refresh_center_biases(model: torch.nn.Module) -> int:
+    """Recompute every centered layer's static bias (``bias + W·center``) from its weights as they are now, in place;
+    call after the weights change (a LoRA merged or removed). Returns how many layers have one."""
+    n = 0
+    for m in fp8_layers(model).values():
+        if getattr(m, "fp8_center_idx", None) is not None and m.fp8_static is not None:
+            m.fp8_refresh_center_bias()
+            n += 1
+    return n
+
+
 def _version(t: torch.Tensor | None):
     """The in-place version counter of ``t``; None for None and for inference tensors (ComfyUI loads and
     calibrates under ``torch.inference_mode``: those have no counter, and an in-place update of such a scale is
