@@ -118,7 +118,8 @@ def main(argv=None):
     lines = [f"# Input centering's cost on the fused runtime, SD3.5 Large shapes — {torch.cuda.get_device_name()}",
              "", f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; date "
              f"{datetime.date.today().isoformat()}; commit {commit}; no ComfyUI (the layers of the pack's runtime "
-             "alone).", f"- Command: `python3 bench/studies/centering_cost.py --channels {a.channels}`",
+             "alone).", f"- Command: `python3 bench/studies/centering_cost.py --channels {a.channels}"
+             f"{' --compile' if a.compile else ''}`",
              f"- Each stream: qkv + proj (static E4M3) + fused MLP, one CUDA graph, median of 50 replays; centered: "
              f"{a.channels} centered input channels and a bias correction on every one of the 4 layers.", "",
              "| MLP format | stream | ms plain | ms centered | cost |", "|---|---|---|---|---|"]
