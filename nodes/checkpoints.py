@@ -16,6 +16,7 @@ import folder_paths
 from sd35fp8 import (CheckpointError, FP8LinearMixin, QuantPolicy, bf16_bytes, fp8_layers, quantize_pos_embed,
                      weight_bytes)
 from sd35fp8.io.checkpoint import DIFFUSION_PREFIX
+from sd35fp8.core.centering import describe_centers
 from sd35fp8.core.quant import PerChannelWeightsError
 from sd35fp8.io.diffusers_files import DiffusersShards, open_checkpoint, sibling_components
 from sd35fp8.io.files import (ST_DTYPES, MappedSafetensors, file_calibration, file_fingerprint, file_input_amax,
@@ -159,6 +160,10 @@ def load_sd35_fp8(path: str, granularity: str = "per_tensor"):
         lines.append(f"FP8 file ({file_origin(metadata, PACK_NAME)}): {len(layers)} FP8 layers loaded as stored"
                      + (f" (weight_scaling={granularity} does not apply)" if granularity != "per_tensor" else ""))
         lines.append(scale_note)
+        centers = (file_calibration(metadata) or {}).get("centers") if amax is not None else None
+        if centers:
+            lines.append(describe_centers(centers, len(layers)) + "; from the file's calibration record (its biases "
+                         "carry the weight correction; stock ComfyUI reads the same file without the centering)")
     else:
         lines.append(policy.summary())
     lines.append(f"diffusion model weights: {bf16_bytes(dm) / 2**20:.1f} MiB in BF16 -> "

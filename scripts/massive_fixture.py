@@ -16,7 +16,7 @@ model by a calibration: ``channel_amax``), in every joint block with an MLP:
 
 The offsets cancel in exact arithmetic, so the planted model computes (nearly: GELU's channel becomes linear) what the
 base model does, while its FP8 layers see channels ``factor`` times the rest, as in a trained model. Planted tensors
-are stored in fp32. CLI: ``massive_fixture.py SRC DST --factor 300 --amax CALIBRATION.json`` (a JSON
+keep the checkpoint's dtypes. CLI: ``massive_fixture.py SRC DST --factor 300 --amax CALIBRATION.json`` (a JSON
 {layer: [channel amax, ...]}); the tests and ``bench/studies/massive_activations.py`` call :func:`plant`.
 """
 from __future__ import annotations
@@ -84,7 +84,8 @@ def plant(sd: dict, channel_amax: dict, factor: float, channels: int = 2, seed: 
             b1[hs] += big
             out[f"{b}.mlp.fc1.bias"] = b1
             out[f"{b}.mlp.fc2.bias"] = _f32(out, f"{b}.mlp.fc2.bias") - w2[:, hs].sum(1) * big
-    return {k: v.contiguous() for k, v in out.items()}
+    # stored as the checkpoint stores them (a BF16 file stays BF16: the offsets' rounding is part of the model)
+    return {k: v.to(sd[k].dtype).contiguous() for k, v in out.items()}
 
 
 def main(argv=None):

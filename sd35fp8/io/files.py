@@ -308,9 +308,10 @@ def hybrid_state_dict(model: torch.nn.Module, prefix: str = "", input_amax: Mapp
         ws = ws.float().reshape(()).cpu()
         xs = scale_from_amax(float(input_amax[name])).reshape(())
         out[p + "weight"] = w8
-        if m.bias is not None:  # with the layer's bias correction folded in (centered massive activations)
-            out[p + "bias"] = m.fp8_bias().detach().to(hp_dtype or (torch.bfloat16 if m.bias.dtype == torch.float32
-                                                                    else m.bias.dtype))
+        if m.bias is not None:  # with the layer's bias correction folded in (centered massive activations), in fp32
+            corrected = getattr(m, "bias_correction", None) is not None  # (a few KiB: no second rounding of it)
+            out[p + "bias"] = m.fp8_bias().detach().to(torch.float32 if corrected else hp_dtype or (
+                torch.bfloat16 if m.bias.dtype == torch.float32 else m.bias.dtype))
         out[p + "weight_scale"] = ws
         out[p + "input_scale"] = xs.clone()
         out[p + "comfy_quant"] = quant_tag()
