@@ -5,6 +5,7 @@ ComfyUI's own sampler; the final latents are compared with the unquantized model
 import os
 
 import pytest
+import torch
 
 from comfy_harness import comfy_dir
 
