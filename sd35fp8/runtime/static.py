@@ -66,7 +66,8 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     mk = peek(model)
     state = None if mk is None else mk.static_state
     if state is not None and mk.static_key == key and all(
-            m.fp8_static == mode and m.input_scale is s and _version(s) == v for m, mode, s, v in state):
+            m.fp8_static == mode and m.input_scale is s and _version(s) == v and _centering(m) == c
+            for m, mode, s, v, c in state):
         return len(state)  # already in this state (same config, same calibrated scales, nothing reset)
     layers = fp8_layers(model)
     int8_modes = int8_mlp_modes(model)
@@ -86,7 +87,8 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
     # again (every sampling run sets it) keeps captured graphs; another one re-captures them
     mk = marks(model)
     mk.static_key = key
-    mk.static_state = [(m, m.fp8_static, m.input_scale, _version(m.input_scale)) for m in layers.values()]
+    mk.static_state = [(m, m.fp8_static, m.input_scale, _version(m.input_scale), _centering(m))
+                       for m in layers.values()]
     return len(layers)
 
 
@@ -99,6 +101,11 @@ def refresh_center_biases(model: torch.nn.Module) -> int:
             m.fp8_refresh_center_bias()
             n += 1
     return n
+
+
+def _centering(m) -> tuple:
+    """What a layer's centering was set up from (its center, centered scale and bias correction, by identity)."""
+    return tuple(id(getattr(m, n, None)) for n in ("input_center", "input_center_scale", "bias_correction"))
 
 
 def _version(t: torch.Tensor | None):
