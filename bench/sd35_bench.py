@@ -139,6 +139,10 @@ def main():
     ap.add_argument("--sample-compiled", action="store_true",
                     help="also run the 28-step sampling (final latent error) for stock's compiled rows (it compiles "
                     "once more there; their numerics are the eager row's)")
+    ap.add_argument("--centered", type=int, default=0,
+                    help="also run the fidelity rows with N input channels centered on every FP8 layer but adaLN "
+                    "(synthetic centers of 1e-3 and zero bias corrections: the massive-activation handling's run-time "
+                    "cost, sd35fp8.core.centering; random weights have no massive activations of their own)")
     ap.add_argument("--out")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -245,6 +249,23 @@ def main():
             print("\n".join(notes[-2:]), flush=True)
         print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         return d, x
+
+    def centered(p, n: int):
+        """A clone of calibrated MODEL ``p`` whose FP8 layers (but the weight-only adaLN) quantize ``n`` input channels
+        around a center (1e-3: the numbers barely move) and add a bias correction (zeros): the centering's run-time
+        work on every layer, an upper bound (a trained model centers a few layers)."""
+        s = adapter.state.get(p)
+        layers = sys.modules["sd35fp8"].fp8_layers(p.model.diffusion_model)
+        centers, corr = {}, {}
+        for name, m in layers.items():
+            if "adaLN" in name:
+                continue
+            centers[name] = {"channels": list(range(0, m.in_features, m.in_features // n))[:n],
+                             "centers": [1e-3] * n, "amax": s.input_amax[name], "was": s.input_amax[name]}
+            corr[name] = torch.zeros(m.out_features)
+        cal = dict(s.calibration or {})
+        cal["centers"] = centers
+        return adapter.sampling.set_autocast(p, True, None, calibration=cal, corrections=corr)
 
     def host_trace(p, n: int = 12) -> str:
         """Where a synced b2 call's host time goes, from timestamps (no profiler: cProfile's per-call overhead on
@@ -442,6 +463,13 @@ def main():
                                                    adapter.state.Runtime(cudagraphs=True, attention=attn))
                 measure(variant, f"ours FP8 with {label}, all speed features"
                                  + (" with FP8 attention" if attn == "fp8" else ""), i8, ref)
+                if a.centered and key == "int8_mlp":
+                    torch._dynamo.reset()
+                    c8 = centered(i8, a.centered)
+                    measure(variant, f"ours FP8 with {label}, all speed features"
+                                     + (" with FP8 attention" if attn == "fp8" else "")
+                                     + f", {a.centered} centered input channels on every layer", c8, ref)
+                    del c8
                 del i8
             del cal8
             drop()
