@@ -97,6 +97,65 @@ def sample_per_bucket(fx, model, tables, buckets: int):
     return fx.latents(m)
 
 
+def fq(t: torch.Tensor, amax: float, int8: bool = False) -> torch.Tensor:
+    """Fake quantization at one static per-tensor scale (E4M3, or a symmetric INT8 grid), clamped first."""
+    from sd35fp8.core.formats import quantize_inv, quantize_inv_int8
+    s = torch.tensor(max(amax, 1e-30) / (127.0 if int8 else 448.0))
+    q = quantize_inv_int8(t, 1 / s) if int8 else quantize_inv(t, 1 / s)
+    return q.float() * s
+
+
+def fq_w(w: torch.Tensor, int8: bool) -> torch.Tensor:
+    """A weight as the pack stores it: E4M3 per tensor, or INT8 per output row."""
+    from sd35fp8.core.quant import dequantize_weight, quantize_weight
+    return dequantize_weight(*quantize_weight(w, "int8_per_channel" if int8 else "per_tensor"), torch.float32)
+
+
+def layer_methods(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, int8_in: bool, int8_w: bool,
+                  ratio: float = 8.0) -> dict:
+    """One layer's output error (relative to its exact fp32 output) on captured inputs ``x`` [M, K] under each way
+    of handling the outlier channels (those ``ratio`` x the median channel range or more)."""
+    exact = x @ w.T + b
+    a = x.abs().amax(0)
+    out_ch = torch.nonzero(a >= ratio * a.median()).flatten()
+    lo, hi = x.amin(0), x.amax(0)
+    m = torch.zeros_like(a)
+    m[out_ch] = (lo[out_ch] + hi[out_ch]) / 2
+    wq = fq_w(w, int8_w)
+
+    def err(y):
+        return float((y - exact).norm() / exact.norm())
+    res = {"per-tensor (today)": err(fq(x, float(a.max()), int8_in) @ wq.T + b)}
+    s = (a / w.abs().amax(0).clamp_min(1e-12)).sqrt().clamp_min(1e-6)  # SmoothQuant, alpha 0.5, every channel
+    xs = x / s
+    res["smoothing (SmoothQuant a=0.5)"] = err(fq(xs, float(xs.abs().max()), int8_in) @ fq_w(w * s, int8_w).T + b)
+    xc = x - m
+    res["centering"] = err(fq(xc, float(xc.abs().max()), int8_in) @ wq.T + b + wq @ m)
+    res["centering + weight correction"] = err(fq(xc, float(xc.abs().max()), int8_in) @ wq.T + b + w @ m)
+    inl = torch.ones_like(a, dtype=torch.bool)
+    inl[out_ch] = False
+    xi = x * inl
+    res["side path (outliers in fp32)"] = err(fq(xi, float(xi.abs().max()), int8_in) @ wq.T
+                                              + x[:, out_ch] @ w[:, out_ch].T + b)
+    res["channels"] = len(out_ch)
+    return res
+
+
+def capture(fx, path: str, names: list[str]) -> dict:
+    """The inputs of layers ``names`` of the unquantized model over the fixture's sampling runs, [M, K] each."""
+    ref = fx.reference(path)
+    dm = ref.model.diffusion_model
+    got = {n: [] for n in names}
+    hooks = [dm.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: got[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for n in names]
+    fx.latents(ref)
+    for h in hooks:
+        h.remove()
+    return {n: (torch.cat(v), dm.get_submodule(n).weight.detach().float(), dm.get_submodule(n).bias.detach().float())
+            for n, v in got.items()}
+
+
 def movement(tables) -> tuple[float, float, str]:
     """(median, max over layers of max/min of the per-bucket amax, the layer with the max)."""
     names = list(tables[0][0])
@@ -143,6 +202,19 @@ def main(argv=None):
                 med, mx, worst = movement(tables)
                 study.append((name, fmt, err[name, fmt, True], e_b, med, mx, worst))
                 print("buckets", study[-1], flush=True)
+    # the alternatives, layer by layer on the x300 model's captured inputs (fake quantization, exact fp32 matmul)
+    names = ["joint_blocks.1.x_block.attn.qkv", "joint_blocks.1.x_block.mlp.fc1", "joint_blocks.1.x_block.mlp.fc2"]
+    caps = capture(fx, paths["x300"], names)
+    methods = []
+    for n in names:
+        x, w, b = caps[n]
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:8192]]
+        for fmt, i8_in, i8_w in (("E4M3", False, False), ("INT8 static input, INT8 rows" if n.endswith("fc2") else
+                                                        "INT8 per-token input, INT8 rows", True, True)):
+            if i8_in and not n.endswith("fc2"):
+                continue  # the INT8 MLP's fc1 is per token (dynamic): not a static-scale question
+            methods.append((n, fmt, layer_methods(x, w, b, i8_in, i8_w)))
+            print("methods", methods[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
     import comfyui_version
@@ -170,6 +242,14 @@ def main(argv=None):
     for name, fmt, e1, eb, med, mx, worst in study:
         lines.append(f"| {name} | {fmt} | {e1:.4f} | {eb:.4f} | {100 * (eb - e1) / e1:+.1f}% | {med:.2f}, "
                      f"{mx:.2f} ({worst}) |")
+    keys = [k for k in methods[0][2] if k != "channels"]
+    lines += ["", "## The alternatives, layer by layer (x300 model, captured inputs, fake quantization)", "",
+              "Output error of one layer against its exact fp32 output, on 8192 of its inputs captured from the "
+              "unquantized model's sampling; the layer's outlier channels are those 8x its median channel range.", "",
+              "| layer | format | outlier channels | " + " | ".join(keys) + " |",
+              "|---|---|---|" + "---|" * len(keys)]
+    for n, fmt, r in methods:
+        lines.append(f"| {n} | {fmt} | {r['channels']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
