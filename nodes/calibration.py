@@ -165,7 +165,7 @@ def weight_corrections(model, centers) -> tuple[dict | None, str]:
 
 
 # -- the calibration cache ------------------------------------------------------------------------------------------
-# bump when what calibration measures changes: entries of other versions are not used (2: input centers, 0.4)
+# bump when what calibration measures changes: entries of other versions are not used (2: input centers)
 CACHE_VERSION = 2
 
 
