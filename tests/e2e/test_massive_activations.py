@@ -98,3 +98,22 @@ def test_saved_files_keep_the_handling_and_stock_comfyui_reads_them(fx, errors):
     for f in (path, plain):
         assert torch.isfinite(fx.latents(comfy.sd.load_diffusion_model(f))).all()
     assert os.path.isfile(path)
+
+
+def test_each_sampling_run_recomputes_the_centered_bias_from_the_weights_as_patched(fx):
+    """The centered layers' bias (bias + W·center) is recomputed once per sampling run after ComfyUI has patched the
+    weights (the SAMPLER_SAMPLE wrapper): a weight changed in place between runs (as a merged LoRA) is seen."""
+    cal, _ = fx.fp8(fx.paths["x100"], FORMATS[0])
+    fx.latents(cal)
+    layers = fx.adapter.sampling.fp8_layers(cal.model.diffusion_model)
+    name = sorted(fx.adapter.state.get(cal).calibration["centers"])[0]
+    layer = layers[name]
+    buf = layer.fp8_center_bias
+    before = buf.clone()
+    with torch.no_grad():
+        layer.weight.data.copy_((layer.weight.float() * 0.5).to(layer.weight.dtype))
+    fx.latents(cal)
+    assert layer.fp8_center_bias is buf and not torch.equal(buf, before)
+    c = layer.fp8_in_center
+    expect = layer.fp8_bias().float() + layer.fp8_dequantized_weight(torch.float32) @ c
+    assert torch.allclose(buf.float(), expect, atol=1e-3)
