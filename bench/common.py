@@ -130,6 +130,15 @@ def run_child(cmd: list[str], mode: str) -> dict:
     return row
 
 
+def emit(text: str, out: str | None) -> str:
+    """Print a record's text and write it to ``out`` (when given)."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 def write_rows_report(header: list[str], rows: list[dict], out: str | None) -> str:
     """Markdown: the header lines, then one section per row (4 significant digits); printed and written."""
     lines = list(header) + [""]
@@ -137,12 +146,7 @@ def write_rows_report(header: list[str], rows: list[dict], out: str | None) -> s
         lines.append(f"## {r['mode']}")
         lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r.items() if k != "mode"]
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+    return emit("\n".join(lines), out)
 
 
 def write_cpu_record(title: str, script: str, versions: str, setup: str, table: list[str], out: str | None,
@@ -160,9 +164,4 @@ def write_cpu_record(title: str, script: str, versions: str, setup: str, table: 
              f"torch {torch.__version__}; ComfyUI {version}{versions}; date {datetime.date.today()}; commit {commit()}",
              f"- command: `python3 {script} {' '.join(shlex.quote(x) for x in sys.argv[1:])}`", f"- {setup}", "",
              *table]
-    text = f"# {title}\n\n" + "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+    return emit(f"# {title}\n\n" + "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else ""), out)

@@ -18,12 +18,12 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+sys.path[:0] = [os.path.abspath(os.path.join(os.path.dirname(__file__), *p)) for p in (("..", ".."), ("..",))]
+import common  # noqa: E402
 from sd35fp8 import FP8Linear  # noqa: E402
 from sd35fp8.runtime.mlp import fused_mlp_residual  # noqa: E402
 
@@ -114,7 +114,7 @@ def main(argv=None):
                 ms[centered] = graph_ms(torch.compile(run) if a.compile else run)
             rows.append((("INT8 W8A8 MLP" if int8 else "E4M3"), what, ms[False], ms[True]))
             print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = common.commit()
     lines = [f"# Input centering's cost on the fused runtime, SD3.5 Large shapes — {torch.cuda.get_device_name()}",
              "", f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; date "
              f"{datetime.date.today().isoformat()}; commit {commit}; no ComfyUI (the layers of the pack's runtime "
@@ -132,11 +132,7 @@ def main(argv=None):
     for fmt, (p, c) in tot.items():
         lines.append(f"- {fmt}, {BLOCKS} blocks (image + text streams): {p:.2f} ms plain, {c:.2f} ms centered: "
                      f"**{c - p:+.3f} ms ({100 * (c - p) / p:+.2f}% of these layers' time)**")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    common.emit("\n".join(lines) + "\n", a.out)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
+sys.path[:0] = [REPO, os.path.join(REPO, "scripts"), os.path.join(REPO, "bench")]
+import common  # noqa: E402
 from tests.support.outliers import FORMATS, Fixture, rel_error  # noqa: E402
 
 
@@ -215,8 +215,7 @@ def main(argv=None):
                 continue  # the INT8 MLP's fc1 is per token (dynamic): not a static-scale question
             methods.append((n, fmt, layer_methods(x, w, b, i8_in, i8_w)))
             print("methods", methods[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = common.commit()
     import comfyui_version
     lines += [f"# Massive activations: planted outliers, centering and per-timestep scales (CPU) — "
               f"{datetime.date.today().isoformat()}", "",
@@ -250,11 +249,7 @@ def main(argv=None):
               "|---|---|---|" + "---|" * len(keys)]
     for n, fmt, r in methods:
         lines.append(f"| {n} | {fmt} | {r['channels']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+    common.emit("\n".join(lines) + "\n", a.out)
 
 
 if __name__ == "__main__":

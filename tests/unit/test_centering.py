@@ -8,7 +8,7 @@ import sd35fp8
 from sd35fp8.core.centering import center_vector, choose_centers, describe_centers, weight_correction
 from sd35fp8.runtime.static import RuntimeConfig, refresh_center_biases, set_static
 
-from tests.unit.test_runtime import Mlp
+from tests.unit.test_runtime import calibrated_mlp
 
 
 def massive(x: torch.Tensor, channels, value: float) -> torch.Tensor:
@@ -139,22 +139,12 @@ def test_fused_mlp_with_a_centered_fc2_input_matches_the_unfused_one(monkeypatch
     on a Hopper GPU (the kernel's own math: tests/unit/test_cuda.py), against the unfused static MLP and the
     high-precision one, with two massive hidden channels (fc1's bias +300, fc2's bias cancelling them)."""
     import sd35fp8.runtime.mlp as rmlp
-    torch.manual_seed(3)
-    m, ref = Mlp(), Mlp()
-    with torch.no_grad():
-        for mod in (m, ref):
-            torch.manual_seed(3)
-            mod.fc1.reset_parameters()
-            mod.fc2.reset_parameters()
-            mod.fc1.bias[[3, 77]] += 300.0
-            mod.fc2.bias -= mod.fc2.weight[:, [3, 77]].sum(1) * 300.0
-    for name in ("fc1", "fc2"):
-        setattr(m, name, sd35fp8.FP8Linear.from_linear(getattr(m, name), name=name))
-    x = torch.randn(2, 24, 64) * 3
+
+    def plant(mlp):
+        mlp.fc1.bias[[3, 77]] += 300.0
+        mlp.fc2.bias -= mlp.fc2.weight[:, [3, 77]].sum(1) * 300.0
     sess = sd35fp8.CalibrationSession("max")
-    with sd35fp8.fp8_autocast(enabled=False, calibrating=sess):
-        m(x)
-    sd35fp8.apply_input_scales(m, sess.amax())
+    m, ref, x = calibrated_mlp(prepare=plant, session=sess)
     centers = choose_centers(sess.channel_ranges())
     assert list(centers) == ["fc2"] and centers["fc2"]["channels"] == [3, 77]
     e = centers["fc2"]

@@ -206,14 +206,19 @@ class Mlp(torch.nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
-def calibrated_mlp(drop=0.0, approximate="tanh", seed=0):
+def calibrated_mlp(drop=0.0, approximate="tanh", seed=0, prepare=None, session=None):
+    """(FP8 Mlp calibrated with max, its high-precision twin, the input); ``prepare(mlp)``: edits the weights first
+    (both get them); ``session``: the CalibrationSession to use (to read its statistics)."""
     torch.manual_seed(seed)
     m, ref = Mlp(drop=drop, approximate=approximate), Mlp(drop=drop, approximate=approximate)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(m)
     ref.load_state_dict(m.state_dict())
     for name in ("fc1", "fc2"):
         setattr(m, name, sd35fp8.FP8Linear.from_linear(getattr(m, name), name=name))
     x = torch.randn(2, 24, 64) * 3
-    session = sd35fp8.CalibrationSession("max")
+    session = session or sd35fp8.CalibrationSession("max")
     with sd35fp8.fp8_autocast(enabled=False, calibrating=session):
         m(x)
     sd35fp8.apply_input_scales(m, sd35fp8.calibrated_amax(session, m))
