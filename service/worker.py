@@ -44,6 +44,9 @@ def comfy_ready(comfy: str, path: str) -> tuple[bool, str]:
         return False, str(e)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def make_worker_class():
     from rq import Worker
 
@@ -69,6 +72,12 @@ def make_worker_class():
                 time.sleep(1)
             if said:
                 self.log.info("Worker %s: ComfyUI at %s is ready: taking jobs", self.name, self.comfy)
+
+        def _install_signal_handlers(self):
+            # RQ registers the worker (bootstrap) before it installs its handlers: main() blocks SIGTERM/SIGINT
+            # until here, so a stop that comes in between waits for RQ's warm shutdown instead of killing the process
+            super()._install_signal_handlers()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
         def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
             # short waits: readiness is looked at again every few seconds while the queue is empty
@@ -115,7 +124,11 @@ def main(argv=None) -> int:
             w = cls([Queue(a.queue_name, connection=conn)], connection=conn, name=name,
                     job_monitoring_interval=a.lease, maintenance_interval=a.maintenance)
             log.info("worker %s: queue %s (%s), ComfyUI %s", name, a.queue, a.queue_name, a.comfy)
-            w.work(logging_level="INFO")
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until RQ's handlers are in (see the class)
+            try:
+                w.work(logging_level="INFO")
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             stopping = getattr(w, "_shutdown_requested_date", None) is not None
         except RedisError as e:
             log.warning("worker %s: the queue at %s is unreachable (%s): retrying in 2 s", a.name, a.queue, e)
