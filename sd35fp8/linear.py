@@ -174,18 +174,21 @@ class FP8LinearMixin:
         if mode in ("fp8", "int8_static") and self.input_scale is None:
             raise ValueError(f"FP8 layer {self.fp8_name or self} has no calibrated input scale; "
                              "the static FP8 runtime needs a calibrated model")
-        for n in ("fp8_in_scale", "fp8_in_inv", "fp8_in_center", "fp8_center_idx"):
+        for n in ("fp8_in_scale", "fp8_in_inv", "fp8_in_center", "fp8_center_idx", "fp8_in_shift",
+                  "fp8_center_bias"):
             if n not in self._buffers:
                 self.register_buffer(n, None, persistent=False)
         center = getattr(self, "input_center", None) if mode in ("fp8",) + INT8_MODES else None
-        if "fp8_center_bias" not in self._buffers:
-            self.register_buffer("fp8_center_bias", None, persistent=False)
         if center is not None:  # quantize x - center; the GEMM adds W·center (fp8_static_bias)
             self.fp8_in_center = center
             self.fp8_center_idx = torch.nonzero(center).flatten()
+        else:
+            self.fp8_in_center = self.fp8_center_idx = None
+        # the static bias (bias + correction + W·center), precomputed where it differs from the layer's own bias
+        if mode is not None and (center is not None or getattr(self, "bias_correction", None) is not None):
             self.fp8_refresh_center_bias()
         else:
-            self.fp8_in_center = self.fp8_center_idx = self.fp8_center_bias = None
+            self.fp8_center_bias = None
         if mode in ("fp8", "int8_static"):
             # input_scale is amax / 448 (E4M3, the file format's convention): amax / 127 for INT8
             grid = E4M3_MAX / 127.0 if mode == "int8_static" else 1.0
@@ -197,8 +200,15 @@ class FP8LinearMixin:
                 self.fp8_in_inv.copy_(1.0 / s)
             else:
                 self.fp8_in_scale, self.fp8_in_inv = s, (1.0 / s)
+            # a centered input's center on the quantized grid (what fc1's fused epilogue subtracts for fc2's input)
+            shift = None if center is None else center * self.fp8_in_inv
+            cur = self.fp8_in_shift
+            if shift is not None and cur is not None and cur.shape == shift.shape and cur.device == shift.device:
+                cur.copy_(shift)
+            else:
+                self.fp8_in_shift = shift
         else:
-            self.fp8_in_scale = self.fp8_in_inv = None
+            self.fp8_in_scale = self.fp8_in_inv = self.fp8_in_shift = None
         self.fp8_static = mode
         self.fp8_fast_accum = bool(fast_accum)
 
@@ -214,8 +224,9 @@ class FP8LinearMixin:
         return x if c is None else x.float() - c
 
     def fp8_static_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """The bias the static GEMM adds (in ``dtype``; None: the bias's own, fp32 without one): the layer's, plus
-        ``W · center`` for a centered input, precomputed (:meth:`fp8_refresh_center_bias`): nothing per call."""
+        """The bias the static GEMM adds (in ``dtype``; None: the bias's own, fp32 without one): the layer's, plus its
+        correction and ``W · center`` for a centered input, precomputed (:meth:`fp8_refresh_center_bias`): nothing
+        per call."""
         bias = self.fp8_bias() if getattr(self, "fp8_center_bias", None) is None else self.fp8_center_bias
         if dtype is None:
             dtype = torch.float32 if bias is None else bias.dtype
@@ -223,20 +234,23 @@ class FP8LinearMixin:
 
     @torch.no_grad()
     def fp8_refresh_center_bias(self) -> None:
-        """Recompute the centered input's bias ``bias + W · center`` from the weight as it is now (a LoRA merged into
-        it included), in place where it exists (CUDA graphs and compiled code keep reading the same buffer). The
-        static runtime calls it when it sets the layer up, and the ComfyUI adapter once per sampling run after
-        ComfyUI has patched the weights. Only the centered channels' weight columns are read."""
+        """Recompute the static bias (``bias + correction``, ``+ W · center`` for a centered input) from the weight
+        and bias as they are now (a LoRA merged into them included), in place where it exists (CUDA graphs and
+        compiled code keep reading the same buffer). The static runtime calls it when it sets the layer up, and the
+        ComfyUI adapter once per sampling run after ComfyUI has patched the weights. Only the centered channels'
+        weight columns are read."""
+        bias = self.fp8_bias()
         idx = getattr(self, "fp8_center_idx", None)
         if idx is None:
-            return
-        bias = self.fp8_bias()
-        w = self.weight.index_select(1, idx.to(self.weight.device)).float()
-        corr = (w @ self.fp8_in_center.index_select(0, idx).to(w.device)) * self.weight_scale.float().to(w.device)
-        new = (corr if bias is None else bias.float().to(w.device) + corr).to(
-            torch.float32 if bias is None else bias.dtype)
+            new = None if bias is None else bias.detach().clone()
+        else:
+            w = self.weight.index_select(1, idx).float()
+            corr = (w @ self.fp8_in_center.index_select(0, idx)) * self.weight_scale.float()
+            new = (corr if bias is None else bias.float() + corr).to(torch.float32 if bias is None else bias.dtype)
         cur = self.fp8_center_bias
-        if cur is not None and cur.shape == new.shape and cur.dtype == new.dtype and cur.device == new.device:
+        if new is None:
+            self.fp8_center_bias = None
+        elif cur is not None and cur.shape == new.shape and cur.dtype == new.dtype and cur.device == new.device:
             cur.copy_(new)
         else:
             self.fp8_center_bias = new
@@ -280,7 +294,7 @@ class FP8LinearMixin:
 
     def _fp8_static_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_static == "weight_only":
-            return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.fp8_bias())
+            return fp8_weight_only_linear(x, self.weight, self.weight_scale, self.fp8_static_bias())
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         xq, sx = self.fp8_static_input(x.reshape(-1, self.in_features))
         out = self.fp8_static_matmul(xq, out_dtype, sx)

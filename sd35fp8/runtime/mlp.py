@@ -56,9 +56,8 @@ def _fc1_gelu(mlp: torch.nn.Module, h8: torch.Tensor, h_scale: torch.Tensor | No
     """fc1 + GELU + the quantization of fc2's input, one kernel (sd35fp8.kernels.mlp), from fc1's quantized input (its
     scale: fc1's static one unless given, e.g. INT8 per-token scales)."""
     fc1, fc2 = mlp.fc1, mlp.fc2
-    shift = None if fc2.fp8_in_center is None else fc2.fp8_in_center * fc2.fp8_in_inv  # fc2's centered input
     return fp8_linear_gelu(h8, fc1.weight, fc1.fp8_in_scale if h_scale is None else h_scale, fc1.weight_scale,
-                           fc1.fp8_static_bias(), fc2.fp8_in_inv, mlp.act.approximate, shift)
+                           fc1.fp8_static_bias(), fc2.fp8_in_inv, mlp.act.approximate, fc2.fp8_in_shift)
 
 
 def fused_mlp_quantized(mlp: torch.nn.Module, h8: torch.Tensor, out_dtype: torch.dtype,

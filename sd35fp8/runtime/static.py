@@ -93,11 +93,12 @@ def set_static(model: torch.nn.Module, cfg: RuntimeConfig = RuntimeConfig()) -> 
 
 
 def refresh_center_biases(model: torch.nn.Module) -> int:
-    """Recompute every centered layer's static bias (``bias + W·center``) from its weights as they are now, in place;
-    call after the weights change (a LoRA merged or removed). Returns how many layers have one."""
+    """Recompute every static bias that differs from the layer's own (``bias + correction + W·center``) from the
+    weights as they are now, in place; call after the weights change (a LoRA merged or removed). Returns how many
+    layers have one."""
     n = 0
     for m in fp8_layers(model).values():
-        if getattr(m, "fp8_center_idx", None) is not None and m.fp8_static is not None:
+        if getattr(m, "fp8_center_bias", None) is not None and m.fp8_static is not None:
             m.fp8_refresh_center_bias()
             n += 1
     return n
