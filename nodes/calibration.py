@@ -20,6 +20,7 @@ import comfy.sample
 from sd35fp8 import (CalibrationSession, QuantPolicy, bf16_bytes, calibrated_amax, describe_outliers, fp8_autocast,
                      fp8_layers, outlier_channels, report, weight_bytes)
 from sd35fp8.core.centering import GAIN, choose_centers, describe_centers, weight_correction
+from sd35fp8.core.quant import dequantize_weight
 from sd35fp8.runtime.static import clear_static
 from sd35fp8.runtime.te import set_te
 
@@ -156,9 +157,8 @@ def weight_corrections(model, centers) -> tuple[dict | None, str]:
                 continue
             idx = torch.tensor([int(c) for c in e["channels"]], dtype=torch.long)
             hp_cols = f.get_tensor(f"{prefix}{name}.weight").float().index_select(1, idx)
-            ws = layer.weight_scale.float().cpu()
-            q_cols = layer.weight.index_select(1, idx.to(layer.weight.device)).float().cpu() * (
-                ws[:, None] if ws.dim() == 1 else ws)
+            q_cols = dequantize_weight(layer.weight.index_select(1, idx.to(layer.weight.device)), layer.weight_scale,
+                                       torch.float32).cpu()
             out[name] = weight_correction(hp_cols, q_cols, torch.tensor([float(v) for v in e["centers"]]))
     return out, (f"; the weight rounding at the centers corrected in {len(out)} layer biases (from "
                  f"{os.path.basename(path)})")
